@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv if it is missing, installs the package (editable) and then runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: demo test lint bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install --quiet --upgrade pip
+	@# Prefer a torch wheel already on this machine (CPU build) over a multi-GB CUDA download.
+	@$(PY) -c "import torch" 2>/dev/null || { \
+	  wheel=$$(ls /opt/wheels/torch-*cpu*.whl 2>/dev/null | sort -V | tail -n 1); \
+	  if [ -n "$$wheel" ]; then $(PIP) install --quiet "$$wheel"; \
+	  else $(PIP) install --quiet "torch>=2.4"; fi; }
+	$(PIP) install --quiet -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: venv
+	$(VENV)/bin/bluesky-ptychopinn demo
+
+test: venv
+	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: venv
+	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench
+
+bench: venv
+	$(PIP) install --quiet -e ".[test,bench]"
+	$(PY) bench/core.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
