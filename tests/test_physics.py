@@ -190,6 +190,16 @@ def test_probe_models_are_unit_norm_centred_and_fit_the_window(make):
     assert physics.probe_diameter_px(probe) < 40
 
 
+@pytest.mark.parametrize("name", physics.PROBE_MODELS)
+def test_named_probe_library_models_have_the_requested_footprint(name):
+    probe = physics.make_probe(name, 64, 40e-9, 8_800, footprint_px=20)
+    assert probe.shape[-2:] == (64, 64)
+    assert float((np.abs(probe) ** 2).sum()) == pytest.approx(1.0, rel=1e-5)
+    assert 10 < physics.probe_diameter_px(probe) < 30
+    with pytest.raises(InvalidInputError, match="unknown"):
+        physics.make_probe("laser", 64, 40e-9, 8_800)
+
+
 def test_zone_plate_far_field_is_an_annulus():
     dx, energy, dr = 20e-9, 10_000, 80e-9
     probe = physics.zone_plate_probe(64, dx, energy, outer_zone_width_m=dr, central_stop=0.5)

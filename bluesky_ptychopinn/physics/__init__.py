@@ -15,7 +15,9 @@ from ._geometry import (
 )
 from ._patches import extract_patches, patch_origins, required_object_shape, scatter_patches
 from ._probes import (
+    PROBE_MODELS,
     airy_probe,
+    make_probe,
     kb_probe,
     mixed_state_probe,
     normalize_probe,
@@ -38,6 +40,8 @@ from ._simulate import SimulatedFrames, beamstop_mask, simulate_diffraction
 
 __all__ = [
     "HC_EV_M",
+    "PROBE_MODELS",
+    "make_probe",
     "SCAN_PATTERNS",
     "SimulatedFrames",
     "airy_probe",

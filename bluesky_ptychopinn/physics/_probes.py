@@ -23,7 +23,9 @@ __all__ = [
     "airy_probe",
     "pinhole_probe",
     "kb_probe",
+    "make_probe",
     "mixed_state_probe",
+    "PROBE_MODELS",
     "normalize_probe",
     "probe_diameter_px",
 ]
@@ -258,3 +260,87 @@ def probe_diameter_px(probe: np.ndarray, fraction: float = 0.9) -> float:
     order = np.argsort(r)
     cumulative = np.cumsum(intensity.ravel()[order])
     return float(2 * r[order][np.searchsorted(cumulative, fraction)])
+
+
+#: Names understood by :func:`make_probe`.
+PROBE_MODELS = ("zone_plate", "airy", "pinhole", "kb", "mixed")
+
+
+def make_probe(
+    name: str,
+    n: int,
+    pixel_size_m: float,
+    energy_ev: float,
+    *,
+    footprint_px: float | None = None,
+    n_modes: int = 3,
+) -> np.ndarray:
+    """A probe model by name, with optics chosen so its footprint is about ``footprint_px``.
+
+    The library of diverse synthetic probes used for training and the simulated beamline:
+
+    ``zone_plate``
+        Defocused Fresnel zone plate with a 40 % central stop: ring-shaped illumination, annular
+        far field (APS Velociprobe-like).
+    ``airy``
+        Focused circular lens without stop, slightly defocused.
+    ``pinhole``
+        Pinhole illumination with Fresnel fringes (Fresnel number 10).
+    ``kb``
+        Kirkpatrick-Baez pair with different vertical/horizontal apertures, astigmatism and coma.
+    ``mixed``
+        The zone-plate probe as ``n_modes`` partially coherent modes.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`PROBE_MODELS`.
+    n : int
+        Probe side N.
+    pixel_size_m, energy_ev : float
+        Object pixel size and photon energy.
+    footprint_px : float, optional
+        Target beam diameter in pixels (default N / 3).
+    n_modes : int
+        Modes of the ``mixed`` probe.
+
+    Returns
+    -------
+    numpy.ndarray
+        complex64 (M, N, N), sum |P|^2 = 1.
+
+    Examples
+    --------
+    >>> make_probe("kb", 64, 30e-9, 9_000).shape
+    (1, 64, 64)
+    """
+    footprint = n / 3 if footprint_px is None else float(footprint_px)
+    wavelength = wavelength_m(energy_ev)
+    # Pupils fill half the detector radius, so the far field leaves room for object scattering.
+    dr = 2 * pixel_size_m
+    na = wavelength / (2 * dr)
+    defocus = footprint * pixel_size_m / (2 * na)
+    if name == "zone_plate":
+        return zone_plate_probe(
+            n, pixel_size_m, energy_ev, outer_zone_width_m=dr, central_stop=0.4, defocus_m=defocus
+        )
+    if name == "airy":
+        return airy_probe(
+            n, pixel_size_m, energy_ev, outer_zone_width_m=dr, defocus_m=0.5 * defocus
+        )
+    if name == "pinhole":
+        diameter = footprint * pixel_size_m
+        return pinhole_probe(
+            n, pixel_size_m, energy_ev, diameter_m=diameter,
+            propagation_m=diameter**2 / (wavelength * 10),
+        )
+    if name == "kb":
+        nas = (0.5 * wavelength / (2 * pixel_size_m), 0.35 * wavelength / (2 * pixel_size_m))
+        return kb_probe(
+            n, pixel_size_m, energy_ev, numerical_aperture=nas,
+            defocus_m=footprint * pixel_size_m / (2 * max(nas)),
+        )
+    if name == "mixed":
+        base = make_probe("zone_plate", n, pixel_size_m, energy_ev, footprint_px=footprint)
+        return mixed_state_probe(base, n_modes)
+    raise InvalidInputError(f"probe model: unknown {name!r}; expected one of {PROBE_MODELS}")
