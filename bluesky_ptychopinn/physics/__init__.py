@@ -17,8 +17,8 @@ from ._patches import extract_patches, patch_origins, required_object_shape, sca
 from ._probes import (
     PROBE_MODELS,
     airy_probe,
-    make_probe,
     kb_probe,
+    make_probe,
     mixed_state_probe,
     normalize_probe,
     pinhole_probe,
