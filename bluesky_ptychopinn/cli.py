@@ -1,0 +1,232 @@
+"""The ``bluesky-ptychopinn`` command: one entry point, one sub-command per job.
+
+Heavy imports (torch, bluesky, tiled) happen inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PtychoError
+
+app = typer.Typer(
+    name="bluesky-ptychopinn",
+    help="Physics-informed neural-network ptychography for Bluesky beamlines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+probes_app = typer.Typer(help="Manage the probe library.", no_args_is_help=True)
+app.add_typer(probes_app, name="probes")
+
+console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def simulate(
+    output: Path = typer.Argument(..., help="File to write (.cxi or .npz)."),
+    obj: str = typer.Option("dead_leaves", "--object", help="Object class or built-in sample."),
+    probe: str = typer.Option("zone_plate", help="Probe model (zone_plate, airy, pinhole, kb, "
+                              "mixed) or a probe-library name."),
+    pattern: str = typer.Option("fermat", help="Scan pattern: fermat, raster, jittered_raster, "
+                                "concentric."),
+    frame_size: int = typer.Option(64, "--frame-size", "-N", help="Detector frame size N."),
+    object_size: int = typer.Option(256, help="Object canvas side in pixels."),
+    overlap: float = typer.Option(0.75, help="Linear overlap ratio of neighbouring probes."),
+    photons: float = typer.Option(1e6, help="Incident photons per frame."),
+    beamstop: float = typer.Option(0.0, help="Beamstop radius in detector pixels."),
+    energy_ev: float = typer.Option(8_800.0, help="Photon energy (eV)."),
+    distance_m: float = typer.Option(1.5, help="Sample-detector distance (m)."),
+    pixel_m: float = typer.Option(75e-6, help="Detector pixel size (m)."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Simulate a ptychography experiment with known truth and write it to a file."""
+    from .io import ProbeLibrary, write_dataset
+    from .physics import PROBE_MODELS
+    from .synthetic import ExperimentGeometry, simulate_experiment
+
+    try:
+        geometry = ExperimentGeometry(energy_ev, distance_m, pixel_m, frame_size)
+        probe_arg = probe
+        if probe not in PROBE_MODELS:
+            probe_arg, _ = ProbeLibrary().get(probe)
+        ds = simulate_experiment(
+            obj, probe_arg, geometry=geometry, object_shape=(object_size, object_size),
+            pattern=pattern, overlap=overlap, photons=photons, beamstop_px=beamstop, seed=seed,
+        )
+        write_dataset(ds, output)
+    except PtychoError as exc:
+        _fail(exc)
+    console.print(
+        f"wrote {output}: {ds.diffraction.shape[0]} frames of {frame_size}x{frame_size}, "
+        f"object {ds.object.shape}, pixel {ds.object_pixel_size_m * 1e9:.1f} nm"
+    )
+
+
+@app.command()
+def reconstruct(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="CXI or NPZ dataset."),
+    engine: str = typer.Option("rpie", help="Iterative engine: epie or rpie."),
+    epochs: int = typer.Option(50, help="Epochs of the iterative engine."),
+    probe_update: bool = typer.Option(True, help="Refine the probe too."),
+    output: Path = typer.Option(None, "--output", "-o", help="Result file (.cxi or .npz); "
+                                "default FILE_recon.cxi beside the input."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Reconstruct a dataset with ePIE or rPIE; write the result, a PNG and FRC figures."""
+    from ._workflows import run_reconstruction
+
+    try:
+        summary = run_reconstruction(
+            file, engine=engine, epochs=epochs, probe_update=probe_update, output=output,
+            device=device, seed=seed,
+        )
+    except PtychoError as exc:
+        _fail(exc)
+    print(json.dumps(summary, indent=2))
+
+
+@probes_app.command("list")
+def probes_list(
+    root: Path = typer.Option(None, help="Library directory (default: $PTYCHOPINN_PROBE_LIBRARY "
+                              "or ~/.local/share/bluesky-ptychopinn/probes)."),
+) -> None:
+    """List the probes in the library."""
+    from .io import ProbeLibrary
+
+    library = ProbeLibrary(root)
+    table = Table(title=f"probe library {library.root}")
+    for column in ("name", "instrument", "energy (eV)", "pixel (nm)", "shape", "sha256"):
+        table.add_column(column)
+    for meta in library.list():
+        table.add_row(
+            meta["name"], str(meta.get("instrument", "")), f"{meta.get('energy_ev', 0):g}",
+            f"{meta.get('pixel_size_m', 0) * 1e9:.2f}", "x".join(map(str, meta["shape"])),
+            meta["sha256"][:12],
+        )
+    Console().print(table)
+
+
+@probes_app.command("show")
+def probes_show(
+    name: str = typer.Argument(..., help="Probe name."),
+    root: Path = typer.Option(None, help="Library directory."),
+    png: Path = typer.Option(None, help="Also save a PNG of the probe modes."),
+) -> None:
+    """Show one probe's metadata (and optionally a picture)."""
+    from .io import ProbeLibrary
+
+    try:
+        probe, meta = ProbeLibrary(root).get(name)
+    except PtychoError as exc:
+        _fail(exc)
+    print(json.dumps(meta, indent=2))
+    if png is not None:
+        from .figures import probe_figure
+
+        probe_figure(probe, png, title=name)
+        console.print(f"wrote {png}")
+
+
+@probes_app.command("add")
+def probes_add(
+    name: str = typer.Argument(..., help="Name in the library."),
+    source: str = typer.Argument(..., help="A file (.npy, .npz, .cxi, ptychodus .h5) or a model "
+                                 "name (zone_plate, airy, pinhole, kb, mixed)."),
+    instrument: str = typer.Option("", help="Instrument / beamline."),
+    energy_ev: float = typer.Option(None, help="Photon energy (eV); read from the file if there."),
+    pixel_m: float = typer.Option(None, help="Object pixel size (m); read from the file if there."),
+    frame_size: int = typer.Option(64, "--frame-size", "-N", help="N for model probes."),
+    root: Path = typer.Option(None, help="Library directory."),
+    overwrite: bool = typer.Option(False, help="Replace an existing probe."),
+) -> None:
+    """Add a probe to the library from a file or from a probe model."""
+    from .io import ProbeLibrary
+    from .physics import PROBE_MODELS, make_probe
+    from .synthetic import ExperimentGeometry
+
+    try:
+        library = ProbeLibrary(root)
+        if source in PROBE_MODELS:
+            geometry = ExperimentGeometry(energy_ev or 8_800.0, frame_size=frame_size)
+            pixel = pixel_m or geometry.object_pixel_size_m
+            probe = make_probe(source, frame_size, pixel, geometry.energy_ev)
+            meta = library.add(name, probe, instrument=instrument or f"simulated {source}",
+                               energy_ev=geometry.energy_ev, pixel_size_m=pixel,
+                               overwrite=overwrite)
+        else:
+            meta = library.add(name, source, instrument=instrument, energy_ev=energy_ev,
+                               pixel_size_m=pixel_m, overwrite=overwrite)
+    except PtychoError as exc:
+        _fail(exc)
+    console.print(f"added {meta['name']} ({'x'.join(map(str, meta['shape']))}) to {library.root}")
+
+
+@app.command()
+def dataset(
+    out_dir: Path = typer.Argument(..., help="Output directory."),
+    probes: list[str] = typer.Option(["zone_plate", "airy", "kb", "mixed"], "--probe",
+                                     help="Probe models or library names (repeat)."),
+    classes: list[str] = typer.Option(
+        ["dead_leaves", "blurred_white_noise", "procedural", "simplex"], "--class",
+        help="Object classes (repeat)."),
+    patterns_per_object: int = typer.Option(7_000, help="Diffraction patterns per object."),
+    objects_per_class: int = typer.Option(1, help="Objects per class and probe."),
+    file_format: str = typer.Option("npz", "--format", help="npz or cxi."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Build a probe-centric synthetic training set (the paper's recipe by default)."""
+    from .io import ProbeLibrary
+    from .physics import PROBE_MODELS, make_probe
+    from .synthetic import ExperimentGeometry, build_dataset
+
+    geometry = ExperimentGeometry()
+    library = None
+    probe_arrays = {}
+    try:
+        for name in probes:
+            if name in PROBE_MODELS:
+                probe_arrays[name] = make_probe(
+                    name, geometry.frame_size, geometry.object_pixel_size_m, geometry.energy_ev
+                )
+            else:
+                library = library or ProbeLibrary()
+                probe_arrays[name] = library.get(name)[0]
+        paths = build_dataset(
+            out_dir, probe_arrays, classes, objects_per_class=objects_per_class,
+            patterns_per_object=patterns_per_object, geometry=geometry, file_format=file_format,
+            seed=seed,
+        )
+    except PtychoError as exc:
+        _fail(exc)
+    console.print(f"wrote {len(paths)} experiments to {out_dir} (manifest.json lists them)")
+
+
+@app.command()
+def demo(
+    output_dir: Path = typer.Option(Path("demo-output"), help="Where to write results."),
+    epochs: int = typer.Option(40, help="Epochs of the iterative reconstruction."),
+) -> None:
+    """Run the demo: simulate a scan of a test sample and reconstruct it."""
+    from .demo import run_demo
+
+    try:
+        run_demo(output_dir, epochs=epochs)
+    except PtychoError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

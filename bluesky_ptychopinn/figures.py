@@ -1,0 +1,115 @@
+"""Figures people look at instead of reading numbers (matplotlib, Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["reconstruction_figure", "probe_figure"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _show(ax, image, title, cmap="gray"):
+    im = ax.imshow(image, cmap=cmap, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+
+
+def probe_figure(probe: np.ndarray, path: str | Path, *, title: str = "probe") -> Path:
+    """Amplitude and phase of each probe mode (and its share of the power)."""
+    plt = _pyplot()
+    probe = np.asarray(probe)
+    probe = probe[None] if probe.ndim == 2 else probe
+    power = (np.abs(probe) ** 2).sum(axis=(-2, -1))
+    power = power / power.sum()
+    fig, axes = plt.subplots(2, len(probe), figsize=(2.6 * len(probe) + 0.6, 5.2), squeeze=False)
+    for m, mode in enumerate(probe):
+        _show(axes[0, m], np.abs(mode), f"{title} mode {m} |P| ({power[m]:.0%})", "magma")
+        _show(axes[1, m], np.angle(mode), f"mode {m} phase (rad)", "twilight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def reconstruction_figure(
+    path: str | Path,
+    obj: np.ndarray,
+    *,
+    probe: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+    frc: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    threshold: tuple[Sequence[float], Sequence[float]] | None = None,
+    title: str = "",
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """One PNG: object amplitude and phase, the probe, optional truth, extra maps and FRC curves.
+
+    Parameters
+    ----------
+    path : path
+        PNG to write.
+    obj : numpy.ndarray
+        Reconstructed complex object.
+    probe : numpy.ndarray, optional
+        (M, N, N) or (N, N) probe; the first mode is shown.
+    truth : numpy.ndarray, optional
+        Ground-truth object, shown beside the reconstruction.
+    frc : mapping of label to (freq, curve), optional
+        FRC curves to plot (frequency normalised to Nyquist).
+    threshold : (freq, curve), optional
+        The threshold curve drawn with the FRC.
+    extra : mapping of title to 2-D array, optional
+        More maps (e.g. an uncertainty map).
+    """
+    plt = _pyplot()
+    panels: list[tuple[np.ndarray, str, str]] = [
+        (np.abs(obj), "object amplitude", "gray"),
+        (np.angle(obj), "object phase (rad)", "twilight"),
+    ]
+    if truth is not None:
+        panels += [(np.abs(truth), "true amplitude", "gray"), (np.angle(truth), "true phase", "twilight")]
+    if probe is not None:
+        p = np.asarray(probe)
+        p = p[0] if p.ndim == 3 else p
+        panels.append((np.abs(p), "probe |P| (mode 0)", "magma"))
+    for name, image in (extra or {}).items():
+        panels.append((np.asarray(image), name, "viridis"))
+    n_axes = len(panels) + (1 if frc else 0)
+    cols = min(n_axes, 4)
+    rows = int(np.ceil(n_axes / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.1 * rows), squeeze=False)
+    flat = axes.ravel()
+    for ax, (image, name, cmap) in zip(flat, panels, strict=False):
+        _show(ax, image, name, cmap)
+    if frc:
+        ax = flat[len(panels)]
+        for label, (freq, curve) in frc.items():
+            ax.plot(freq, curve, label=label)
+        if threshold is not None:
+            ax.plot(threshold[0], threshold[1], "k--", lw=0.8, label="threshold")
+        ax.set_xlabel("spatial frequency / Nyquist")
+        ax.set_ylabel("FRC")
+        ax.set_ylim(-0.1, 1.05)
+        ax.legend(fontsize=7)
+        ax.set_title("Fourier ring correlation", fontsize=9)
+    for ax in flat[n_axes:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

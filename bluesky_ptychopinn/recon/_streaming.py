@@ -1,0 +1,315 @@
+"""The streaming reconstructor: the one engine every frame goes through.
+
+frames + positions -> network (diffraction only) -> patches -> weighted stitching on a canvas
+-> snapshots (object, weight, uncertainty). The live callback, the file CLI, replays and remote
+workers are thin adapters around :class:`StreamingReconstructor`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInputError
+from ..physics import scatter_patches
+
+__all__ = ["Snapshot", "StreamingReconstructor", "stitch_window"]
+
+
+def stitch_window(size: int, crop: int, device=None) -> torch.Tensor:
+    """Stitching weights: bilinear (tent) taper inside the central ``crop`` x ``crop`` square.
+
+    Only the centre of a predicted patch is trusted (the paper keeps the central N/2); a tent
+    instead of a box avoids seams where neighbouring crops meet.
+    """
+    if not 1 <= crop <= size:
+        raise InvalidInputError(f"crop: expected 1..{size}, got {crop}")
+    c = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    half = crop / 2
+    tent = (1 - c.abs() / (half + 0.5)).clamp_min(0)
+    return torch.outer(tent, tent)
+
+
+@dataclass
+class Snapshot:
+    """The stitched state at one moment.
+
+    Attributes
+    ----------
+    object : numpy.ndarray
+        complex64 (H, W) stitched object (zero where nothing was measured).
+    weight : numpy.ndarray
+        float32 (H, W) accumulated stitching weight (coverage).
+    uncertainty : numpy.ndarray
+        float32 (H, W) weighted variance of the overlapping patch predictions
+        (E|p|^2 - |E p|^2): where the network disagrees with itself.
+    n_frames : int
+        Frames stitched so far.
+    origin_px : tuple of float
+        Object-pixel coordinate of canvas pixel (0, 0): canvas = positions - origin.
+    stats : dict
+        Throughput and latency figures.
+    """
+
+    object: np.ndarray
+    weight: np.ndarray
+    uncertainty: np.ndarray
+    n_frames: int
+    origin_px: tuple[float, float]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def amplitude(self) -> np.ndarray:
+        return np.abs(self.object).astype(np.float32)
+
+    @property
+    def phase(self) -> np.ndarray:
+        return np.angle(self.object).astype(np.float32)
+
+
+class StreamingReconstructor:
+    """Reconstruct a scan batch by batch with a trained network.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A :class:`~bluesky_ptychopinn.models.PtychoPINN` (``config.channels`` 1 or 4).
+    object_shape : (int, int), optional
+        Canvas size; grown automatically when a position falls outside.
+    origin_px : (float, float)
+        Object-pixel coordinate of canvas pixel (0, 0).
+    crop : int, optional
+        Side of the trusted central region of each patch (default N / 2).
+    input_scale : float, optional
+        The experiment's input scale; estimated from the first batch when omitted.
+    batch_size : int
+        Frames per network call.
+    device : str or torch.device, optional
+        ``"cuda"`` when available, else CPU.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from bluesky_ptychopinn.models import ptychopinn
+    >>> recon = StreamingReconstructor(ptychopinn(base_width=4), object_shape=(96, 96))
+    >>> recon.add(torch.rand(8, 64, 64) * 100, torch.full((8, 2), 48.0))
+    8
+    >>> recon.snapshot().object.shape
+    (96, 96)
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        object_shape: tuple[int, int] | None = None,
+        origin_px: tuple[float, float] = (0.0, 0.0),
+        crop: int | None = None,
+        input_scale: float | None = None,
+        batch_size: int = 256,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        config = model.config
+        self.frame_size: int = config.frame_size
+        self.channels: int = config.channels
+        self.crop = crop or self.frame_size // 2
+        self.window = stitch_window(self.frame_size, self.crop, self.device)
+        self.batch_size = int(batch_size)
+        self.input_scale = input_scale
+        self.origin = np.asarray(origin_px, dtype=np.float64)
+        shape = object_shape or (self.frame_size * 2, self.frame_size * 2)
+        self._allocate(shape)
+        self.n_frames = 0
+        self._busy_s = 0.0
+        self._latencies: list[float] = []
+        self._positions: list[np.ndarray] = []
+
+    # -- canvas ---------------------------------------------------------------------------
+    def _allocate(self, shape: tuple[int, int]) -> None:
+        kw = {"device": self.device}
+        self._num = torch.zeros(shape, dtype=torch.complex64, **kw)
+        self._den = torch.zeros(shape, dtype=torch.float32, **kw)
+        self._sq = torch.zeros(shape, dtype=torch.float32, **kw)
+
+    def _ensure_fits(self, positions: np.ndarray) -> np.ndarray:
+        """Canvas coordinates of ``positions``, growing the canvas (by padding) if needed."""
+        half = self.frame_size / 2
+        local = positions - self.origin
+        lo = np.floor(local.min(axis=0) - half - 1)
+        hi = np.ceil(local.max(axis=0) + half + 2)
+        height, width = self._den.shape
+        pad_lo = np.maximum(-lo, 0).astype(int)
+        pad_hi = np.maximum(hi - np.array([height, width]), 0).astype(int)
+        if pad_lo.any() or pad_hi.any():
+            # Grow generously so a scan drifting outwards does not reallocate every batch.
+            pad_lo = np.where(pad_lo > 0, pad_lo + self.frame_size, 0)
+            pad_hi = np.where(pad_hi > 0, pad_hi + self.frame_size, 0)
+            pads = (int(pad_lo[1]), int(pad_hi[1]), int(pad_lo[0]), int(pad_hi[0]))
+            self._num = torch.nn.functional.pad(self._num, pads)
+            self._den = torch.nn.functional.pad(self._den, pads)
+            self._sq = torch.nn.functional.pad(self._sq, pads)
+            self.origin = self.origin - pad_lo
+            local = positions - self.origin
+        return local
+
+    # -- input ----------------------------------------------------------------------------
+    def _check(self, frames, positions) -> tuple[torch.Tensor, np.ndarray]:
+        frames_t = torch.as_tensor(np.asarray(frames) if not torch.is_tensor(frames) else frames)
+        if frames_t.is_complex():
+            raise InvalidInputError("frames: expected real photon counts, got complex values")
+        n = self.frame_size
+        if frames_t.ndim == 2:
+            frames_t = frames_t[None]
+        if frames_t.ndim != 3 or tuple(frames_t.shape[-2:]) != (n, n):
+            raise InvalidInputError(
+                f"frames: expected (n, {n}, {n}) for this model (frame_size={n}), "
+                f"got {tuple(frames_t.shape)}; crop or bin frames to the model size first"
+            )
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        if len(pos) != len(frames_t):
+            raise InvalidInputError(f"positions: {len(pos)} positions for {len(frames_t)} frames")
+        if not np.isfinite(pos).all():
+            raise InvalidInputError("positions: contain NaN or inf")
+        frames_t = frames_t.to(torch.float32)
+        finite = torch.isfinite(frames_t).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            raise InvalidInputError(f"frames: non-finite values (NaN/inf) in frame(s) {bad[:10]}")
+        if bool((frames_t < 0).any()):
+            raise InvalidInputError("frames: negative photon counts")
+        totals = frames_t.flatten(1).sum(dim=1)
+        if bool((totals <= 0).any()):
+            bad = torch.nonzero(totals <= 0).flatten().tolist()
+            raise InvalidInputError(f"frames: all-zero frame(s) {bad[:10]} carry no information")
+        return frames_t, pos
+
+    def _groups(self, pos: np.ndarray) -> np.ndarray:
+        """Groups of ``channels`` frames for the network (each frame anchors one group)."""
+        if self.channels == 1:
+            return np.arange(len(pos))[:, None]
+        from ..training import quadrant_groups_for_inference
+
+        history = np.concatenate(self._positions + [pos]) if self._positions else pos
+        return quadrant_groups_for_inference(pos, history)
+
+    # -- the one path ---------------------------------------------------------------------
+    def add(self, frames, positions) -> int:
+        """Reconstruct a batch of frames and stitch them onto the canvas.
+
+        Parameters
+        ----------
+        frames : array_like
+            (n, N, N) photon counts (DC at the centre), N = the model's frame size.
+        positions : array_like
+            (n, 2) probe centres (y, x) in object pixels.
+
+        Returns
+        -------
+        int
+            Frames stitched so far.
+
+        Raises
+        ------
+        InvalidInputError
+            Wrong frame size, NaN/inf, negative or all-zero frames, or mismatched positions.
+            Nothing is stitched from a rejected batch.
+        """
+        start = time.perf_counter()
+        frames_t, pos = self._check(frames, positions)
+        if self.input_scale is None:
+            n_pixels = self.frame_size**2
+            self.input_scale = math.sqrt(n_pixels / float(frames_t.flatten(1).sum(1).mean()))
+        local = self._ensure_fits(pos)
+        groups = self._groups(pos) if self.channels > 1 else None
+        for lo in range(0, len(pos), self.batch_size):
+            hi = min(lo + self.batch_size, len(pos))
+            self._infer_and_stitch(frames_t[lo:hi], local[lo:hi], pos, groups, lo, hi, frames_t)
+        self._positions.append(pos)
+        self.n_frames += len(pos)
+        elapsed = time.perf_counter() - start
+        self._busy_s += elapsed
+        self._latencies.append(elapsed)
+        return self.n_frames
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.inference_mode()
+    def _infer_and_stitch(self, frames, local, pos_all, groups, lo, hi, frames_all) -> None:
+        n = self.frame_size
+        if self.channels == 1:
+            batch = frames.to(self.device)[:, None]
+        else:
+            # Channel 0 of each group is the anchor's own frame (see the grouping helper).
+            member = torch.as_tensor(groups[lo:hi])
+            batch = frames_all[member].to(self.device)
+        if self.device.type == "cuda":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            amplitude, phase = self.model.forward_parts(batch, self.input_scale)
+        slot = 0 if self.channels == 1 else self._anchor_channel(groups[lo:hi])
+        amplitude = amplitude.float()[torch.arange(hi - lo), slot]
+        phase = phase.float()[torch.arange(hi - lo), slot]
+        patches = torch.polar(amplitude, phase)
+        positions = torch.as_tensor(local, dtype=torch.float32, device=self.device)
+        w = self.window
+        scatter_patches(patches * w, positions, tuple(self._num.shape), out=self._num)
+        scatter_patches(w.expand(hi - lo, n, n).contiguous(), positions, tuple(self._den.shape),
+                        out=self._den)
+        scatter_patches((patches.abs() ** 2) * w, positions, tuple(self._sq.shape), out=self._sq)
+
+    @staticmethod
+    def _anchor_channel(groups: np.ndarray) -> torch.Tensor:
+        return torch.zeros(len(groups), dtype=torch.long)
+
+    # -- output ---------------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """The stitched object, coverage and uncertainty so far (copies, on the CPU)."""
+        den = self._den
+        covered = den > 1e-3 * float(den.max()) if self.n_frames else den > 0
+        safe = den.clamp_min(1e-12)
+        obj = torch.where(covered, self._num / safe, torch.zeros_like(self._num))
+        mean_sq = torch.where(covered, self._sq / safe, torch.zeros_like(self._sq))
+        variance = (mean_sq - obj.abs() ** 2).clamp_min(0)
+        return Snapshot(
+            object=obj.cpu().numpy(),
+            weight=den.cpu().numpy(),
+            uncertainty=variance.cpu().numpy(),
+            n_frames=self.n_frames,
+            origin_px=(float(self.origin[0]), float(self.origin[1])),
+            stats=self.stats(),
+        )
+
+    def stats(self) -> dict:
+        """Frames, busy time, throughput (frames/s of reconstruction time) and latencies."""
+        lat = np.asarray(self._latencies) if self._latencies else np.zeros(1)
+        return {
+            "frames": self.n_frames,
+            "busy_s": self._busy_s,
+            "frames_per_s": self.n_frames / self._busy_s if self._busy_s > 0 else 0.0,
+            "batch_latency_p50_s": float(np.percentile(lat, 50)),
+            "batch_latency_p99_s": float(np.percentile(lat, 99)),
+            "device": str(self.device),
+        }
+
+    def finish(self) -> Snapshot:
+        """Final snapshot; the reconstructor can still be read but takes no more frames."""
+        snap = self.snapshot()
+        self.add = self._closed  # type: ignore[method-assign]
+        return snap
+
+    def _closed(self, *args, **kwargs):
+        raise InvalidInputError("this StreamingReconstructor is finished; create a new one")

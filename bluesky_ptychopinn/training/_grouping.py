@@ -1,0 +1,128 @@
+"""Neighbour grouping: which scan points form the C-frame groups the network sees together."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from ..errors import InvalidInputError
+
+__all__ = ["group_quadrants", "group_random", "group_offsets", "default_max_distance"]
+
+
+def _check(positions: np.ndarray) -> np.ndarray:
+    pos = np.asarray(positions, dtype=np.float64)
+    if pos.ndim != 2 or pos.shape[1] != 2 or not np.isfinite(pos).all():
+        raise InvalidInputError(f"positions: expected finite (n, 2) (y, x), got {pos.shape}")
+    return pos
+
+
+def default_max_distance(positions: np.ndarray, factor: float = 2.5) -> float:
+    """``factor`` times the median nearest-neighbour spacing: reaches the next ring of points on
+    any scan (raster, spiral, irregular) without hand tuning."""
+    pos = _check(positions)
+    if len(pos) < 2:
+        raise InvalidInputError("positions: need at least 2 points to group")
+    d, _ = cKDTree(pos).query(pos, k=2)
+    return float(factor * np.median(d[:, 1]))
+
+
+def group_quadrants(
+    positions: np.ndarray,
+    *,
+    min_distance: float = 0.5,
+    max_distance: float | None = None,
+    n_candidates: int = 60,
+    groups_per_point: int = 1,
+    seed: int | np.random.Generator | None = None,
+) -> np.ndarray:
+    """The paper's fixed-order grouping: one neighbour per quadrant, channels always TL, TR, BL, BR.
+
+    For each anchor point, the candidates are its ``n_candidates`` nearest neighbours at a
+    distance in [``min_distance``, ``max_distance``]; one is drawn at random in each quadrant
+    around the anchor (top-left: dy < 0, dx < 0; top-right: dy < 0, dx >= 0; ...). Anchors
+    without a candidate in every quadrant (scan edges) make no group: groups are never padded.
+
+    Parameters
+    ----------
+    positions : numpy.ndarray
+        (n, 2) (y, x) scan positions (pixels).
+    min_distance, max_distance : float
+        Neighbour distance limits (pixels); ``max_distance`` defaults to
+        :func:`default_max_distance`.
+    n_candidates : int
+        Nearest neighbours considered per anchor.
+    groups_per_point : int
+        Groups drawn per anchor (more groups = more training samples from one scan).
+    seed : int or numpy.random.Generator, optional
+        Random draws.
+
+    Returns
+    -------
+    numpy.ndarray
+        (G, 4) int64 indices into ``positions``, columns in TL, TR, BL, BR order.
+    """
+    pos = _check(positions)
+    rng = np.random.default_rng(seed)
+    max_distance = default_max_distance(pos) if max_distance is None else float(max_distance)
+    k = min(n_candidates + 1, len(pos))
+    dist, idx = cKDTree(pos).query(pos, k=k)
+    groups = []
+    for anchor in range(len(pos)):
+        ok = (dist[anchor] >= min_distance) & (dist[anchor] <= max_distance)
+        cand = idx[anchor][ok]
+        delta = pos[cand] - pos[anchor]
+        up, left = delta[:, 0] < 0, delta[:, 1] < 0
+        quadrants = [cand[up & left], cand[up & ~left], cand[~up & left], cand[~up & ~left]]
+        if any(len(q) == 0 for q in quadrants):
+            continue
+        for _ in range(groups_per_point):
+            groups.append([rng.choice(q) for q in quadrants])
+    if not groups:
+        raise InvalidInputError(
+            f"no 4-quadrant group found with neighbours within [{min_distance}, {max_distance:.3g}]"
+            " px; increase max_distance or scan more densely"
+        )
+    return np.asarray(groups, dtype=np.int64)
+
+
+def group_random(
+    positions: np.ndarray,
+    channels: int = 4,
+    *,
+    max_distance: float | None = None,
+    n_candidates: int = 8,
+    groups_per_point: int = 1,
+    seed: int | np.random.Generator | None = None,
+) -> np.ndarray:
+    """Random nearest-neighbour grouping (the weaker ablation): an anchor plus ``channels - 1``
+    of its ``n_candidates`` nearest neighbours within ``max_distance``, in random order.
+
+    ``channels = 1`` returns every point on its own.
+    """
+    pos = _check(positions)
+    rng = np.random.default_rng(seed)
+    if channels == 1:
+        return np.repeat(np.arange(len(pos))[:, None], groups_per_point, axis=0)
+    max_distance = default_max_distance(pos) if max_distance is None else float(max_distance)
+    k = min(n_candidates + 1, len(pos))
+    dist, idx = cKDTree(pos).query(pos, k=k)
+    groups = []
+    for anchor in range(len(pos)):
+        near = idx[anchor][1:][dist[anchor][1:] <= max_distance]
+        if len(near) < channels - 1:
+            continue
+        for _ in range(groups_per_point):
+            members = np.concatenate([[anchor], rng.choice(near, channels - 1, replace=False)])
+            groups.append(rng.permutation(members))
+    if not groups:
+        raise InvalidInputError(
+            f"no group of {channels} neighbours within {max_distance:.3g} px; scan more densely"
+        )
+    return np.asarray(groups, dtype=np.int64)
+
+
+def group_offsets(positions: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(G, C, 2) member positions relative to their group centroid."""
+    member = np.asarray(positions, dtype=np.float64)[groups]
+    return member - member.mean(axis=1, keepdims=True)
