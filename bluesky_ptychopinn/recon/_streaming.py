@@ -134,6 +134,7 @@ class StreamingReconstructor:
         self._busy_s = 0.0
         self._latencies: list[float] = []
         self._positions: list[np.ndarray] = []
+        self._frames: list[torch.Tensor] = []
 
     # -- canvas ---------------------------------------------------------------------------
     def _allocate(self, shape: tuple[int, int]) -> None:
@@ -194,15 +195,6 @@ class StreamingReconstructor:
             raise InvalidInputError(f"frames: all-zero frame(s) {bad[:10]} carry no information")
         return frames_t, pos
 
-    def _groups(self, pos: np.ndarray) -> np.ndarray:
-        """Groups of ``channels`` frames for the network (each frame anchors one group)."""
-        if self.channels == 1:
-            return np.arange(len(pos))[:, None]
-        from ..training import quadrant_groups_for_inference
-
-        history = np.concatenate(self._positions + [pos]) if self._positions else pos
-        return quadrant_groups_for_inference(pos, history)
-
     # -- the one path ---------------------------------------------------------------------
     def add(self, frames, positions) -> int:
         """Reconstruct a batch of frames and stitch them onto the canvas.
@@ -230,17 +222,34 @@ class StreamingReconstructor:
         if self.input_scale is None:
             n_pixels = self.frame_size**2
             self.input_scale = math.sqrt(n_pixels / float(frames_t.flatten(1).sum(1).mean()))
-        local = self._ensure_fits(pos)
-        groups = self._groups(pos) if self.channels > 1 else None
-        for lo in range(0, len(pos), self.batch_size):
-            hi = min(lo + self.batch_size, len(pos))
-            self._infer_and_stitch(frames_t[lo:hi], local[lo:hi], pos, groups, lo, hi, frames_t)
-        self._positions.append(pos)
+        self._ensure_fits(pos)
+        if self.channels == 1:
+            for lo in range(0, len(pos), self.batch_size):
+                hi = min(lo + self.batch_size, len(pos))
+                self._infer_and_stitch(frames_t[lo:hi, None], pos[lo:hi, None])
+        else:
+            self._add_grouped(frames_t, pos)
         self.n_frames += len(pos)
         elapsed = time.perf_counter() - start
         self._busy_s += elapsed
         self._latencies.append(elapsed)
         return self.n_frames
+
+    def _add_grouped(self, frames: torch.Tensor, pos: np.ndarray) -> None:
+        """C = 4 models: every new frame anchors a 4-quadrant group of its nearest neighbours
+        among all frames seen so far; all four predicted patches are stitched."""
+        from ..training import quadrant_groups_for_inference
+
+        self._frames.append(frames)
+        self._positions.append(pos)
+        all_frames = torch.cat(self._frames)
+        all_pos = np.concatenate(self._positions)
+        self._frames, self._positions = [all_frames], [all_pos]
+        groups = quadrant_groups_for_inference(pos, all_pos)
+        step = max(self.batch_size // 4, 1)
+        for lo in range(0, len(groups), step):
+            members = groups[lo : lo + step]
+            self._infer_and_stitch(all_frames[torch.from_numpy(members)], all_pos[members])
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -248,32 +257,23 @@ class StreamingReconstructor:
         return nullcontext()
 
     @torch.inference_mode()
-    def _infer_and_stitch(self, frames, local, pos_all, groups, lo, hi, frames_all) -> None:
+    def _infer_and_stitch(self, batch: torch.Tensor, positions: np.ndarray) -> None:
+        """Network on (B, C, N, N) counts, then stitch the B * C patches at (B, C, 2)."""
         n = self.frame_size
-        if self.channels == 1:
-            batch = frames.to(self.device)[:, None]
-        else:
-            # Channel 0 of each group is the anchor's own frame (see the grouping helper).
-            member = torch.as_tensor(groups[lo:hi])
-            batch = frames_all[member].to(self.device)
+        batch = batch.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self._autocast():
             amplitude, phase = self.model.forward_parts(batch, self.input_scale)
-        slot = 0 if self.channels == 1 else self._anchor_channel(groups[lo:hi])
-        amplitude = amplitude.float()[torch.arange(hi - lo), slot]
-        phase = phase.float()[torch.arange(hi - lo), slot]
-        patches = torch.polar(amplitude, phase)
-        positions = torch.as_tensor(local, dtype=torch.float32, device=self.device)
+        patches = torch.polar(amplitude.float(), phase.float()).reshape(-1, n, n)
+        local = positions.reshape(-1, 2) - self.origin
+        where = torch.as_tensor(local, dtype=torch.float32, device=self.device)
         w = self.window
-        scatter_patches(patches * w, positions, tuple(self._num.shape), out=self._num)
-        scatter_patches(w.expand(hi - lo, n, n).contiguous(), positions, tuple(self._den.shape),
+        count = patches.shape[0]
+        scatter_patches(patches * w, where, tuple(self._num.shape), out=self._num)
+        scatter_patches(w.expand(count, n, n).contiguous(), where, tuple(self._den.shape),
                         out=self._den)
-        scatter_patches((patches.abs() ** 2) * w, positions, tuple(self._sq.shape), out=self._sq)
-
-    @staticmethod
-    def _anchor_channel(groups: np.ndarray) -> torch.Tensor:
-        return torch.zeros(len(groups), dtype=torch.long)
+        scatter_patches((patches.abs() ** 2) * w, where, tuple(self._sq.shape), out=self._sq)
 
     # -- output ---------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:

@@ -126,3 +126,38 @@ def group_offsets(positions: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """(G, C, 2) member positions relative to their group centroid."""
     member = np.asarray(positions, dtype=np.float64)[groups]
     return member - member.mean(axis=1, keepdims=True)
+
+
+def quadrant_groups_for_inference(anchors: np.ndarray, history: np.ndarray) -> np.ndarray:
+    """Deterministic 4-quadrant groups for inference: each anchor with its *nearest* neighbour
+    in each quadrant (TL, TR, BL, BR) among ``history`` (all frames seen so far).
+
+    Where a quadrant is empty (scan edge, or the first frames of a live scan), the nearest
+    unused point of any quadrant fills the slot, so every anchor gets a group.
+
+    Returns
+    -------
+    numpy.ndarray
+        (len(anchors), 4) int64 indices into ``history``.
+    """
+    anchors = _check(anchors)
+    history = _check(history)
+    k = min(len(history), 33)
+    dist, idx = cKDTree(history).query(anchors, k=k)
+    dist, idx = np.atleast_2d(dist), np.atleast_2d(idx)
+    out = np.empty((len(anchors), 4), dtype=np.int64)
+    for a in range(len(anchors)):
+        cand, d = idx[a], dist[a]
+        keep = d > 1e-9
+        delta = history[cand] - anchors[a]
+        up, left = delta[:, 0] < 0, delta[:, 1] < 0
+        chosen: list[int] = []
+        for quadrant in (up & left, up & ~left, ~up & left, ~up & ~left):
+            pick = np.flatnonzero(quadrant & keep)
+            chosen.append(int(cand[pick[0]]) if len(pick) else -1)
+        spare = [int(c) for c in cand if c not in chosen]
+        for slot in range(4):
+            if chosen[slot] < 0:
+                chosen[slot] = spare.pop(0) if spare else int(cand[0])
+        out[a] = chosen
+    return out

@@ -1,0 +1,38 @@
+"""The PtychoPINN network, its training-time physics decoder, and model files.
+
+Examples
+--------
+>>> import torch
+>>> from bluesky_ptychopinn.models import ptychopinn
+>>> model = ptychopinn(frame_size=64, channels=1, base_width=8)
+>>> model(torch.rand(3, 1, 64, 64) * 1e3, 0.1).dtype
+torch.complex64
+"""
+
+from ._checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    file_sha256,
+    load_model,
+    read_model_card,
+    save_model,
+)
+from ._physics_layer import PhysicsDecoder, merge_overlapping_patches, merge_window, poisson_nll
+from ._ptychopinn import PtychoPINN, PtychoPINNConfig, input_scale, ptychopinn
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "PhysicsDecoder",
+    "PtychoPINN",
+    "PtychoPINNConfig",
+    "file_sha256",
+    "input_scale",
+    "load_model",
+    "merge_overlapping_patches",
+    "merge_window",
+    "poisson_nll",
+    "ptychopinn",
+    "read_model_card",
+    "save_model",
+]

@@ -1,0 +1,27 @@
+"""Training: neighbour grouping, grouped multi-experiment data, the training loop (DDP-ready)."""
+
+from ._data import GROUPINGS, GroupedSamples, TrainingExperiment, photon_scale
+from ._grouping import (
+    default_max_distance,
+    group_offsets,
+    group_quadrants,
+    group_random,
+    quadrant_groups_for_inference,
+)
+from ._trainer import TrainConfig, TrainResult, seed_everything, train
+
+__all__ = [
+    "GROUPINGS",
+    "GroupedSamples",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingExperiment",
+    "default_max_distance",
+    "group_offsets",
+    "group_quadrants",
+    "group_random",
+    "photon_scale",
+    "quadrant_groups_for_inference",
+    "seed_everything",
+    "train",
+]
