@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
@@ -136,7 +136,7 @@ def load_model(
     model = PtychoPINN(config)
     try:
         state = load_file(str(weights))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from exc
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

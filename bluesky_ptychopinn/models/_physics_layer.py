@@ -67,13 +67,15 @@ def merge_overlapping_patches(patches: torch.Tensor, offsets: torch.Tensor) -> t
 def poisson_nll(
     predicted: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Poisson negative log-likelihood (up to a data-only constant) on valid pixels.
+    """Poisson negative log-likelihood on valid pixels, as a deviance (0 for a perfect model).
 
-    ``mean(lambda - k log lambda)`` over valid pixels, divided by the batch's mean count so the
-    loss is comparable across photon levels.
+    ``mean(lambda - k log lambda - (k - k log k))`` over valid pixels, divided by the batch's mean
+    count so the loss is comparable across photon levels. The subtracted term depends on the
+    data only, so the gradient is the Poisson NLL's.
     """
     rate = predicted.clamp_min(1e-8)
-    nll = rate - counts * torch.log(rate)
+    saturated = counts - torch.xlogy(counts, counts)
+    nll = rate - counts * torch.log(rate) - saturated
     if mask is not None:
         valid = mask.to(nll.dtype)
         nll = nll * valid

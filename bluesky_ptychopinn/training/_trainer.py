@@ -249,7 +249,7 @@ def train(
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
-                running += float(loss)
+                running += float(loss.detach())
                 n_batches += 1
                 patterns += batch[0].shape[0] * batch[0].shape[1]
             elapsed = time.perf_counter() - t0
