@@ -205,7 +205,9 @@ class PtychoPINN(nn.Module):
             return F.softplus(x)
         return F.silu(x)
 
-    def forward(self, counts: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    def forward(
+        self, counts: torch.Tensor, scale: torch.Tensor | float, *, return_parts: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Predict complex patches.
 
         Parameters
@@ -215,12 +217,18 @@ class PtychoPINN(nn.Module):
         scale : torch.Tensor or float
             Input scale of the experiment, see :func:`input_scale` (a scalar or (B,)).
 
+        return_parts : bool
+            Return ``(amplitude, phase)`` instead of the complex patches (what training uses;
+            going through ``forward`` keeps DistributedDataParallel's gradient hooks).
+
         Returns
         -------
         torch.Tensor
             (B, C, N, N) complex64 patches amplitude * exp(i phase).
         """
         amplitude, phase = self.forward_parts(counts, scale)
+        if return_parts:
+            return amplitude, phase
         return torch.polar(amplitude.float(), phase.float())
 
     def forward_parts(self, counts: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:

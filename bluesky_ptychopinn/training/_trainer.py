@@ -84,7 +84,7 @@ def _loss(batch, model, decoder, data: GroupedSamples, config: TrainConfig, devi
     counts, offsets, exp_index, members = batch
     counts = counts.to(device)
     scale = data.input_scales[exp_index].to(device)
-    amplitude, phase = model.forward_parts(counts, scale)
+    amplitude, phase = model(counts, scale, return_parts=True)
     if config.loss == "supervised":
         truth = torch.stack([data.truth_patches(int(e), m) for e, m in zip(exp_index, members,
                                                                           strict=True)]).to(device)
