@@ -53,8 +53,8 @@ def simulate(
 ) -> None:
     """Simulate a ptychography experiment with known truth and write it to a file."""
     from .io import ProbeLibrary, write_dataset
-    from .physics import PROBE_MODELS
-    from .synthetic import ExperimentGeometry, simulate_experiment
+    from .physics import PROBE_MODELS, ExperimentGeometry
+    from .synthetic import simulate_experiment
 
     try:
         geometry = ExperimentGeometry(energy_ev, distance_m, pixel_m, frame_size)
@@ -154,8 +154,7 @@ def probes_add(
 ) -> None:
     """Add a probe to the library from a file or from a probe model."""
     from .io import ProbeLibrary
-    from .physics import PROBE_MODELS, make_probe
-    from .synthetic import ExperimentGeometry
+    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe
 
     try:
         library = ProbeLibrary(root)
@@ -189,8 +188,8 @@ def dataset(
 ) -> None:
     """Build a probe-centric synthetic training set (the paper's recipe by default)."""
     from .io import ProbeLibrary
-    from .physics import PROBE_MODELS, make_probe
-    from .synthetic import ExperimentGeometry, build_dataset
+    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe
+    from .synthetic import build_dataset
 
     geometry = ExperimentGeometry()
     library = None

@@ -19,9 +19,13 @@ from ._checkpoint import (
 )
 from ._physics_layer import PhysicsDecoder, merge_overlapping_patches, merge_window, poisson_nll
 from ._ptychopinn import PtychoPINN, PtychoPINNConfig, input_scale, ptychopinn
+from ._registry import DEFAULT_MODEL, ModelRegistry, packaged_models_dir
 
 __all__ = [
     "CONFIG_NAME",
+    "DEFAULT_MODEL",
+    "ModelRegistry",
+    "packaged_models_dir",
     "WEIGHTS_NAME",
     "PhysicsDecoder",
     "PtychoPINN",

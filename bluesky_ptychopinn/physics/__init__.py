@@ -7,6 +7,7 @@ with the origin at the centre of pixel (0, 0); probes are (M, N, N) incoherent m
 
 from ._geometry import (
     HC_EV_M,
+    ExperimentGeometry,
     object_pixel_size_m,
     pixels_to_stage,
     rescale_positions,
@@ -39,6 +40,7 @@ from ._scan import (
 from ._simulate import SimulatedFrames, beamstop_mask, simulate_diffraction
 
 __all__ = [
+    "ExperimentGeometry",
     "HC_EV_M",
     "PROBE_MODELS",
     "make_probe",

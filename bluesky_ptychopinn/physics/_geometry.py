@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..errors import InvalidInputError
 
 __all__ = [
+    "ExperimentGeometry",
     "HC_EV_M",
     "wavelength_m",
     "object_pixel_size_m",
@@ -119,3 +122,24 @@ def rescale_positions(positions_px: np.ndarray, old_pixel_size: float, new_pixel
     With the origin at the centre of pixel (0, 0) this is a pure scaling.
     """
     return np.asarray(positions_px, dtype=np.float64) * (old_pixel_size / new_pixel_size)
+
+
+@dataclass(frozen=True)
+class ExperimentGeometry:
+    """Beamline geometry of a simulated experiment (SI units, energy in eV).
+
+    The defaults give 64 x 64 frames and an object pixel of about 44 nm
+    (8.8 keV, 1.5 m, 75 um pixels), typical of a hard X-ray microprobe.
+    """
+
+    energy_ev: float = 8_800.0
+    detector_distance_m: float = 1.5
+    detector_pixel_size_m: float = 75e-6
+    frame_size: int = 64
+
+    @property
+    def object_pixel_size_m(self) -> float:
+        """dx = lambda z / (N p)."""
+        return object_pixel_size_m(
+            self.energy_ev, self.detector_distance_m, self.detector_pixel_size_m, self.frame_size
+        )

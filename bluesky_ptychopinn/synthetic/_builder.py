@@ -17,37 +17,16 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..io import PtychoDataset, write_dataset
 from ..physics import (
+    ExperimentGeometry,
     beamstop_mask,
     make_probe,
     normalize_probe,
-    object_pixel_size_m,
     probe_diameter_px,
     scan_pattern,
     simulate_diffraction,
 )
 
 __all__ = ["ExperimentGeometry", "simulate_experiment", "build_dataset"]
-
-
-@dataclass(frozen=True)
-class ExperimentGeometry:
-    """Beamline geometry of a simulated experiment (SI units, energy in eV).
-
-    The defaults give 64 x 64 frames and an object pixel of about 44 nm
-    (8.8 keV, 1.5 m, 75 um pixels), typical of a hard X-ray microprobe.
-    """
-
-    energy_ev: float = 8_800.0
-    detector_distance_m: float = 1.5
-    detector_pixel_size_m: float = 75e-6
-    frame_size: int = 64
-
-    @property
-    def object_pixel_size_m(self) -> float:
-        """dx = lambda z / (N p)."""
-        return object_pixel_size_m(
-            self.energy_ev, self.detector_distance_m, self.detector_pixel_size_m, self.frame_size
-        )
 
 
 def _scan_positions(

@@ -8,6 +8,7 @@ from ._grouping import (
     group_random,
     quadrant_groups_for_inference,
 )
+from ._synthetic_source import probe_sha256, synthetic_experiments
 from ._trainer import TrainConfig, TrainResult, seed_everything, train
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "group_quadrants",
     "group_random",
     "photon_scale",
+    "probe_sha256",
     "quadrant_groups_for_inference",
     "seed_everything",
+    "synthetic_experiments",
     "train",
 ]
