@@ -78,6 +78,9 @@ class LiveReconstruction:
         Set torch's (process-wide) intra-op threads. On a small machine shared with the
         RunEngine and a Tiled server, 1 thread avoids OpenMP oversubscription, which otherwise
         slows inference by an order of magnitude.
+    flush_after_s : float
+        When no document arrives for this long (a pause, a feedback decision), the pending
+        partial batch is reconstructed and a snapshot published.
 
     Examples
     --------
@@ -99,6 +102,7 @@ class LiveReconstruction:
         backpressure: str = "skip",
         canvas_margin_px: int = 8,
         torch_threads: int | None = None,
+        flush_after_s: float = 0.2,
     ) -> None:
         from ..models import ModelRegistry, file_sha256
         from ..models._checkpoint import WEIGHTS_NAME
@@ -127,6 +131,7 @@ class LiveReconstruction:
         self.max_queue = int(max_queue)
         self.backpressure = backpressure
         self.canvas_margin_px = int(canvas_margin_px)
+        self.flush_after_s = float(flush_after_s)
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self._subscribers: list[Callable] = []
@@ -225,7 +230,17 @@ class _RunWorker(threading.Thread):
     # worker thread ---------------------------------------------------------------------------
     def run(self) -> None:
         while True:
-            name, doc = self.queue.get()
+            try:
+                name, doc = self.queue.get(timeout=self.owner.flush_after_s)
+            except queue.Empty:
+                # The scan paused or is waiting for feedback: reconstruct what is pending now
+                # instead of waiting for a full batch, and publish a snapshot.
+                try:
+                    self._drain(final=False, force=True)
+                    self._snapshot()
+                except Exception as exc:
+                    self._fail(f"{type(exc).__name__} while flushing: {exc}")
+                continue
             try:
                 self._handle(name, doc)
             except Exception as exc:
@@ -297,14 +312,14 @@ class _RunWorker(threading.Thread):
             batch_size=self.owner.batch_size, device=self.owner.device,
         )
 
-    def _drain(self, final: bool) -> None:
+    def _drain(self, final: bool, force: bool = False) -> None:
         if self.state.failed:
             return
         while True:
             frames, positions_m, seqs = self.pairer.pop_ready()
             if not seqs:
                 break
-            if len(seqs) < self.owner.batch_size and not final:
+            if len(seqs) < self.owner.batch_size and not (final or force):
                 # put them back until a full batch has gathered (latency vs throughput)
                 for k, s in enumerate(seqs):
                     self.pairer.frames[s] = frames[k]
