@@ -80,7 +80,10 @@ def reconstruction_figure(
         (np.angle(obj), "object phase (rad)", "twilight"),
     ]
     if truth is not None:
-        panels += [(np.abs(truth), "true amplitude", "gray"), (np.angle(truth), "true phase", "twilight")]
+        panels += [
+            (np.abs(truth), "true amplitude", "gray"),
+            (np.angle(truth), "true phase", "twilight"),
+        ]
     if probe is not None:
         p = np.asarray(probe)
         p = p[0] if p.ndim == 3 else p
@@ -111,5 +114,38 @@ def reconstruction_figure(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def demo_figure(
+    path: str | Path,
+    *,
+    recon: np.ndarray,
+    truth: np.ndarray,
+    uncertainty: np.ndarray,
+    scan_px: np.ndarray,
+    iterations: np.ndarray,
+    title: str = "",
+) -> Path:
+    """Live-reconstruction summary: phase, amplitude, truth, uncertainty, and the scan path
+    coloured by feedback iteration (0 = coarse overview)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 5, figsize=(19, 4.0))
+    _show(axes[0], np.angle(recon), "live reconstruction: phase (rad)", "twilight")
+    _show(axes[1], np.abs(recon), "amplitude", "gray")
+    _show(axes[2], np.angle(truth), "hidden truth: phase", "twilight")
+    _show(axes[3], uncertainty, "uncertainty (overlap variance)", "viridis")
+    ax = axes[4]
+    ax.imshow(np.angle(recon), cmap="gray", interpolation="nearest")
+    sc = ax.scatter(scan_px[:, 1], scan_px[:, 0], c=iterations, s=6, cmap="plasma")
+    ax.set_title("scan path (colour = feedback iteration)", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -52,6 +52,8 @@ def test_coverage_follows_the_scan_and_uncertainty_measures_disagreement(scan, m
     # Same frame twice at the same place: the two predictions agree, no uncertainty there.
     same = StreamingReconstructor(model, object_shape=(160, 160), device="cpu")
     same.add(torch.stack([counts[0], counts[0]]), np.stack([pos[0], pos[0]]))
+    assert same.snapshot().n_frames == 0 and same.pending == 2  # held for the scale estimate
+    same.flush()
     assert same.snapshot().uncertainty.max() < 1e-6
     # Different frames at the same place: disagreement shows up as variance.
     # An untrained network barely reacts to its input; sharpen its first layer so two different
@@ -65,6 +67,7 @@ def test_coverage_follows_the_scan_and_uncertainty_measures_disagreement(scan, m
     other = torch.zeros(64, 64)
     other[::4, ::4] = 1e4  # a very different pattern
     diff.add(torch.stack([counts[0], other]), np.stack([pos[0], pos[0]]))
+    diff.flush()
     disagreement = diff.snapshot().uncertainty.max()
     assert disagreement > 1e-6 and disagreement > 100 * same.snapshot().uncertainty.max()
 
@@ -73,21 +76,27 @@ def test_canvas_grows_when_the_scan_leaves_it(scan, model):
     counts, pos = scan
     recon = StreamingReconstructor(model, object_shape=(96, 96), device="cpu")
     recon.add(counts[:10], pos[:10] - 200)  # far outside, negative coordinates
-    snap = recon.snapshot()
+    snap = recon.finish()
     canvas_pos = pos[:10] - 200 - np.array(snap.origin_px)
     assert (canvas_pos >= 32).all()
     assert (canvas_pos <= np.array(snap.object.shape) - 32).all()
     assert snap.weight[tuple(np.round(canvas_pos[0]).astype(int))] > 0
 
 
-def test_four_channel_models_stream_with_quadrant_groups(scan):
+def test_four_channel_models_stream_with_causal_quadrant_groups(scan):
+    """C = 4 groups use only earlier frames, so the result does not depend on batching:
+    a replay in one batch reproduces a live stream of small batches exactly."""
     counts, pos = scan
+    torch.manual_seed(1)
     model = ptychopinn(frame_size=64, channels=4, base_width=4).eval()
-    recon = StreamingReconstructor(model, object_shape=(160, 160), device="cpu")
-    for lo in range(0, len(pos), 40):
-        recon.add(counts[lo : lo + 40], pos[lo : lo + 40])
+    recon = StreamingReconstructor(model, object_shape=(160, 160), device="cpu", batch_size=32)
+    for lo in range(0, len(pos), 7):
+        recon.add(counts[lo : lo + 7], pos[lo : lo + 7])
     snap = recon.finish()
     assert snap.n_frames == len(pos) and np.isfinite(snap.object).all()
+    replay = StreamingReconstructor(model, object_shape=(160, 160), device="cpu")
+    replay.add(counts, pos)
+    np.testing.assert_allclose(replay.finish().object, snap.object, atol=1e-5)
     assert snap.stats["frames_per_s"] > 0
     with pytest.raises(InvalidInputError, match="finished"):
         recon.add(counts[:1], pos[:1])
@@ -109,6 +118,7 @@ def test_four_channel_models_stream_with_quadrant_groups(scan):
 def test_bad_batches_are_rejected_and_stitch_nothing(model, frames, positions, message):
     recon = StreamingReconstructor(model, object_shape=(160, 160), device="cpu")
     recon.add(torch.rand(2, 64, 64) * 10 + 1, np.full((2, 2), 80.0))
+    recon.flush()
     before = recon.snapshot()
     with pytest.raises(InvalidInputError, match=message):
         recon.add(frames, positions)

@@ -237,6 +237,9 @@ class _RunWorker(threading.Thread):
                 # instead of waiting for a full batch, and publish a snapshot.
                 try:
                     self._drain(final=False, force=True)
+                    if self.recon is not None and self.recon.pending:
+                        self.recon.flush()
+                        self.since_snapshot = max(self.since_snapshot, 1)
                     self._snapshot()
                 except Exception as exc:
                     self._fail(f"{type(exc).__name__} while flushing: {exc}")
@@ -327,6 +330,8 @@ class _RunWorker(threading.Thread):
                 break
             self._reconstruct(frames, positions_m)
         if final:
+            if self.recon is not None:
+                self.recon.flush()
             self._snapshot(force=True)
 
     def _reconstruct(self, frames: np.ndarray, positions_m: np.ndarray) -> None:

@@ -86,7 +86,11 @@ class StreamingReconstructor:
     crop : int, optional
         Side of the trusted central region of each patch (default N / 2).
     input_scale : float, optional
-        The experiment's input scale; estimated from the first batch when omitted.
+        The experiment's input scale. When omitted it is estimated from the first
+        ``scale_frames`` frames, which are held back until they have all arrived (or
+        :meth:`flush` is called), so the result does not depend on how frames were batched.
+    scale_frames : int
+        Frames used to estimate the input scale.
     batch_size : int
         Frames per network call.
     device : str or torch.device, optional
@@ -97,8 +101,8 @@ class StreamingReconstructor:
     >>> import torch
     >>> from bluesky_ptychopinn.models import ptychopinn
     >>> recon = StreamingReconstructor(ptychopinn(base_width=4), object_shape=(96, 96))
-    >>> recon.add(torch.rand(8, 64, 64) * 100, torch.full((8, 2), 48.0))
-    8
+    >>> recon.add(torch.rand(20, 64, 64) * 100, torch.full((20, 2), 48.0))
+    20
     >>> recon.snapshot().object.shape
     (96, 96)
     """
@@ -113,6 +117,7 @@ class StreamingReconstructor:
         input_scale: float | None = None,
         batch_size: int = 256,
         device: str | torch.device | None = None,
+        scale_frames: int = 16,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,6 +140,8 @@ class StreamingReconstructor:
         self._latencies: list[float] = []
         self._positions: list[np.ndarray] = []
         self._frames: list[torch.Tensor] = []
+        self.scale_frames = int(scale_frames)
+        self._held: list[tuple[torch.Tensor, np.ndarray]] = []
 
     # -- canvas ---------------------------------------------------------------------------
     def _allocate(self, shape: tuple[int, int]) -> None:
@@ -220,8 +227,39 @@ class StreamingReconstructor:
         start = time.perf_counter()
         frames_t, pos = self._check(frames, positions)
         if self.input_scale is None:
-            n_pixels = self.frame_size**2
-            self.input_scale = math.sqrt(n_pixels / float(frames_t.flatten(1).sum(1).mean()))
+            self._held.append((frames_t, pos))
+            if sum(len(p) for _, p in self._held) < self.scale_frames:
+                return self.n_frames
+            self._release_held()
+            self._busy_s += time.perf_counter() - start
+            return self.n_frames
+        self._process(frames_t, pos, start)
+        return self.n_frames
+
+    def flush(self) -> int:
+        """Reconstruct frames held back for the input-scale estimate, however few."""
+        if self._held:
+            start = time.perf_counter()
+            self._release_held()
+            self._busy_s += time.perf_counter() - start
+        return self.n_frames
+
+    @property
+    def pending(self) -> int:
+        """Frames received but not yet stitched."""
+        return sum(len(p) for _, p in self._held)
+
+    def _release_held(self) -> None:
+        frames_t = torch.cat([f for f, _ in self._held])
+        pos = np.concatenate([p for _, p in self._held])
+        self._held = []
+        n_pixels = self.frame_size**2
+        first = frames_t[: self.scale_frames]
+        self.input_scale = math.sqrt(n_pixels / float(first.flatten(1).sum(1).mean()))
+        self._process(frames_t, pos, time.perf_counter(), timed=False)
+
+    def _process(self, frames_t: torch.Tensor, pos: np.ndarray, start: float,
+                 timed: bool = True) -> None:
         self._ensure_fits(pos)
         if self.channels == 1:
             for lo in range(0, len(pos), self.batch_size):
@@ -231,21 +269,23 @@ class StreamingReconstructor:
             self._add_grouped(frames_t, pos)
         self.n_frames += len(pos)
         elapsed = time.perf_counter() - start
-        self._busy_s += elapsed
+        if timed:
+            self._busy_s += elapsed
         self._latencies.append(elapsed)
-        return self.n_frames
 
     def _add_grouped(self, frames: torch.Tensor, pos: np.ndarray) -> None:
         """C = 4 models: every new frame anchors a 4-quadrant group of its nearest neighbours
         among all frames seen so far; all four predicted patches are stitched."""
         from ..training import quadrant_groups_for_inference
 
+        first = sum(len(p) for p in self._positions)
         self._frames.append(frames)
         self._positions.append(pos)
         all_frames = torch.cat(self._frames)
         all_pos = np.concatenate(self._positions)
         self._frames, self._positions = [all_frames], [all_pos]
-        groups = quadrant_groups_for_inference(pos, all_pos)
+        own = np.arange(first, first + len(pos))
+        groups = quadrant_groups_for_inference(pos, all_pos, anchor_index=own)
         step = max(self.batch_size // 4, 1)
         for lo in range(0, len(groups), step):
             members = groups[lo : lo + step]
@@ -306,7 +346,8 @@ class StreamingReconstructor:
         }
 
     def finish(self) -> Snapshot:
-        """Final snapshot; the reconstructor can still be read but takes no more frames."""
+        """Flush, then the final snapshot; the reconstructor takes no more frames."""
+        self.flush()
         snap = self.snapshot()
         self.add = self._closed  # type: ignore[method-assign]
         return snap

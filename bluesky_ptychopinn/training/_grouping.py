@@ -128,12 +128,17 @@ def group_offsets(positions: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return member - member.mean(axis=1, keepdims=True)
 
 
-def quadrant_groups_for_inference(anchors: np.ndarray, history: np.ndarray) -> np.ndarray:
+def quadrant_groups_for_inference(
+    anchors: np.ndarray, history: np.ndarray, anchor_index: np.ndarray | None = None
+) -> np.ndarray:
     """Deterministic 4-quadrant groups for inference: each anchor with its *nearest* neighbour
-    in each quadrant (TL, TR, BL, BR) among ``history`` (all frames seen so far).
+    in each quadrant (TL, TR, BL, BR) among ``history`` (the frames seen so far).
 
-    Where a quadrant is empty (scan edge, or the first frames of a live scan), the nearest
-    unused point of any quadrant fills the slot, so every anchor gets a group.
+    With ``anchor_index`` (each anchor's own index in ``history``) only frames up to the
+    anchor's own are used: groups are then causal and do not depend on how a live stream was
+    cut into batches, so a replay reproduces the live result exactly. Where a quadrant is empty
+    (scan edge, first frames), the nearest unused earlier point, or the anchor itself, fills the
+    slot: groups are never padded with empty frames.
 
     Returns
     -------
@@ -142,12 +147,15 @@ def quadrant_groups_for_inference(anchors: np.ndarray, history: np.ndarray) -> n
     """
     anchors = _check(anchors)
     history = _check(history)
-    k = min(len(history), 33)
+    k = min(len(history), 64)
     dist, idx = cKDTree(history).query(anchors, k=k)
-    dist, idx = np.atleast_2d(dist), np.atleast_2d(idx)
+    dist, idx = dist.reshape(len(anchors), -1), idx.reshape(len(anchors), -1)
+    limits = (np.full(len(anchors), len(history) - 1) if anchor_index is None
+              else np.asarray(anchor_index, dtype=np.int64))
     out = np.empty((len(anchors), 4), dtype=np.int64)
     for a in range(len(anchors)):
-        cand, d = idx[a], dist[a]
+        allowed = idx[a] <= limits[a]
+        cand, d = idx[a][allowed], dist[a][allowed]
         keep = d > 1e-9
         delta = history[cand] - anchors[a]
         up, left = delta[:, 0] < 0, delta[:, 1] < 0
@@ -156,8 +164,9 @@ def quadrant_groups_for_inference(anchors: np.ndarray, history: np.ndarray) -> n
             pick = np.flatnonzero(quadrant & keep)
             chosen.append(int(cand[pick[0]]) if len(pick) else -1)
         spare = [int(c) for c in cand if c not in chosen]
+        own = int(limits[a]) if anchor_index is not None else (int(cand[0]) if len(cand) else 0)
         for slot in range(4):
             if chosen[slot] < 0:
-                chosen[slot] = spare.pop(0) if spare else int(cand[0])
+                chosen[slot] = spare.pop(0) if spare else own
         out[a] = chosen
     return out
