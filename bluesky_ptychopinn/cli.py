@@ -24,6 +24,9 @@ app = typer.Typer(
 )
 probes_app = typer.Typer(help="Manage the probe library.", no_args_is_help=True)
 app.add_typer(probes_app, name="probes")
+models_app = typer.Typer(help="Trained models: the shipped default and your own.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 console = Console(stderr=True)
 
@@ -213,16 +216,116 @@ def dataset(
     console.print(f"wrote {len(paths)} experiments to {out_dir} (manifest.json lists them)")
 
 
+@models_app.command("list")
+def models_list(root: Path = typer.Option(None, help="User model directory.")) -> None:
+    """List models (user directory first, then the ones shipped with the package)."""
+    from .models import ModelRegistry
+
+    table = Table(title="models")
+    for column in ("name", "N", "C", "width", "parameters", "sha256", "path"):
+        table.add_column(column)
+    for card in ModelRegistry(root).list():
+        arch = card.get("architecture", {})
+        table.add_row(card["name"], str(arch.get("frame_size", "?")),
+                      str(arch.get("channels", "?")), str(arch.get("base_width", "?")),
+                      str(card.get("n_parameters", "?")), str(card.get("sha256", ""))[:12],
+                      card["path"])
+    Console().print(table)
+
+
+@models_app.command("show")
+def models_show(name: str = typer.Argument("default"),
+                root: Path = typer.Option(None, help="User model directory.")) -> None:
+    """Print a model's card (architecture, training data, metrics)."""
+    from .models import ModelRegistry, read_model_card
+
+    try:
+        card = read_model_card(ModelRegistry(root).path(name))
+    except PtychoError as exc:
+        _fail(exc)
+    history = card.get("provenance", {}).get("training", {}).pop("history", None)
+    if history:
+        card["provenance"]["training"]["final_epoch"] = history[-1]
+    print(json.dumps(card, indent=2, default=str))
+
+
+@app.command()
+def serve(
+    data_dir: Path = typer.Option(None, help="Catalog directory (default "
+                                  "$PTYCHOPINN_DATA or ~/.local/share/bluesky-ptychopinn/tiled)."),
+    port: int = typer.Option(8000, help="Port on 127.0.0.1."),
+    readable: list[Path] = typer.Option([], "--readable", "-r",
+                                        help="Directories of detector files the server may read."),
+) -> None:
+    """Serve the embedded Tiled catalog of raw and derived runs until Ctrl-C."""
+    import time
+
+    from .catalog import EmbeddedTiled
+
+    detector_dirs = list(readable)
+    if data_dir is not None and (data_dir.parent / "detector").is_dir():
+        detector_dirs.append(data_dir.parent / "detector")
+    try:
+        server = EmbeddedTiled(data_dir, readable=detector_dirs, port=port).start()
+    except PtychoError as exc:
+        _fail(exc)
+    console.print(f"Tiled serving {server.data_dir} at {server.uri}\n"
+                  f"API key: {server.data_dir / 'api_key'} (readable by you only)\n"
+                  f"web UI: {server.base_url}?api_key=$(cat {server.data_dir / 'api_key'})")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@app.command()
+def replay(
+    uid: str = typer.Argument(..., help="Raw run uid (or a unique prefix)."),
+    model: str = typer.Option("default", help="Model name or directory."),
+    tiled: str = typer.Option(None, "--tiled", envvar="TILED_URI",
+                              help="Tiled URI (default: $TILED_URI, else the embedded catalog)."),
+    data_dir: Path = typer.Option(None, help="Embedded catalog directory when no --tiled."),
+) -> None:
+    """Re-stream an archived raw run through the live callback with a (newer) model."""
+    from .catalog import EmbeddedTiled, connect, replay_run
+
+    server = None
+    try:
+        if tiled:
+            client = connect(tiled)
+        else:
+            data = data_dir
+            readable = [data.parent / "detector"] if data is not None else []
+            server = EmbeddedTiled(data, readable=readable).start()
+            client = server.client()
+        state = replay_run(client, uid, model=model, torch_threads=1)
+    except PtychoError as exc:
+        _fail(exc)
+    finally:
+        if server is not None:
+            server.stop()
+    print(json.dumps({"raw_uid": state.raw_uid, "derived_uid": state.derived_uid,
+                      "frames": state.frames_done, "failed": state.failed,
+                      **{k: v for k, v in state.stats.items() if k != "device"}}, indent=2))
+
+
 @app.command()
 def demo(
     output_dir: Path = typer.Option(Path("demo-output"), help="Where to write results."),
-    epochs: int = typer.Option(40, help="Epochs of the iterative reconstruction."),
+    sample: str = typer.Option("cells", help="siemens_star, test_chip, cells, quadrant_features."),
+    strategy: str = typer.Option("feature", help="Feedback strategy: feature or uncertainty."),
+    budget: int = typer.Option(500, help="Maximum frames."),
+    model: str = typer.Option("default", help="Model name or directory."),
 ) -> None:
-    """Run the demo: simulate a scan of a test sample and reconstruct it."""
+    """Simulated beamline scan with live reconstruction and feedback into an embedded Tiled."""
+    import logging
+
     from .demo import run_demo
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run_demo(output_dir, epochs=epochs)
+        run_demo(output_dir, sample=sample, strategy=strategy, budget=budget, model=model)
     except PtychoError as exc:
         _fail(exc)
 
