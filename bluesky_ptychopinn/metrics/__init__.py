@@ -1,0 +1,42 @@
+"""Image-quality metrics for ptychographic reconstructions: FRC / FRC-AUC (with phase-plane
+removal, registration, taper, crop), PSNR, SSIM and NRMSE.
+
+Examples
+--------
+>>> import numpy as np
+>>> from bluesky_ptychopinn.metrics import compare_objects
+>>> rng = np.random.default_rng(0)
+>>> truth = np.exp(1j * rng.uniform(-1, 1, (64, 64)))
+>>> round(compare_objects(truth * np.exp(0.3j), truth, taper_px=8)["frc_auc_0.5_phase"], 3)
+1.0
+"""
+
+from ._frc import HALF_BIT, FRCResult, frc, frc_auc, frc_resolution, frc_threshold
+from ._image import compare_objects, nrmse, psnr, ssim
+from ._preprocess import (
+    align_global_phase,
+    apply_shift,
+    crop_edges,
+    register_shift,
+    remove_phase_plane,
+    tukey_taper,
+)
+
+__all__ = [
+    "HALF_BIT",
+    "FRCResult",
+    "align_global_phase",
+    "apply_shift",
+    "compare_objects",
+    "crop_edges",
+    "frc",
+    "frc_auc",
+    "frc_resolution",
+    "frc_threshold",
+    "nrmse",
+    "psnr",
+    "register_shift",
+    "remove_phase_plane",
+    "ssim",
+    "tukey_taper",
+]
