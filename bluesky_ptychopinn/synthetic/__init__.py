@@ -9,6 +9,7 @@ Built-in samples for the simulated beamline: :func:`siemens_star`, :func:`test_c
 :func:`spectral_slope` measure how the classes differ.
 """
 
+from ._builder import build_dataset, simulate_experiment
 from ._dead_leaves import DEAD_LEAF_SHAPES, dead_leaves
 from ._from_image import from_image, load_image
 from ._noise import blurred_white_noise, fractal_noise, simplex_noise
@@ -25,6 +26,7 @@ __all__ = [
     "QUADRANTS",
     "SAMPLES",
     "blurred_white_noise",
+    "build_dataset",
     "cells",
     "dead_leaves",
     "fractal_noise",
@@ -37,6 +39,7 @@ __all__ = [
     "quadrant_features",
     "radial_power_spectrum",
     "siemens_star",
+    "simulate_experiment",
     "simplex_noise",
     "spectral_slope",
     "test_chip",

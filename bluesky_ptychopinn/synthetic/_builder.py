@@ -189,7 +189,8 @@ def build_dataset(
     """Write simulated experiments for every probe x object class x object to ``out_dir``.
 
     The defaults reproduce the paper's per-probe recipe: 4 object classes x ~7,000 patterns
-    (about 28k patterns of 64 x 64 per probe), photons uniform in [5e5, 1e6], a 4-px beamstop,
+    (about 28k patterns of 64 x 64 per probe), photons uniform in [5e5, 1e6] (one level per
+    experiment, so the per-experiment input scaling stays exact), a 4-px beamstop,
     a 250 x 250 canvas and a jittered raster (jitter 0.3 step) with an N/2 buffer at the edges.
 
     Parameters
@@ -231,6 +232,7 @@ def build_dataset(
     area = max(object_shape[0] - margin, 1) * max(object_shape[1] - margin, 1)
     step_px = math.sqrt(area / patterns_per_object)
     manifest = _Manifest(out)
+    rng = np.random.default_rng(seed)
     jobs = [
         (probe_name, kind, k)
         for probe_name in probes
@@ -241,9 +243,10 @@ def build_dataset(
     with Progress(disable=not progress, transient=False) as bar:
         task = bar.add_task("simulating experiments", total=len(jobs))
         for index, (probe_name, kind, k) in enumerate(jobs):
+            level = float(rng.uniform(photons[0], photons[1]))
             ds = simulate_experiment(
                 kind, probes[probe_name], geometry=geometry, object_shape=object_shape,
-                pattern="jittered_raster", step_px=step_px, photons=photons,
+                pattern="jittered_raster", step_px=step_px, photons=level,
                 beamstop_px=beamstop_px, seed=seed + index,
             )
             ds.metadata.update(probe_model=probe_name, object_index=k)
