@@ -87,14 +87,17 @@ def reconstruct(
                                 "default FILE_recon.cxi beside the input."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     seed: int = typer.Option(0, help="Random seed."),
+    model: str = typer.Option(None, help="Reconstruct with a trained network (name or "
+                              "directory) instead of an iterative engine."),
 ) -> None:
-    """Reconstruct a dataset with ePIE or rPIE; write the result, a PNG and FRC figures."""
+    """Reconstruct a dataset (ePIE/rPIE, or a network with --model); write the result, a PNG
+    with amplitude, phase, probe and FRC curves when the file holds a ground truth."""
     from ._workflows import run_reconstruction
 
     try:
         summary = run_reconstruction(
             file, engine=engine, epochs=epochs, probe_update=probe_update, output=output,
-            device=device, seed=seed,
+            device=device, seed=seed, model=model,
         )
     except PtychoError as exc:
         _fail(exc)

@@ -37,7 +37,7 @@ def probe_figure(probe: np.ndarray, path: str | Path, *, title: str = "probe") -
     fig, axes = plt.subplots(2, len(probe), figsize=(2.6 * len(probe) + 0.6, 5.2), squeeze=False)
     for m, mode in enumerate(probe):
         _show(axes[0, m], np.abs(mode), f"{title} mode {m} |P| ({power[m]:.0%})", "magma")
-        _show(axes[1, m], np.angle(mode), f"mode {m} phase (rad)", "twilight")
+        _show(axes[1, m], np.angle(mode), f"mode {m} phase (rad)", "cividis")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -77,12 +77,12 @@ def reconstruction_figure(
     plt = _pyplot()
     panels: list[tuple[np.ndarray, str, str]] = [
         (np.abs(obj), "object amplitude", "gray"),
-        (np.angle(obj), "object phase (rad)", "twilight"),
+        (np.angle(obj), "object phase (rad)", "cividis"),
     ]
     if truth is not None:
         panels += [
             (np.abs(truth), "true amplitude", "gray"),
-            (np.angle(truth), "true phase", "twilight"),
+            (np.angle(truth), "true phase", "cividis"),
         ]
     if probe is not None:
         p = np.asarray(probe)
@@ -132,9 +132,9 @@ def demo_figure(
     coloured by feedback iteration (0 = coarse overview)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 5, figsize=(19, 4.0))
-    _show(axes[0], np.angle(recon), "live reconstruction: phase (rad)", "twilight")
+    _show(axes[0], np.angle(recon), "live reconstruction: phase (rad)", "cividis")
     _show(axes[1], np.abs(recon), "amplitude", "gray")
-    _show(axes[2], np.angle(truth), "hidden truth: phase", "twilight")
+    _show(axes[2], np.angle(truth), "hidden truth: phase", "cividis")
     _show(axes[3], uncertainty, "uncertainty (overlap variance)", "viridis")
     ax = axes[4]
     ax.imshow(np.angle(recon), cmap="gray", interpolation="nearest")
