@@ -58,6 +58,9 @@ class PtychoDetector(Device):
         Directory for HDF5 files; ``None`` = inline mode (images inside events).
     seed : int
         Noise seed.
+    dtype : str
+        Frame dtype (``uint32`` like a photon-counting detector; a float type for tests that
+        inject NaN frames).
     """
 
     exposure_time = Cpt(Signal, value=0.01, kind="config")
@@ -76,6 +79,7 @@ class PtychoDetector(Device):
         write_path: str | Path | None = None,
         seed: int = 0,
         dead_time: float = 0.0,
+        dtype: str = "uint32",
         **kwargs,
     ) -> None:
         super().__init__(name=name, **kwargs)
@@ -87,6 +91,7 @@ class PtychoDetector(Device):
         self.photon_flux.put(float(photon_flux))
         self.write_path = Path(write_path) if write_path is not None else None
         self.dead_time = float(dead_time)
+        self.dtype = np.dtype(dtype)
         self._rng = torch.Generator().manual_seed(seed)
         self._image = np.zeros((self.frame_size, self.frame_size), np.float32)
         self._file: h5py.File | None = None
@@ -120,7 +125,7 @@ class PtychoDetector(Device):
         expected = diffraction_intensity(self._probe, patch)[0]
         photons = float(self.photon_flux.get()) * float(self.exposure_time.get())
         counts = torch.poisson(expected.double() * photons, generator=self._rng)
-        return counts.numpy().astype(np.uint32)
+        return counts.numpy().astype(self.dtype)
 
     # -- ophyd API ------------------------------------------------------------------------
     def stage(self):
@@ -131,7 +136,7 @@ class PtychoDetector(Device):
             n = self.frame_size
             self._file = h5py.File(self._hdf5_path, "w", libver="latest")
             self._dataset = self._file.create_dataset(
-                HDF5_DATASET, shape=(0, n, n), maxshape=(None, n, n), dtype=np.uint32,
+                HDF5_DATASET, shape=(0, n, n), maxshape=(None, n, n), dtype=self.dtype,
                 chunks=(1, n, n),
             )
             self._file.swmr_mode = True
@@ -187,7 +192,7 @@ class PtychoDetector(Device):
         desc[self.image_key] = {
             "source": f"SIM:{self.name}" if self.write_path is None else f"HDF5:{self.name}",
             "dtype": "array",
-            "dtype_numpy": np.dtype(np.uint32).str,
+            "dtype_numpy": self.dtype.str,
             "shape": [n, n],
             "dims": ["detector_y", "detector_x"],
             "units": "counts",
