@@ -32,9 +32,17 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench
 
-bench: venv
-	$(PIP) install --quiet -e ".[test,bench]"
+# pty-chi needs torchvision, whose wheels match only their own torch build: it lives in a
+# separate environment and exchanges NPZ files with the benchmarks (bench/_ptychi_runner.py).
+.venv-bench/.installed:
+	@test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" "ptychi==2.2.0"
+	@touch $@
+
+bench: venv .venv-bench/.installed
 	$(PY) bench/core.py
+	$(PY) bench/inference.py
+	$(PY) bench/live.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-bench build *.egg-info
