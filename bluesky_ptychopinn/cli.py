@@ -253,6 +253,138 @@ def models_show(name: str = typer.Argument("default"),
 
 
 @app.command()
+def train(
+    output: Path = typer.Argument(..., help="Model directory to write (safetensors + JSON)."),
+    probe: list[str] = typer.Option(["zone_plate"], "--probe",
+                                    help="Probe models or library names (repeat: multi-probe)."),
+    experiment: list[Path] = typer.Option([], "--experiment",
+                                          help="Experimental NPZ/CXI files (unsupervised) "
+                                          "instead of synthetic data (repeat)."),
+    classes: list[str] = typer.Option(
+        ["dead_leaves", "blurred_white_noise", "procedural", "simplex"], "--class",
+        help="Synthetic object classes (repeat)."),
+    objects_per_class: int = typer.Option(2, help="Synthetic objects per class and probe."),
+    frame_size: int = typer.Option(64, "--frame-size", "-N", help="Model N (frames are cropped)."),
+    channels: int = typer.Option(4, help="C: 4 (overlap constraint) or 1."),
+    base_width: int = typer.Option(8, help="Width of the first encoder block."),
+    epochs: int = typer.Option(16, help="Epochs."),
+    finetune_epochs: int = typer.Option(0, help="Extra epochs with the encoder frozen."),
+    batch_size: int = typer.Option(16, help="Groups per batch."),
+    lr: float = typer.Option(1e-3, help="Learning rate."),
+    loss: str = typer.Option("poisson", help="poisson, mae, or supervised (baseline)."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    resume: bool = typer.Option(True, help="Resume from OUTPUT/checkpoint if present."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Train a model: probe-centric synthetic data (default) or experimental files.
+
+    Run under `torchrun --nproc_per_node K` for multi-GPU / multi-node DDP.
+    """
+    from .io import ProbeLibrary, read_dataset
+    from .models import ptychopinn, save_model
+    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe
+    from .training import (
+        GroupedSamples,
+        TrainConfig,
+        TrainingExperiment,
+        probe_sha256,
+        synthetic_experiments,
+    )
+    from .training import train as run_training
+
+    try:
+        if experiment:
+            experiments = [TrainingExperiment.from_dataset(read_dataset(p), frame_size,
+                                                           name=p.stem) for p in experiment]
+            source = {"kind": "experimental", "files": [str(p) for p in experiment]}
+        else:
+            geometry = ExperimentGeometry(frame_size=frame_size)
+            probes = {}
+            for name in probe:
+                if name in PROBE_MODELS:
+                    probes[name] = make_probe(name, frame_size, geometry.object_pixel_size_m,
+                                              geometry.energy_ev)
+                else:
+                    probes[name] = ProbeLibrary().get(name)[0]
+            experiments = synthetic_experiments(probes, classes,
+                                                objects_per_class=objects_per_class, seed=seed,
+                                                progress=True)
+            source = {"kind": "probe-centric synthetic", "object_classes": classes,
+                      "probes": [{"name": k, "sha256": probe_sha256(v)}
+                                 for k, v in probes.items()]}
+        grouping = "quadrant" if channels == 4 else "single"
+        data = GroupedSamples(experiments, channels=channels, grouping=grouping, seed=seed)
+        model = ptychopinn(frame_size=frame_size, channels=channels, base_width=base_width)
+        config = TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs,
+                             batch_size=batch_size, lr=lr, loss=loss, device=device, seed=seed,
+                             checkpoint_dir=str(output / "checkpoint") if resume else None,
+                             log_csv=str(output / "training.csv"))
+        output.mkdir(parents=True, exist_ok=True)
+        result = run_training(model, data, config)
+    except PtychoError as exc:
+        _fail(exc)
+    save_model(result.model, output, provenance={
+        "training_data": {**source, "experiments": len(experiments),
+                          "patterns": int(sum(len(e.counts) for e in experiments)),
+                          "grouping": grouping},
+        "training": {"config": config.model_dump(), "history": result.history}})
+    console.print(f"saved {output} (best validation loss {result.best_val:.4f}, "
+                  f"{result.patterns_per_s:.0f} patterns/s)")
+
+
+@app.command()
+def evaluate(
+    file: list[Path] = typer.Argument(..., help="Datasets with a ground truth or reference "
+                                      "object (NPZ/CXI)."),
+    model: list[str] = typer.Option(["default"], "--model", help="Models to compare (repeat)."),
+    engine: str = typer.Option(None, help="Also an iterative engine (epie/rpie)."),
+    epochs: int = typer.Option(50, help="Epochs for the iterative engine."),
+    png: Path = typer.Option(None, help="Figure with FRC curves of every method."),
+) -> None:
+    """FRC-AUC table of models (and optionally an iterative engine) against ground truth."""
+    from ._workflows import reconstruct_with_model, score_against
+    from .io import read_dataset
+    from .models import ModelRegistry
+
+    table = Table(title="FRC-AUC (0-0.5 Nyquist) against the reference object")
+    for column in ("file", "method", "phase", "amplitude", "NRMSE"):
+        table.add_column(column)
+    curves = {}
+    try:
+        registry = ModelRegistry()
+        nets = {name: registry.load(name)[0] for name in model}
+        for path in file:
+            ds = read_dataset(path)
+            if ds.object is None:
+                raise PtychoError(f"{path}: no reference object to compare with")
+            results = {}
+            for name, net in nets.items():
+                snap = reconstruct_with_model(ds, net)
+                results[name] = score_against(snap.object, ds.object, snap.weight)
+            if engine:
+                from .recon import PIEOptions, pie_reconstruct
+
+                res = pie_reconstruct(ds.diffraction, ds.positions_px, ds.probe,
+                                      object_shape=ds.object.shape, mask=ds.mask,
+                                      options=PIEOptions(engine=engine, n_epochs=epochs))
+                results[engine] = score_against(res.object, ds.object)
+            for method, scores in results.items():
+                table.add_row(path.name, method, f"{scores['frc_auc_0.5_phase']:.3f}",
+                              f"{scores['frc_auc_0.5_amplitude']:.3f}",
+                              f"{scores['nrmse']:.3f}")
+                curves[f"{path.stem}: {method}"] = (scores["frc_phase"].freq,
+                                                    scores["frc_phase"].frc)
+    except PtychoError as exc:
+        _fail(exc)
+    Console().print(table)
+    if png is not None:
+        from .figures import frc_figure
+
+        frc_figure(png, curves)
+        console.print(f"wrote {png}")
+
+
+@app.command()
 def serve(
     data_dir: Path = typer.Option(None, help="Catalog directory (default "
                                   "$PTYCHOPINN_DATA or ~/.local/share/bluesky-ptychopinn/tiled)."),

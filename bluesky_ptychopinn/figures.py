@@ -149,3 +149,22 @@ def demo_figure(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def frc_figure(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+               *, title: str = "phase FRC") -> Path:
+    """FRC curves of several methods on one axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (freq, curve) in curves.items():
+        ax.plot(freq, curve, label=label)
+    ax.axvline(0.5, color="k", lw=0.5, ls=":")
+    ax.set_xlabel("spatial frequency / Nyquist")
+    ax.set_ylabel("FRC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
