@@ -1,28 +1,190 @@
-"""Reading fields with errors that name the file, the field and what was expected."""
+"""Reading fields from NPZ archives and HDF5 files with errors that name file, field and problem.
+
+Also the JSON encoding of dataset metadata, shared by the writers.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h5py
 import numpy as np
 
 from ..errors import FileFormatError
 
+#: dtype kinds of real numbers (unsigned, signed, float) and of complex numbers.
+REAL = "uif"
+COMPLEX = "c"
+_KIND_NAMES = {"u": "unsigned int", "i": "int", "f": "float", "c": "complex", "b": "bool"}
 
-def require(container, key: str, path, *, ndim: int | None = None, kind: str | None = None):
-    """``container[key]`` as an array, checked for presence, rank and dtype kind."""
-    if key not in container:
-        raise FileFormatError(path, key, "missing (required)")
-    value = np.asarray(container[key][()] if hasattr(container[key], "shape") and
-                       not isinstance(container[key], np.ndarray) else container[key])
-    if ndim is not None and value.ndim != ndim:
-        raise FileFormatError(path, key, f"expected {ndim} dimensions, got shape {value.shape}")
-    if kind is not None and value.dtype.kind not in kind:
-        raise FileFormatError(path, key, f"expected dtype kind {kind!r}, got {value.dtype}")
+
+def _describe_kinds(kinds: str) -> str:
+    return " or ".join(_KIND_NAMES.get(k, k) for k in kinds)
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """Open read-only; a missing or non-HDF5 file is a :class:`FileFormatError`."""
+    if not path.is_file():
+        raise FileFormatError(path, "", "no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise FileFormatError(path, "", f"not a readable HDF5 file ({exc})") from exc
+
+
+def _load(container: Any, key: str, path: Path) -> np.ndarray:
+    """The value stored under ``key`` as a numpy array (NPZ member or HDF5 dataset)."""
+    try:
+        item = container[key]
+    except ValueError as exc:  # an NPZ member that needs pickle (object array)
+        raise FileFormatError(path, key, f"holds Python objects, not a numeric array ({exc})"
+                              ) from exc
+    if isinstance(item, np.ndarray):
+        return item
+    if not hasattr(item, "shape"):  # an HDF5 group where a dataset is expected
+        raise FileFormatError(path, key, f"expected a dataset, found {type(item).__name__}")
+    try:
+        return np.asarray(item[()])
+    except (OSError, TypeError, ValueError) as exc:  # unreadable / corrupt chunk
+        raise FileFormatError(path, key, f"cannot be read ({exc})") from exc
+
+
+def has(container: Any, key: str) -> bool:
+    """``key in container`` that also accepts HDF5 paths with leading slashes."""
+    try:
+        return key in container
+    except (KeyError, ValueError):
+        return False
+
+
+def require(
+    container: Any,
+    key: str,
+    path: Path,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    kinds: str | None = None,
+    what: str = "",
+) -> np.ndarray:
+    """``container[key]`` as an array, checked for presence, rank and dtype kind.
+
+    Parameters
+    ----------
+    container : numpy.lib.npyio.NpzFile or h5py.File
+        Where to look.
+    key : str
+        Member name or HDF5 path.
+    path : pathlib.Path
+        The file, for the error message.
+    ndim : int or tuple of int, optional
+        Accepted ranks.
+    kinds : str, optional
+        Accepted dtype kinds, e.g. ``"uif"``.
+    what : str
+        What the field holds, appended to the "missing" message.
+    """
+    if not has(container, key):
+        raise FileFormatError(path, key, "missing (required" + (f": {what})" if what else ")"))
+    return check(_load(container, key, path), key, path, ndim=ndim, kinds=kinds)
+
+
+def optional(
+    container: Any,
+    key: str,
+    path: Path,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    kinds: str | None = None,
+) -> np.ndarray | None:
+    """Like :func:`require`, but None when the field is absent."""
+    if not has(container, key):
+        return None
+    return check(_load(container, key, path), key, path, ndim=ndim, kinds=kinds)
+
+
+def check(
+    value: np.ndarray,
+    key: str,
+    path: Path,
+    *,
+    ndim: int | tuple[int, ...] | None = None,
+    kinds: str | None = None,
+) -> np.ndarray:
+    """Raise :class:`FileFormatError` unless ``value`` has an accepted rank and dtype kind."""
+    if kinds is not None and value.dtype.kind not in kinds:
+        raise FileFormatError(path, key, f"expected dtype {_describe_kinds(kinds)}, "
+                              f"got {value.dtype}")
+    if ndim is not None:
+        ranks = (ndim,) if isinstance(ndim, int) else ndim
+        if value.ndim not in ranks:
+            expected = " or ".join(str(r) for r in ranks)
+            raise FileFormatError(path, key, f"expected {expected} dimensions, got shape "
+                                  f"{value.shape}")
     return value
 
 
-def optional(container, key: str):
-    if key not in container:
+def scalar(container: Any, key: str, path: Path, *, required: bool = True) -> float | None:
+    """A positive finite number stored as a 0-d or 1-element dataset (None if optional)."""
+    if not has(container, key):
+        if required:
+            raise FileFormatError(path, key, "missing (required: a positive number)")
         return None
-    item = container[key]
-    return np.asarray(item[()] if hasattr(item, "shape") and not isinstance(item, np.ndarray)
-                      else item)
+    value = check(_load(container, key, path), key, path, kinds=REAL)
+    if value.size != 1:
+        raise FileFormatError(path, key, f"expected a single number, got shape {value.shape}")
+    number = float(value.reshape(()))
+    if not (np.isfinite(number) and number > 0):
+        raise FileFormatError(path, key, f"expected a positive finite number, got {number!r}")
+    return number
+
+
+def text(value: Any) -> str:
+    """An HDF5 string (bytes, numpy string or 0-d array) as ``str``."""
+    if isinstance(value, np.ndarray):
+        value = value.reshape(-1)[0] if value.size else ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)  # last resort: keep a readable trace rather than fail the write
+
+
+def metadata_to_json(metadata: Mapping) -> str:
+    """Dataset metadata as a JSON string (numpy values converted, other objects as text)."""
+    return json.dumps(dict(metadata), default=_jsonable, sort_keys=True)
+
+
+def metadata_from_json(raw: Any, path: Path, key: str) -> dict:
+    """Parse metadata written by :func:`metadata_to_json`; a bad value names the field."""
+    try:
+        loaded = json.loads(text(raw))
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(path, key, f"expected a JSON object, cannot parse ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise FileFormatError(path, key, f"expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
+def merge_metadata(stored: dict, path: Path, fmt: str, conversions: list[str]) -> dict:
+    """Metadata of a dataset just read: what the file stored plus this read's provenance.
+
+    The writer's own ``source``/``format``/``conversions`` (if any) move to ``written_from``
+    so that this read's conversions are never confused with those of an earlier read.
+    """
+    earlier = {k: stored.pop(k) for k in ("source", "format", "conversions") if k in stored}
+    merged = dict(stored)
+    if earlier:
+        merged["written_from"] = earlier
+    merged.update(source=str(path), format=fmt, conversions=conversions)
+    return merged

@@ -1,152 +1,430 @@
-"""CXI (cxidb 1.6 / NXcxi_ptycho) reading and writing, SI units, energy in joules on disk.
+"""CXI (cxidb 1.6 / NeXus NXcxi_ptycho) reading and writing: SI units, energy in joules on disk.
 
-Our translation convention: ``/entry_1/sample_1/geometry_1/translation`` holds (x, y, z) in
-metres of the probe centre on the sample; object pixel = translation / pixel size + origin,
-with the origin stored as the attribute ``origin_px`` when we wrote the file, else chosen so
-that the lowest position sits N/2 + 1 pixels inside the object.
+Layout (what we write, and what we read):
+
+- ``/cxi_version`` = 160.
+- ``/entry_1/instrument_1/detector_1/data`` (n, N, N) intensities, one chunk per frame, gzip;
+  attribute ``dc_position`` ("center" or "corner"); ``distance``, ``x_pixel_size``,
+  ``y_pixel_size`` (m); ``mask`` uint32 bit field (bit 0x1 = invalid pixel; ours: True = valid).
+- ``/entry_1/data_1/data``: soft link to the detector data.
+- ``/entry_1/instrument_1/source_1/energy``: photon energy in **joules** (1 eV = 1.602176634e-19 J).
+- ``/entry_1/sample_1/geometry_1/translation`` (n, 3) x, y, z in metres ((3, n) accepted on
+  reading, as PyNX writes it). Our convention: translation (x, y) is the sample-stage position,
+  which is the probe centre on the object (sign +1), y along object rows. Metres become object
+  pixels through :func:`~bluesky_ptychopinn.io.positions_m_to_px`; we store the origin we used
+  as the attributes ``object_origin_yx_m`` and ``position_sign`` so a round trip is exact.
+- ``/entry_1/image_1/data`` probe (1, M, N, N), axes ``coherent:incoherent:y:x``, with
+  ``x_pixel_size``/``y_pixel_size`` = object pixel size (the older
+  ``/entry_1/instrument_1/source_1/illumination`` is read too).
+- ``/entry_1/image_2/data`` object (1, H, W), axes ``layer:y:x``, with pixel sizes.
+- ``/entry_1/process_1/{program, version, date, command}`` provenance; the dataset metadata as
+  JSON in the ``/entry_1`` attribute ``bluesky_ptychopinn_metadata``.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ..errors import FileFormatError
-from ..physics import object_pixel_size_m, pixels_to_stage, stage_to_pixels
-from ._checks import require
+from .. import __version__
+from ..errors import FileFormatError, InvalidInputError
+from ._checks import (
+    COMPLEX,
+    REAL,
+    has,
+    merge_metadata,
+    metadata_from_json,
+    metadata_to_json,
+    open_hdf5,
+    optional,
+    require,
+    scalar,
+    text,
+)
 from ._dataset import PtychoDataset
+from ._geometry import (
+    DEFAULT_MARGIN_PX,
+    EV_TO_J,
+    object_pixel_size_m,
+    positions_m_to_px,
+    positions_px_to_m,
+)
 
-__all__ = ["read_cxi", "write_cxi", "EV_TO_J"]
+__all__ = ["read_cxi", "write_cxi", "read_cxi_probe"]
 
-EV_TO_J = 1.602176634e-19
-DET = "/entry_1/instrument_1/detector_1"
+FORMAT = "cxi"
+DETECTOR = "/entry_1/instrument_1/detector_1"
+DATA = f"{DETECTOR}/data"
+DISTANCE = f"{DETECTOR}/distance"
+X_PIXEL = f"{DETECTOR}/x_pixel_size"
+Y_PIXEL = f"{DETECTOR}/y_pixel_size"
+MASK = f"{DETECTOR}/mask"
+ENERGY = "/entry_1/instrument_1/source_1/energy"
+TRANSLATION = "/entry_1/sample_1/geometry_1/translation"
+PROBE = "/entry_1/image_1/data"
+PROBE_LEGACY = "/entry_1/instrument_1/source_1/illumination"
+OBJECT = "/entry_1/image_2/data"
+PROCESS = "/entry_1/process_1"
+METADATA_ATTR = "bluesky_ptychopinn_metadata"
+ORIGIN_ATTR = "object_origin_yx_m"
+SIGN_ATTR = "position_sign"
+#: CXI mask bit of an invalid pixel.
+MASK_INVALID = 0x1
+#: Plausible photon energies in joules (0.6 eV .. 6 MeV): outside, the unit is wrong.
+_ENERGY_RANGE_J = (1e-19, 1e-12)
+_DC_POSITIONS = ("center", "corner")
 
 
-def _open(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise FileFormatError(path, "", f"not a readable HDF5/CXI file ({exc})") from exc
+def _require_cxi(f: h5py.File, path: Path) -> None:
+    if "entry_1" in f:
+        return
+    hint = " (this looks like a ptychodus product: use read_product)" \
+        if "probe" in f and "object" in f else ""
+    raise FileFormatError(path, "/entry_1", f"missing: not a CXI file{hint}")
 
 
-def read_cxi(path: str | Path, *, dc_position: str = "auto") -> PtychoDataset:
-    """Read a CXI file.
+def _energy_ev(f: h5py.File, path: Path) -> float:
+    joules = scalar(f, ENERGY, path)
+    low, high = _ENERGY_RANGE_J
+    if not low <= joules <= high:
+        hint = " (looks like eV or keV: CXI stores joules)" if joules > high else ""
+        raise FileFormatError(path, ENERGY, f"expected a photon energy in joules between {low:g} "
+                              f"and {high:g} (8 keV = {8e3 * EV_TO_J:.3e} J), got {joules:g}{hint}")
+    return joules / EV_TO_J
+
+
+def _detector_pixel(f: h5py.File, path: Path) -> float:
+    px = scalar(f, X_PIXEL, path)
+    py = scalar(f, Y_PIXEL, path, required=False)
+    if py is not None and abs(py - px) > 1e-9 * px:
+        raise FileFormatError(path, Y_PIXEL, f"expected square pixels (= x_pixel_size {px:g} m), "
+                              f"got {py:g} m")
+    return px
+
+
+def _dc_mode(f: h5py.File, path: Path, dc_position: str, conversions: list[str]) -> str:
+    if dc_position not in ("auto", *_DC_POSITIONS):
+        raise InvalidInputError(f"dc_position: expected 'auto', 'center' or 'corner', got "
+                                f"{dc_position!r}")
+    if dc_position != "auto":
+        return dc_position
+    if "dc_position" not in f[DATA].attrs:
+        conversions.append("no dc_position attribute: frames assumed to have DC at the centre")
+        return "center"
+    mode = text(f[DATA].attrs["dc_position"])
+    if mode not in _DC_POSITIONS:
+        raise FileFormatError(path, f"{DATA}@dc_position", f"expected 'center' or 'corner', "
+                              f"got {mode!r}")
+    return mode
+
+
+def _mask(f: h5py.File, path: Path, mask_bits: int) -> np.ndarray | None:
+    bits = optional(f, MASK, path, ndim=2, kinds="iu")
+    if bits is None:
+        return None
+    return (bits.astype(np.int64) & int(mask_bits)) == 0
+
+
+def _probe(f: h5py.File, path: Path, conversions: list[str]) -> tuple[np.ndarray | None, str]:
+    for key in (PROBE, PROBE_LEGACY):
+        probe = optional(f, key, path, ndim=(2, 3, 4), kinds=COMPLEX + REAL)
+        if probe is None:
+            continue
+        if probe.ndim == 4:  # coherent:incoherent:y:x
+            if probe.shape[0] > 1:
+                conversions.append(f"probe: kept coherent mode 0 of {probe.shape[0]}")
+            probe = probe[0]
+        return probe, key
+    return None, PROBE
+
+
+def _object(f: h5py.File, path: Path, conversions: list[str]) -> np.ndarray | None:
+    obj = optional(f, OBJECT, path, ndim=(2, 3), kinds=COMPLEX + REAL)
+    if obj is not None and obj.ndim == 3:  # layer:y:x
+        if obj.shape[0] > 1:
+            conversions.append(f"object: kept layer 0 of {obj.shape[0]}")
+        obj = obj[0]
+    return obj
+
+
+def _object_pixel(f: h5py.File, path: Path) -> tuple[float | None, str]:
+    """The object pixel size stored beside the probe or object image, if any."""
+    for group in ("/entry_1/image_1", "/entry_1/image_2"):
+        value = scalar(f, f"{group}/x_pixel_size", path, required=False)
+        if value is not None:
+            return value, f"{group}/x_pixel_size"
+    return None, "object_pixel_size_m"
+
+
+def _translation_yx_m(f: h5py.File, path: Path, n: int, conversions: list[str]) -> np.ndarray:
+    translation = require(f, TRANSLATION, path, ndim=2, kinds=REAL,
+                          what="(n, 3) x, y, z in metres").astype(np.float64)
+    if translation.shape[1] != 3 and translation.shape[0] == 3:
+        translation = translation.T
+        conversions.append("translation stored (3, n): transposed to (n, 3)")
+    if translation.shape[1] != 3:
+        raise FileFormatError(path, TRANSLATION, f"expected (n, 3) or (3, n) x, y, z, got shape "
+                              f"{translation.shape}")
+    if len(translation) != n:
+        raise FileFormatError(path, TRANSLATION, f"inconsistent lengths: {len(translation)} "
+                              f"positions for {n} frames")
+    if not np.isfinite(translation).all():
+        rows = np.flatnonzero(~np.isfinite(translation).all(axis=1))
+        raise FileFormatError(path, TRANSLATION, f"non-finite positions at index "
+                              f"{rows[:10].tolist()}")
+    return translation[:, [1, 0]]
+
+
+def _stored_origin(f: h5py.File) -> tuple[np.ndarray | None, int | None]:
+    attrs = f[TRANSLATION].attrs
+    origin = np.asarray(attrs[ORIGIN_ATTR], dtype=np.float64) if ORIGIN_ATTR in attrs else None
+    sign = int(attrs[SIGN_ATTR]) if SIGN_ATTR in attrs else None
+    return origin, sign
+
+
+def _provenance(f: h5py.File) -> dict:
+    if PROCESS not in f:
+        return {}
+    group = f[PROCESS]
+    return {key: text(group[key][()]) for key in ("program", "version", "date", "command")
+            if key in group and isinstance(group[key], h5py.Dataset)}
+
+
+def read_cxi(
+    path: str | Path,
+    *,
+    dc_position: str = "auto",
+    origin_m: tuple[float, float] | None = None,
+    sign: int | None = None,
+    margin_px: float = DEFAULT_MARGIN_PX,
+    mask_bits: int = MASK_INVALID,
+    probe: np.ndarray | None = None,
+) -> PtychoDataset:
+    """Read a CXI file into a validated :class:`PtychoDataset`.
 
     Parameters
     ----------
+    path : str or pathlib.Path
+        The CXI (HDF5) file.
     dc_position : {"auto", "center", "corner"}
-        Where the frames' zero frequency is. ``"auto"`` reads the ``dc_position`` attribute of
-        the data (written by us), else assumes the centre. Corner frames are fftshifted and
-        the conversion recorded in ``metadata["conversions"]``.
+        Where the frames' zero frequency is. ``"auto"`` reads the data's ``dc_position``
+        attribute (we write it) and assumes the centre without one. Corner frames (and the
+        mask) are fftshifted to the centre and the conversion is recorded.
+    origin_m : (float, float), optional
+        Stage position (y, x) in metres of object pixel (0, 0). Default: the origin stored by
+        :func:`write_cxi`, else the lowest position is put ``N/2 + margin_px`` pixels inside
+        (see :func:`~bluesky_ptychopinn.io.positions_m_to_px`).
+    sign : {+1, -1}, optional
+        Stage-to-sample sign; default the stored one, else +1 (translation = probe position).
+    margin_px : float
+        Margin of the default origin.
+    mask_bits : int
+        Mask bits that mark a pixel invalid (default 0x1, the CXI "invalid" bit).
+    probe : numpy.ndarray, optional
+        A probe to use when the file holds none (raw beamline data).
+
+    Returns
+    -------
+    PtychoDataset
+        Frames with DC at the centre, positions in object pixels, probe, geometry (energy in
+        eV), mask, object; ``metadata["conversions"]`` lists every conversion applied.
+
+    Raises
+    ------
+    FileFormatError
+        Not HDF5, not CXI, or a field missing / of the wrong shape, dtype, units or values; the
+        message names the file and the field.
+
+    Examples
+    --------
+    >>> ds = read_cxi("scan_042.cxi")  # doctest: +SKIP
+    >>> ds.energy_ev, ds.diffraction.shape  # doctest: +SKIP
+    (8800.0, (1000, 128, 128))
     """
     path = Path(path)
-    with _open(path) as f:
-        conversions = []
-        frames = require(f, f"{DET}/data", path, ndim=3, kind="uif")
-        if dc_position == "auto":
-            attr = f[f"{DET}/data"].attrs.get("dc_position", "center")
-            dc_position = attr.decode() if isinstance(attr, bytes) else str(attr)
-        if dc_position == "corner":
+    conversions: list[str] = []
+    with open_hdf5(path) as f:
+        _require_cxi(f, path)
+        frames = require(f, DATA, path, ndim=3, kinds=REAL, what="(n, N, N) intensities")
+        mask = _mask(f, path, mask_bits)
+        if _dc_mode(f, path, dc_position, conversions) == "corner":
             frames = np.fft.fftshift(frames, axes=(-2, -1))
-            conversions.append("frames had DC at the corner: fftshifted to the centre")
-        elif dc_position != "center":
-            raise FileFormatError(path, f"{DET}/data", f"dc_position {dc_position!r} unknown")
-        distance = float(require(f, f"{DET}/distance", path))
-        px = float(require(f, f"{DET}/x_pixel_size", path))
-        energy_j = float(require(f, "/entry_1/instrument_1/source_1/energy", path))
-        energy_ev = energy_j / EV_TO_J
+            mask = None if mask is None else np.fft.fftshift(mask)
+            conversions.append("frames had DC at the corner -> fftshifted to (N//2, N//2)"
+                               + (" (mask too)" if mask is not None else ""))
+        distance = scalar(f, DISTANCE, path)
+        pixel = _detector_pixel(f, path)
+        energy_ev = _energy_ev(f, path)
         conversions.append("energy converted from joules to eV")
-        translation = require(f, "/entry_1/sample_1/geometry_1/translation", path, ndim=2,
-                              kind="f")
-        if translation.shape[1] != 3 and translation.shape[0] == 3:
-            translation = translation.T  # PyNX writes (3, n)
-            conversions.append("translation was (3, n): transposed")
-        if translation.shape[1] != 3:
-            raise FileFormatError(path, "/entry_1/sample_1/geometry_1/translation",
-                                  f"expected (n, 3) or (3, n), got {translation.shape}")
-        if len(translation) != len(frames):
-            raise FileFormatError(path, "/entry_1/sample_1/geometry_1/translation",
-                                  f"{len(translation)} positions for {len(frames)} frames "
-                                  "(inconsistent lengths)")
+        file_probe, probe_key = _probe(f, path, conversions)
+        if file_probe is None and probe is None:
+            raise FileFormatError(path, PROBE, f"missing (also looked for {PROBE_LEGACY}); pass "
+                                  "probe= to supply one")
+        if file_probe is None:
+            conversions.append("probe supplied by the caller (none in the file)")
+        obj = _object(f, path, conversions)
         n = frames.shape[-1]
-        dx = object_pixel_size_m(energy_ev, distance, px, n)
-        yx_m = translation[:, [1, 0]]
-        origin = f["/entry_1/sample_1/geometry_1/translation"].attrs.get("origin_px")
-        if origin is None:
-            origin = n / 2 + 1 - stage_to_pixels(yx_m, dx).min(axis=0)
-            conversions.append(f"positions shifted so the lowest is {n / 2 + 1} px inside")
-        positions = stage_to_pixels(yx_m, dx, origin_px=tuple(np.asarray(origin, float)))
-        mask = None
-        if f"{DET}/mask" in f:
-            bits = np.asarray(f[f"{DET}/mask"][()])
-            mask = (bits & 0x1) == 0
-        probe = None
-        for key in ("/entry_1/image_1/data", "/entry_1/instrument_1/source_1/illumination"):
-            if key in f:
-                probe = np.asarray(f[key][()])
-                break
+        dx, dx_key = _object_pixel(f, path)
+        if dx is None:
+            dx = object_pixel_size_m(energy_ev, distance, pixel, n)
+        yx_m = _translation_yx_m(f, path, len(frames), conversions)
+        stored_origin, stored_sign = _stored_origin(f)
+        origin = origin_m if origin_m is not None else stored_origin
+        sign = sign if sign is not None else (stored_sign or 1)
+        positions = positions_m_to_px(yx_m, dx, origin, sign, frame_size=n, margin_px=margin_px)
+        where = ("origin from the file" if origin_m is None and stored_origin is not None else
+                 "origin given" if origin_m is not None else
+                 f"origin chosen: lowest position {n / 2 + margin_px:g} px inside")
+        conversions.append(f"translation (x, y) m -> positions_px (y, x) with dx = {dx:.6e} m, "
+                           f"sign {sign:+d}, {where}")
+        stored = {}
+        if METADATA_ATTR in f["entry_1"].attrs:
+            stored = metadata_from_json(f["entry_1"].attrs[METADATA_ATTR], path,
+                                        f"/entry_1@{METADATA_ATTR}")
+        provenance = _provenance(f)
+        if provenance:
+            stored["provenance"] = provenance
+    ds = PtychoDataset(
+        diffraction=frames, positions_px=positions,
+        probe=file_probe if file_probe is not None else probe,
+        energy_ev=energy_ev, detector_distance_m=distance, detector_pixel_size_m=pixel,
+        object_pixel_size_m=dx, mask=mask, object=obj,
+        metadata=merge_metadata(stored, path, FORMAT, conversions),
+    )
+    fields = {"diffraction": DATA, "positions_px": TRANSLATION, "probe": probe_key,
+              "mask": MASK, "object": OBJECT, "energy_ev": ENERGY, "detector_distance_m": DISTANCE,
+              "detector_pixel_size_m": X_PIXEL, "object_pixel_size_m": dx_key}
+    return ds.validate(path, fields)
+
+
+def read_cxi_probe(path: Path) -> tuple[np.ndarray, dict]:
+    """The probe of a CXI file with its pixel size and energy, without reading the frames."""
+    conversions: list[str] = []
+    with open_hdf5(path) as f:
+        _require_cxi(f, path)
+        probe, key = _probe(f, path, conversions)
         if probe is None:
-            raise FileFormatError(path, "/entry_1/image_1/data", "missing probe (also looked "
-                                  "for /entry_1/instrument_1/source_1/illumination)")
-        while probe.ndim > 3:
-            probe = probe[0]
-        obj = None
-        if "/entry_1/image_2/data" in f:
-            obj = np.asarray(f["/entry_1/image_2/data"][()])
-            obj = obj[0] if obj.ndim == 3 else obj
-        ds = PtychoDataset(
-            diffraction=frames, positions_px=positions, probe=probe.astype(np.complex64),
-            energy_ev=energy_ev, detector_distance_m=distance, detector_pixel_size_m=px,
-            mask=mask, object=None if obj is None else obj.astype(np.complex64),
-            metadata={"source": str(path), "format": "cxi", "conversions": conversions},
-        )
-    return ds.validate(path)
+            raise FileFormatError(path, PROBE, f"missing (also looked for {PROBE_LEGACY})")
+        energy_ev = _energy_ev(f, path) if has(f, ENERGY) else None
+        dx, _ = _object_pixel(f, path)
+        if dx is None and energy_ev is not None and has(f, DISTANCE) and has(f, X_PIXEL):
+            dx = object_pixel_size_m(energy_ev, scalar(f, DISTANCE, path),
+                                     _detector_pixel(f, path), probe.shape[-1])
+    return probe, {"source": str(path), "field": key, "energy_ev": energy_ev, "pixel_size_m": dx}
 
 
-def write_cxi(ds: PtychoDataset, path: str | Path, *, program: str = "bluesky-ptychopinn"
-              ) -> Path:
-    """Write ``ds`` as CXI (frames chunked one per frame, gzip; energy in joules)."""
-    ds.validate(path)
-    ds.require_geometry()
+def _nx_class(group: h5py.Group, name: str) -> h5py.Group:
+    group.attrs["NX_class"] = name
+    return group
+
+
+def write_cxi(
+    dataset: PtychoDataset,
+    path: str | Path,
+    *,
+    dc_position: str = "center",
+    compression: str | None = "gzip",
+    program: str = "bluesky-ptychopinn",
+    command: str | None = None,
+) -> Path:
+    """Write ``dataset`` as CXI (layout in the module docstring).
+
+    Parameters
+    ----------
+    dataset : PtychoDataset
+        Validated before writing; needs energy, distance and detector pixel size.
+    path : str or pathlib.Path
+        Output file; written to a temporary name first, so a failure leaves no half file.
+    dc_position : {"center", "corner"}
+        Layout of the frames on disk (``"corner"`` ifftshifts frames and mask; the attribute
+        tells :func:`read_cxi`).
+    compression : {"gzip", "lzf", None}
+        HDF5 filter of the frames (one chunk per frame).
+    program : str
+        ``/entry_1/process_1/program``.
+    command : str, optional
+        ``/entry_1/process_1/command``; default the running command line.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> write_cxi(ds, "scan_042.cxi")  # doctest: +SKIP
+    PosixPath('scan_042.cxi')
+    """
+    if dc_position not in _DC_POSITIONS:
+        raise InvalidInputError(f"dc_position: expected 'center' or 'corner', got {dc_position!r}")
     path = Path(path)
+    dataset.validate()
+    dataset.require_geometry("writing CXI")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with h5py.File(partial, "w") as f:
+            _write_layout(f, dataset, dc_position, compression)
+            _write_process(f, program, command)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _write_layout(f: h5py.File, ds: PtychoDataset, dc_position: str,
+                  compression: str | None) -> None:
     n = ds.frame_size
     dx = ds.object_pixel_size_m
-    origin = np.zeros(2)
-    yx_m = pixels_to_stage(ds.positions_px, dx, origin_px=tuple(origin))
-    with h5py.File(path, "w") as f:
-        f["cxi_version"] = 160
-        det = f.create_group(DET)
-        data = det.create_dataset("data", data=np.asarray(ds.diffraction), chunks=(1, n, n),
-                                  compression="gzip")
-        data.attrs["dc_position"] = "center"
-        det["distance"] = ds.detector_distance_m
-        det["x_pixel_size"] = ds.detector_pixel_size_m
-        det["y_pixel_size"] = ds.detector_pixel_size_m
-        if ds.mask is not None:
-            det["mask"] = np.where(np.asarray(ds.mask, bool), 0, 1).astype(np.uint32)
-        f["/entry_1/instrument_1/source_1/energy"] = ds.energy_ev * EV_TO_J
-        f["/entry_1/data_1/data"] = h5py.SoftLink(f"{DET}/data")
-        translation = np.stack([yx_m[:, 1], yx_m[:, 0], np.zeros(len(yx_m))], axis=1)
-        tr = f.create_dataset("/entry_1/sample_1/geometry_1/translation", data=translation)
-        tr.attrs["origin_px"] = origin
-        tr.attrs["units"] = "m"
-        det["translation"] = h5py.SoftLink("/entry_1/sample_1/geometry_1/translation")
-        probe = f.create_dataset("/entry_1/image_1/data", data=ds.probe[None])
-        probe.attrs["axes"] = "coherent:incoherent:y:x"
-        f["/entry_1/image_1/data_space"] = "real"
-        if ds.object is not None:
-            obj = f.create_dataset("/entry_1/image_2/data", data=np.asarray(ds.object)[None])
-            obj.attrs["axes"] = "layer:y:x"
-            f["/entry_1/image_2/x_pixel_size"] = dx
-            f["/entry_1/image_2/y_pixel_size"] = dx
-        proc = f.create_group("/entry_1/process_1")
-        proc["program"] = program
-        from .. import __version__
+    f["cxi_version"] = 160
+    entry = _nx_class(f.create_group("entry_1"), "NXentry")
+    entry.attrs[METADATA_ATTR] = metadata_to_json(ds.metadata)
+    instrument = _nx_class(entry.create_group("instrument_1"), "NXinstrument")
+    det = _nx_class(instrument.create_group("detector_1"), "NXdetector")
+    frames, mask = ds.diffraction, ds.mask
+    if dc_position == "corner":
+        frames = np.fft.ifftshift(frames, axes=(-2, -1))
+        mask = None if mask is None else np.fft.ifftshift(mask)
+    data = det.create_dataset("data", data=frames, chunks=(1, n, n), compression=compression)
+    data.attrs["dc_position"] = dc_position
+    data.attrs["axes"] = "translation:y:x"
+    det["distance"] = ds.detector_distance_m
+    det["x_pixel_size"] = ds.detector_pixel_size_m
+    det["y_pixel_size"] = ds.detector_pixel_size_m
+    if mask is not None:
+        det["mask"] = np.where(mask, 0, MASK_INVALID).astype(np.uint32)
+    source = _nx_class(instrument.create_group("source_1"), "NXsource")
+    source["energy"] = ds.energy_ev * EV_TO_J
+    source["energy"].attrs["units"] = "J"
+    _nx_class(entry.create_group("data_1"), "NXdata")["data"] = h5py.SoftLink(DATA)
+    yx_m = positions_px_to_m(ds.positions_px, dx, (0.0, 0.0), 1)
+    translation = np.column_stack([yx_m[:, 1], yx_m[:, 0], np.zeros(ds.n_frames)])
+    sample = _nx_class(entry.create_group("sample_1"), "NXsample")
+    tr = sample.create_dataset("geometry_1/translation", data=translation)
+    tr.attrs.update({"units": "m", ORIGIN_ATTR: np.zeros(2), SIGN_ATTR: 1})
+    det["translation"] = h5py.SoftLink(TRANSLATION)
+    image = entry.create_group("image_1")
+    probe = image.create_dataset("data", data=ds.probe[None])
+    probe.attrs["axes"] = "coherent:incoherent:y:x"
+    image["data_space"] = "real"
+    image["x_pixel_size"] = dx
+    image["y_pixel_size"] = dx
+    if ds.object is not None:
+        image = entry.create_group("image_2")
+        obj = image.create_dataset("data", data=ds.object[None])
+        obj.attrs["axes"] = "layer:y:x"
+        image["data_space"] = "real"
+        image["x_pixel_size"] = dx
+        image["y_pixel_size"] = dx
 
-        proc["version"] = __version__
-        proc["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        proc["command"] = "write_cxi"
-    return path
+
+def _write_process(f: h5py.File, program: str, command: str | None) -> None:
+    process = _nx_class(f.create_group(PROCESS), "NXprocess")
+    process["program"] = program
+    process["version"] = __version__
+    process["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    process["command"] = command if command is not None else " ".join(sys.argv) or "python"

@@ -1,5 +1,17 @@
-"""The PtychoPINN NPZ contract: ``diffraction`` (amplitudes) or ``diff3d`` (intensities),
-``probeGuess``, ``objectGuess``, ``xcoords``/``ycoords`` (object pixels)."""
+"""The PtychoPINN NPZ contract.
+
+Keys (PtychoPINN): ``diffraction`` (n, N, N) float32 **amplitudes** = sqrt(counts) (legacy
+``diff3d``: photon counts), ``probeGuess`` (N, N) complex, ``objectGuess`` (H, W) complex,
+``xcoords``, ``ycoords`` (n,) probe centres in object pixels; optional ``scan_index``,
+``xcoords_start``, ``ycoords_start``, ``Y``.
+
+Positions: ``ycoords``/``xcoords`` are probe centres in PtychoPINN's object frame; we take them as
+our (y, x) unchanged, with the object pixel origin at the centre of pixel (0, 0).
+
+Keys we add (optional, ignored by PtychoPINN): ``energy_ev``, ``detector_distance_m``,
+``detector_pixel_size_m``, ``object_pixel_size_m``, ``mask`` (bool, True = valid) and
+``metadata_json`` (the dataset's metadata as JSON).
+"""
 
 from __future__ import annotations
 
@@ -9,85 +21,190 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FileFormatError
-from ._checks import optional, require
+from ._checks import (
+    COMPLEX,
+    REAL,
+    has,
+    merge_metadata,
+    metadata_from_json,
+    metadata_to_json,
+    optional,
+    require,
+    scalar,
+)
 from ._dataset import PtychoDataset
 
-__all__ = ["read_npz", "write_npz"]
+__all__ = ["read_npz", "write_npz", "open_npz"]
 
 _GEOMETRY = ("energy_ev", "detector_distance_m", "detector_pixel_size_m", "object_pixel_size_m")
+_IGNORED = ("Y", "xcoords_start", "ycoords_start")
+FORMAT = "ptychopinn-npz"
+
+
+def open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``np.load`` without pickle; anything but an NPZ archive is a :class:`FileFormatError`."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise FileFormatError(path, "", "no such file") from exc
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FileFormatError(path, "", f"not a readable NPZ file ({exc})") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise FileFormatError(path, "", f"not an NPZ archive: a single .npy array of shape "
+                              f"{np.shape(data)}")
+    return data
+
+
+def _counts(data, path: Path, conversions: list[str]) -> tuple[np.ndarray, str]:
+    """Photon counts from ``diffraction`` (amplitudes, squared) or ``diff3d`` (counts)."""
+    if has(data, "diffraction"):
+        amplitude = require(data, "diffraction", path, ndim=3, kinds=REAL)
+        finite = np.isfinite(amplitude)
+        if (amplitude[finite] < 0).any():
+            raise FileFormatError(path, "diffraction", "expected amplitudes >= 0 (sqrt of "
+                                  f"counts), got negative values (min {amplitude[finite].min():g})")
+        # Square in float64 then round once: the closest float32 to amplitude**2.
+        counts = np.square(amplitude, dtype=np.float64).astype(np.float32)
+        conversions.append("diffraction was amplitude (sqrt of counts) -> squared to photon "
+                           "counts (float32)")
+        if has(data, "diff3d"):
+            conversions.append("diff3d also present: ignored, diffraction used")
+        return counts, "diffraction"
+    if has(data, "diff3d"):
+        counts = require(data, "diff3d", path, ndim=3, kinds=REAL)
+        conversions.append("diff3d taken as photon counts (no conversion)")
+        return counts, "diff3d"
+    raise FileFormatError(path, "diffraction", "missing (required: 'diffraction' amplitudes or "
+                          "legacy 'diff3d' counts)")
+
+
+def _positions(data, path: Path) -> np.ndarray:
+    x = require(data, "xcoords", path, ndim=1, kinds=REAL)
+    y = require(data, "ycoords", path, ndim=1, kinds=REAL)
+    if len(x) != len(y):
+        raise FileFormatError(path, "ycoords", f"inconsistent lengths: {len(y)} values, "
+                              f"xcoords has {len(x)}")
+    return np.stack([y, x], axis=1).astype(np.float64)
+
+
+def _mask(data, path: Path) -> np.ndarray | None:
+    mask = optional(data, "mask", path, ndim=2, kinds="biu")
+    if mask is None or mask.dtype == np.bool_:
+        return mask
+    if not np.isin(mask, (0, 1)).all():
+        raise FileFormatError(path, "mask", "expected bool or 0/1 (1 = valid pixel), got "
+                              f"values {np.unique(mask)[:5].tolist()}")
+    return mask.astype(bool)
 
 
 def read_npz(path: str | Path) -> PtychoDataset:
-    """Read a PtychoPINN NPZ file.
+    """Read a PtychoPINN NPZ file into a validated :class:`PtychoDataset`.
 
-    ``diffraction`` holds *amplitudes* (sqrt of counts) in the PtychoPINN contract and is
-    squared here; ``diff3d`` holds counts and is taken as is. Either way the conversion is
-    recorded in ``metadata["conversions"]``. Positions: ``ycoords``, ``xcoords`` are probe
-    centres in object pixels, mapped to (y, x).
+    ``diffraction`` holds *amplitudes* in the PtychoPINN contract and is squared to photon
+    counts; legacy ``diff3d`` holds counts and is taken as is. The conversion is recorded in
+    ``metadata["conversions"]``. ``ycoords``/``xcoords`` become ``positions_px`` (y, x) unchanged.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The ``.npz`` file.
+
+    Returns
+    -------
+    PtychoDataset
+        Counts, positions, probe, and whatever of object, mask, geometry and metadata the file
+        holds. ``metadata["scan_index"]`` keeps ``scan_index`` when present.
+
+    Raises
+    ------
+    FileFormatError
+        Not an NPZ archive, or a field missing, of the wrong shape, dtype or values; the message
+        names the file and the field.
+
+    Examples
+    --------
+    >>> ds = read_npz("experiment.npz")  # doctest: +SKIP
+    >>> ds.metadata["conversions"][0]  # doctest: +SKIP
+    'diffraction was amplitude (sqrt of counts) -> squared to photon counts (float32)'
     """
     path = Path(path)
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise FileFormatError(path, "", f"not a readable NPZ file ({exc})") from exc
-    with data:
-        conversions = []
-        if "diffraction" in data:
-            amp = require(data, "diffraction", path, ndim=3, kind="uif")
-            if np.isfinite(amp).all() and (amp < 0).any():
-                raise FileFormatError(path, "diffraction", "negative amplitudes")
-            counts = amp.astype(np.float64) ** 2
-            conversions.append("diffraction was amplitude: squared to photon counts")
-        elif "diff3d" in data:
-            counts = require(data, "diff3d", path, ndim=3, kind="uif")
-            conversions.append("diff3d taken as photon counts")
-        else:
-            raise FileFormatError(path, "diffraction", "missing (need 'diffraction' or 'diff3d')")
-        probe = require(data, "probeGuess", path)
-        if probe.ndim not in (2, 3):
-            raise FileFormatError(path, "probeGuess", f"expected (N, N) or (M, N, N), got "
-                                  f"shape {probe.shape}")
-        x = require(data, "xcoords", path, ndim=1, kind="uif")
-        y = require(data, "ycoords", path, ndim=1, kind="uif")
-        if len(x) != len(y):
-            raise FileFormatError(path, "ycoords", f"{len(y)} values but xcoords has {len(x)}")
-        obj = optional(data, "objectGuess")
-        mask = optional(data, "mask")
-        geometry = {k: float(v) for k in _GEOMETRY if (v := optional(data, k)) is not None}
+    with open_npz(path) as data:
+        conversions: list[str] = []
+        counts, frames_key = _counts(data, path, conversions)
+        probe = require(data, "probeGuess", path, ndim=(2, 3), kinds=COMPLEX + REAL)
+        positions = _positions(data, path)
+        obj = optional(data, "objectGuess", path, ndim=2, kinds=COMPLEX + REAL)
+        geometry = {key: scalar(data, key, path, required=False) for key in _GEOMETRY}
+        stored = {}
+        if has(data, "metadata_json"):
+            stored = metadata_from_json(data["metadata_json"], path, "metadata_json")
+        scan_index = optional(data, "scan_index", path, ndim=1, kinds="iu")
+        if scan_index is not None:
+            stored["scan_index"] = scan_index.tolist()
+        ignored = [key for key in _IGNORED if has(data, key)]
+        if ignored:
+            conversions.append(f"not read: {', '.join(ignored)}")
         ds = PtychoDataset(
-            diffraction=counts.astype(np.float32),
-            positions_px=np.stack([y, x], axis=1).astype(np.float64),
-            probe=probe.astype(np.complex64),
-            mask=None if mask is None else mask.astype(bool),
-            object=None if obj is None else obj.astype(np.complex64),
-            metadata={"source": str(path), "format": "ptychopinn-npz",
-                      "conversions": conversions},
-            **geometry,
+            diffraction=counts, positions_px=positions, probe=probe, mask=_mask(data, path),
+            object=obj, metadata=merge_metadata(stored, path, FORMAT, conversions), **geometry,
         )
-    return ds.validate(path)
+    fields = {"diffraction": frames_key, "positions_px": "xcoords, ycoords",
+              "probe": "probeGuess", "object": "objectGuess"}
+    return ds.validate(path, fields)
 
 
-def write_npz(ds: PtychoDataset, path: str | Path, *, amplitude: bool = True) -> Path:
-    """Write ``ds`` in the PtychoPINN NPZ contract (``diffraction`` as amplitudes by default,
-    ``diff3d`` counts with ``amplitude=False``) plus our optional geometry keys."""
-    ds.validate(path)
+def write_npz(
+    dataset: PtychoDataset, path: str | Path, *, amplitude: bool = True, compress: bool = True
+) -> Path:
+    """Write ``dataset`` in the PtychoPINN NPZ contract plus our optional keys.
+
+    Parameters
+    ----------
+    dataset : PtychoDataset
+        Validated before writing.
+    path : str or pathlib.Path
+        Output file (written as given; no suffix is appended).
+    amplitude : bool
+        True (the contract): ``diffraction`` = sqrt(counts) as float32. False: ``diff3d`` =
+        counts in their own dtype.
+    compress : bool
+        Deflate the archive (Poisson frames with many zeros shrink several-fold).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+
+    Examples
+    --------
+    >>> write_npz(ds, "experiment.npz")  # doctest: +SKIP
+    PosixPath('experiment.npz')
+    """
     path = Path(path)
-    arrays = {
-        "probeGuess": ds.probe[0] if ds.probe.shape[0] == 1 else ds.probe,
-        "xcoords": ds.positions_px[:, 1],
-        "ycoords": ds.positions_px[:, 0],
+    dataset.validate()
+    arrays: dict[str, np.ndarray] = {
+        "probeGuess": dataset.probe[0] if dataset.n_modes == 1 else dataset.probe,
+        "xcoords": dataset.positions_px[:, 1],
+        "ycoords": dataset.positions_px[:, 0],
     }
-    counts = np.asarray(ds.diffraction, dtype=np.float32)
     if amplitude:
-        arrays["diffraction"] = np.sqrt(counts)
+        arrays["diffraction"] = np.sqrt(dataset.diffraction, dtype=np.float64).astype(np.float32)
     else:
-        arrays["diff3d"] = counts
-    if ds.object is not None:
-        arrays["objectGuess"] = ds.object
-    if ds.mask is not None:
-        arrays["mask"] = np.asarray(ds.mask, bool)
+        arrays["diff3d"] = dataset.diffraction
+    if dataset.object is not None:
+        arrays["objectGuess"] = dataset.object
+    if dataset.mask is not None:
+        arrays["mask"] = dataset.mask
     for key in _GEOMETRY:
-        if getattr(ds, key) is not None:
-            arrays[key] = np.float64(getattr(ds, key))
-    np.savez_compressed(path, **arrays)
+        if getattr(dataset, key) is not None:
+            arrays[key] = np.float64(getattr(dataset, key))
+    metadata = dict(dataset.metadata)
+    scan_index = metadata.pop("scan_index", None)
+    if scan_index is not None and len(scan_index) == dataset.n_frames:
+        arrays["scan_index"] = np.asarray(scan_index, dtype=np.int64)
+    arrays["metadata_json"] = np.array(metadata_to_json(metadata))
+    save = np.savez_compressed if compress else np.savez
+    with open(path, "wb") as handle:  # a handle: numpy would append ".npz" to a bare name
+        save(handle, **arrays)
     return path
+
