@@ -1,5 +1,9 @@
-"""Image-quality metrics for ptychographic reconstructions: FRC / FRC-AUC (with phase-plane
-removal, registration, taper, crop), PSNR, SSIM and NRMSE.
+"""Image-quality metrics for ptychographic reconstructions.
+
+FRC with ring binning, 1/2-bit and SNRt threshold curves, resolution and FRC-AUC (always
+labelled with its cutoff); preprocessing of complex objects (global phase, weighted phase
+plane, sub-pixel registration, Tukey taper, edge crop); PSNR, SSIM and NRMSE; and
+:func:`compare_objects`, which runs the paper's comparison in one call.
 
 Examples
 --------
@@ -11,12 +15,14 @@ Examples
 1.0
 """
 
-from ._frc import HALF_BIT, FRCResult, frc, frc_auc, frc_resolution, frc_threshold
-from ._image import compare_objects, nrmse, psnr, ssim
+from ._compare import compare_objects
+from ._frc import HALF_BIT, FRCResult, frc, frc_auc, frc_auc_key, frc_resolution, frc_threshold
+from ._image import nrmse, psnr, ssim
 from ._preprocess import (
     align_global_phase,
     apply_shift,
     crop_edges,
+    fit_phase_plane,
     register_shift,
     remove_phase_plane,
     tukey_taper,
@@ -29,8 +35,10 @@ __all__ = [
     "apply_shift",
     "compare_objects",
     "crop_edges",
+    "fit_phase_plane",
     "frc",
     "frc_auc",
+    "frc_auc_key",
     "frc_resolution",
     "frc_threshold",
     "nrmse",
