@@ -3,6 +3,8 @@ a real Tiled server over HTTP on 127.0.0.1, the shipped default model."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -50,7 +52,7 @@ def _scan(bl, RE, n_side=8, **kw):
 
 @pytest.mark.parametrize("inline", [False, True], ids=["hdf5", "inline"])
 def test_raw_run_to_derived_run_read_back_from_tiled(tiled, model, inline):
-    live = LiveReconstruction(model, batch_size=16, snapshot_every=32, torch_threads=1)
+    live = LiveReconstruction("default", batch_size=16, snapshot_every=32, torch_threads=1)
     RE, client = _engine(tiled, live)
     bl = sim_beamline("cells", write_path=None if inline else tiled.detector_dir, seed=1)
     result = _scan(bl, RE)
@@ -121,7 +123,8 @@ def test_pause_resume_and_abort_keep_both_runs_consistent(tiled, model):
         if name == "event":
             count["events"] += 1
             if count["events"] == 10:
-                RE.request_pause(defer=False)
+                # As a user's Ctrl-C would: from outside the RunEngine's event loop thread.
+                threading.Thread(target=RE.request_pause, kwargs={"defer": False}).start()
 
     token = RE.subscribe(pause_once)
     with pytest.raises(RunEngineInterrupted):
