@@ -1,0 +1,174 @@
+"""Live keep-up: how fast an acquisition the live callback follows, how much it slows the
+RunEngine, and the latency from a frame to its appearance in a Tiled snapshot.
+
+    .venv/bin/python bench/live.py [--frames 2000]
+
+1. Rate sweep: real event-model documents (start with ``ptycho`` metadata, descriptor, event
+   pages of 16 frames) are fed to ``LiveReconstruction`` at a fixed rate; a rate is *followed*
+   when no frame is skipped and the derived run completes within 1 s of the last frame.
+2. RunEngine slow-down: the same step scan (simulated beamline, inline detector) with and
+   without the callback subscribed, timed side by side.
+3. Latency: frame acquisition time -> the snapshot holding it written to an embedded Tiled
+   (TiledWriter returned), p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from event_model import compose_run
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from core import machine  # noqa: E402
+
+from bluesky_ptychopinn import physics  # noqa: E402
+from bluesky_ptychopinn.callbacks import LiveReconstruction  # noqa: E402
+from bluesky_ptychopinn.devices import sim_beamline  # noqa: E402
+
+
+def _frames(bl, n: int):
+    dx = bl.pixel_size_m
+    pos_m = physics.fermat_spiral_scan((150 * dx, 150 * dx), 150 * dx / np.sqrt(n))[:n]
+    pos_px = physics.stage_to_pixels(pos_m, dx, origin_px=bl.detector.sample_origin_px)
+    sim = physics.simulate_diffraction(bl.sample, bl.probe, pos_px, photons=1e6, seed=0)
+    return sim.counts.numpy().astype(np.uint32), pos_m
+
+
+def feed(live, bl, frames, pos_m, rate: float, page: int = 16) -> dict:
+    md = {"ptycho": {**bl.ptycho_metadata(), "scan": {"extent_m": [2e-6, 2e-6],
+                                                      "center_m": [0, 0]}}}
+    run = compose_run(metadata=md)
+    image, ky, kx = bl.detector.image_key, bl.stage.y.name, bl.stage.x.name
+    n = frames.shape[-1]
+    desc = run.compose_descriptor(name="primary", data_keys={
+        image: {"source": "sim", "dtype": "array", "shape": [n, n], "dtype_numpy": "<u4"},
+        ky: {"source": "sim", "dtype": "number", "shape": []},
+        kx: {"source": "sim", "dtype": "number", "shape": []}})
+    live("start", run.start_doc)
+    live("descriptor", desc.descriptor_doc)
+    start = time.perf_counter()
+    for lo in range(0, len(frames), page):
+        hi = min(lo + page, len(frames))
+        due = start + hi / rate
+        while time.perf_counter() < due:
+            time.sleep(0.0005)
+        now = time.time()
+        live("event_page", desc.compose_event_page(
+            data={image: list(frames[lo:hi]), ky: pos_m[lo:hi, 0].tolist(),
+                  kx: pos_m[lo:hi, 1].tolist()},
+            timestamps={k: [now] * (hi - lo) for k in (image, ky, kx)},
+            seq_num=list(range(lo + 1, hi + 1))))
+    last = time.perf_counter()
+    live("stop", run.compose_stop())
+    state = live.wait(run.start_doc["uid"], timeout=600)
+    lag = time.perf_counter() - last
+    return {"rate": rate, "frames": len(frames), "skipped": state.frames_skipped,
+            "done": state.frames_done, "lag_after_last_frame_s": lag,
+            "followed": state.frames_skipped == 0 and lag < 1.0 and not state.failed}
+
+
+def runengine_slowdown(points: int = 150) -> dict:
+    from bluesky import RunEngine
+
+    from bluesky_ptychopinn.plans import ptycho_scan
+
+    timings = {}
+    for label in ("without", "with", "without_again", "with_again"):
+        bl = sim_beamline("cells", write_path=None)
+        RE = RunEngine()
+        if label.startswith("with_") or label == "with":
+            RE.subscribe(LiveReconstruction("default", batch_size=32, torch_threads=1))
+        dx = bl.pixel_size_m
+        side = int(np.sqrt(points))
+        t = time.perf_counter()
+        RE(ptycho_scan(bl.detector, bl.stage, geometry=bl.ptycho_metadata(), pattern="raster",
+                       extent_m=(4 * dx * (side - 1),) * 2, step_m=4 * dx))
+        timings[label] = time.perf_counter() - t
+    without = min(timings["without"], timings["without_again"])
+    with_cb = min(timings["with"], timings["with_again"])
+    return {"points": side * side, "seconds_without": without, "seconds_with": with_cb,
+            "slowdown_percent": 100 * (with_cb / without - 1)}
+
+
+def latency(bl, frames, pos_m, rate: float) -> dict:
+    from bluesky_tiled_plugins import TiledWriter
+
+    from bluesky_ptychopinn.catalog import EmbeddedTiled
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedTiled(Path(tmp)) as tiled:
+        writer = TiledWriter(tiled.client(), batch_size=1)
+        live = LiveReconstruction("default", batch_size=32, snapshot_every=64, torch_threads=1)
+        stamps: list[float] = []
+        acquired: dict[int, float] = {}
+
+        def timed_writer(name, doc):
+            writer(name, doc)
+            if name == "event" and "object_amplitude" in doc["data"]:
+                n_in = int(doc["data"]["frames"])
+                stamps.append(time.time() - acquired.get(n_in, time.time()))
+
+        def clock(name, doc):  # acquisition time of frame k (1-based count)
+            if name == "event_page":
+                for s, t in zip(doc["seq_num"], doc["time"], strict=True):
+                    acquired[s] = t
+            live(name, doc)
+
+        live.subscribe(timed_writer)
+        feed(_Forward(clock, live), bl, frames, pos_m, rate)
+    arr = np.asarray(stamps)
+    return {"rate": rate, "snapshots": len(arr), "latency_p50_s": float(np.percentile(arr, 50)),
+            "latency_p99_s": float(np.percentile(arr, 99))}
+
+
+class _Forward:
+    """Route documents through ``fn`` but keep the callback's ``wait`` API."""
+
+    def __init__(self, fn, live):
+        self.fn, self.live = fn, live
+
+    def __call__(self, name, doc):
+        self.fn(name, doc)
+
+    def wait(self, *args, **kwargs):
+        return self.live.wait(*args, **kwargs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--rates", default="250,500,1000,1500,2000")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    bl = sim_beamline("cells", sample_shape=(256, 256))
+    frames, pos_m = _frames(bl, args.frames)
+    sweep = []
+    for rate in (float(r) for r in args.rates.split(",")):
+        live = LiveReconstruction("default", batch_size=64, snapshot_every=256,
+                                  torch_threads=1, max_queue=400)
+        sweep.append(feed(live, bl, frames, pos_m, rate))
+        print(sweep[-1], flush=True)
+    followed = [r["rate"] for r in sweep if r["followed"]]
+    result = {
+        "machine": machine(), "torch_threads": 1, "date": time.strftime("%Y-%m-%d"),
+        "rate_sweep": sweep, "max_rate_followed_frames_per_s": max(followed, default=0),
+        "runengine": runengine_slowdown(),
+        "latency": latency(bl, frames[:1000], pos_m[:1000], 200.0),
+    }
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "live.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
