@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contrast", type=float, nargs=2, default=(0.1, 1.0),
+                        metavar=("LO", "HI"),
+                        help="contrast augmentation range (phase span pi*U(LO, HI)); "
+                        "'1 1' = the paper's full-contrast objects")
     parser.add_argument(
         "--out", type=Path,
         default=Path(__file__).resolve().parent.parent / "bluesky_ptychopinn/data/models/default",
@@ -55,6 +59,7 @@ def main() -> None:
     experiments = synthetic_experiments(
         probes, CLASSES, objects_per_class=args.objects_per_class, object_shape=(160, 160),
         step_px=4.0, photons=(1e5, 1e6), seed=args.seed, progress=True,
+        contrast_range=tuple(args.contrast),
     )
     grouping = "quadrant" if args.channels == 4 else "single"
     data = GroupedSamples(experiments, channels=args.channels, grouping=grouping, seed=args.seed)
@@ -82,6 +87,7 @@ def main() -> None:
             "photons_per_frame": [1e5, 1e6],
             "scan": "jittered raster, step 4 px, jitter 0.3 step",
             "grouping": grouping,
+            "contrast_augmentation": list(args.contrast),
         },
         "training": {"config": config.model_dump(), "seconds": round(seconds, 1),
                      "history": result.history, "best_val_loss": result.best_val,

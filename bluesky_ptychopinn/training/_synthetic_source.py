@@ -34,6 +34,7 @@ def synthetic_experiments(
     photons: tuple[float, float] = (1e5, 1e6),
     seed: int = 0,
     progress: bool = False,
+    contrast_range: tuple[float, float] | None = None,
 ) -> list[TrainingExperiment]:
     """Simulate one experiment per probe x class x object.
 
@@ -53,6 +54,10 @@ def synthetic_experiments(
         Photons per frame, drawn log-uniformly per experiment.
     seed : int
         Everything random derives from it.
+    contrast_range : (float, float), optional
+        Contrast augmentation: each object's phase span is pi * U(lo, hi) (instead of the
+        paper's full [-pi, pi]) and its amplitude span shrinks by the same factor, so the
+        network also sees the weak-contrast objects real samples often are.
 
     Returns
     -------
@@ -79,7 +84,12 @@ def synthetic_experiments(
     experiments = []
     for probe_name, kind, k in track(jobs, description="simulating", disable=not progress):
         job_seed = int(rng.integers(2**31))
-        obj = make_object(kind, object_shape, seed=job_seed)
+        params = {}
+        if contrast_range is not None:
+            c = float(rng.uniform(*contrast_range))
+            params = {"phase_range": (-np.pi * c, np.pi * c),
+                      "amp_range": (1.0 - 0.4 * c, 1.0 + 0.1 * c)}
+        obj = make_object(kind, object_shape, seed=job_seed, **params)
         probe = normalize_probe(probes[probe_name])
         pos = scan_pattern("jittered_raster", extent, step=step_px, seed=job_seed)
         pos = pos + np.array([(height - 1) / 2, (width - 1) / 2])
