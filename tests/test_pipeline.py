@@ -201,3 +201,49 @@ def test_nan_frames_are_rejected_and_counted_not_fatal(tiled, model):
 def test_a_dead_tiled_server_is_a_clear_error():
     with pytest.raises(TiledUnavailableError, match="cannot reach Tiled"):
         connect("http://127.0.0.1:9/api/v1", api_key="x")
+
+
+class _RandomSearch:
+    """A minimal bluesky-adaptive 1.0 optimizer (random search over the region, best-first):
+    the protocol is what matters, any Optimizer can take its place."""
+
+    def __init__(self, region_m: float, y_key: str, x_key: str, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.region, self.y_key, self.x_key = region_m, y_key, x_key
+        self.ingested: list[dict] = []
+        self._count = 0
+
+    def suggest(self, num_points: int | None = None):
+        half = self.region / 2
+        out = []
+        for _ in range(num_points or 1):
+            self._count += 1
+            y, x = self.rng.uniform(-half, half, 2)
+            out.append({"_id": self._count, self.y_key: float(y), self.x_key: float(x)})
+        return out
+
+    def ingest(self, points):
+        self.ingested.extend(points)
+
+
+def test_a_bluesky_adaptive_optimizer_drives_the_feedback_plan(model):
+    from bluesky_adaptive.protocols import Optimizer
+
+    from bluesky_ptychopinn.plans import OptimizerRecommender
+
+    bl = sim_beamline("cells", write_path=None, seed=7)
+    dx = bl.pixel_size_m
+    optimizer = _RandomSearch(100 * dx, bl.stage.y.name, bl.stage.x.name)
+    assert isinstance(optimizer, Optimizer)
+    live = LiveReconstruction(model, batch_size=16, torch_threads=1)
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(live)
+    recommender = OptimizerRecommender(optimizer, bl.stage.y.name, bl.stage.x.name)
+    result = RE(ptycho_scan_with_feedback(
+        bl.detector, bl.stage, live, geometry=bl.ptycho_metadata(),
+        region_extent_m=(100 * dx, 100 * dx), coarse_step_m=25 * dx, strategy=recommender,
+        budget=41, points_per_decision=8))
+    assert result.plan_result["frames"] == 41 and result.plan_result["stop_reason"] == "budget"
+    # every point it suggested was measured and scored back from the live reconstruction
+    assert len(optimizer.ingested) >= 8
+    assert all(np.isfinite(p["structure"]) for p in optimizer.ingested)
