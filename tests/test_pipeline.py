@@ -225,6 +225,11 @@ class _RandomSearch:
     def ingest(self, points):
         self.ingested.extend(points)
 
+    def get_best_points(self):
+        ranked = sorted(self.ingested, key=lambda p: -p["structure"])
+        return [(p["_id"], {self.y_key: p[self.y_key], self.x_key: p[self.x_key]},
+                 {"structure": p["structure"]}) for p in ranked[:1]]
+
 
 def test_a_bluesky_adaptive_optimizer_drives_the_feedback_plan(model):
     from bluesky_adaptive.protocols import Optimizer
