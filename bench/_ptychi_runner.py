@@ -22,7 +22,10 @@ def main(src: str, dst: str, engine: str, epochs: int) -> None:
     data = np.load(src)
     frames = data["diffraction"].astype(np.float32)
     probe = data["probe"].astype(np.complex64)  # (M, N, N), unit norm
-    positions = data["positions_px"].astype(np.float64)
+    # pty-chi's pixel-index positions put a probe centre half a pixel lower than ours (its patch
+    # of size N is centred at (N - 1) / 2, ours at N / 2): measured, the -0.5 offset maximises
+    # the FRC of pty-chi's result against the truth (0.87 -> 0.97 phase FRC-AUC for rPIE).
+    positions = data["positions_px"].astype(np.float64) - 0.5
     height, width = (int(v) for v in data["object_shape"])
     torch.set_num_threads(int(data["threads"]))
     options = {

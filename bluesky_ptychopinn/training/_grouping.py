@@ -152,19 +152,22 @@ def quadrant_groups_for_inference(
     dist, idx = dist.reshape(len(anchors), -1), idx.reshape(len(anchors), -1)
     limits = (np.full(len(anchors), len(history) - 1) if anchor_index is None
               else np.asarray(anchor_index, dtype=np.int64))
-    out = np.empty((len(anchors), 4), dtype=np.int64)
-    for a in range(len(anchors)):
-        allowed = idx[a] <= limits[a]
-        cand, d = idx[a][allowed], dist[a][allowed]
-        keep = d > 1e-9
-        delta = history[cand] - anchors[a]
-        up, left = delta[:, 0] < 0, delta[:, 1] < 0
-        chosen: list[int] = []
-        for quadrant in (up & left, up & ~left, ~up & left, ~up & ~left):
-            pick = np.flatnonzero(quadrant & keep)
-            chosen.append(int(cand[pick[0]]) if len(pick) else -1)
-        spare = [int(c) for c in cand if c not in chosen]
-        own = int(limits[a]) if anchor_index is not None else (int(cand[0]) if len(cand) else 0)
+    # Vectorised over anchors (this runs on the live path): candidates come sorted by
+    # distance, so the first allowed one of each quadrant is the nearest.
+    allowed = idx <= limits[:, None]
+    delta = history[idx] - anchors[:, None, :]
+    quadrant = 2 * (delta[..., 0] >= 0) + (delta[..., 1] >= 0)  # TL, TR, BL, BR = 0..3
+    usable = allowed & (dist > 1e-9)
+    out = np.full((len(anchors), 4), -1, dtype=np.int64)
+    for q in range(4):
+        hit = usable & (quadrant == q)
+        first = hit.argmax(axis=1)
+        found = hit[np.arange(len(anchors)), first]
+        out[found, q] = idx[found, first[found]]
+    for a in np.flatnonzero((out < 0).any(axis=1)):  # scan edges and the first frames only
+        chosen = out[a].tolist()
+        spare = [int(c) for c in idx[a][allowed[a]] if c not in chosen]
+        own = int(limits[a]) if anchor_index is not None else int(idx[a][0])
         for slot in range(4):
             if chosen[slot] < 0:
                 chosen[slot] = spare.pop(0) if spare else own
