@@ -43,6 +43,7 @@ bench: venv .venv-bench/.installed
 	$(PY) bench/core.py
 	$(PY) bench/inference.py
 	$(PY) bench/live.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf $(VENV) .venv-bench build *.egg-info
