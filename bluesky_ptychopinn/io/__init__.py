@@ -7,10 +7,7 @@ joules -> eV, metres -> object pixels); bad files raise
 expected. numpy and h5py only: importing this package does not import torch.
 """
 
-from ._cxi import read_cxi, write_cxi
-from ._dataset import PtychoDataset
-from ._generic import read_dataset, write_dataset
-from ._geometry import (
+from ..geometry import (
     EV_TO_J,
     HC_EV_M,
     object_pixel_size_m,
@@ -18,6 +15,9 @@ from ._geometry import (
     positions_px_to_m,
     wavelength_m,
 )
+from ._cxi import read_cxi, write_cxi
+from ._dataset import PtychoDataset
+from ._generic import read_dataset, write_dataset
 from ._npz import read_npz, write_npz
 from ._probe_library import (
     ProbeLibrary,

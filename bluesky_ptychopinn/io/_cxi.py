@@ -33,6 +33,13 @@ import numpy as np
 
 from .. import __version__
 from ..errors import FileFormatError, InvalidInputError
+from ..geometry import (
+    DEFAULT_MARGIN_PX,
+    EV_TO_J,
+    object_pixel_size_m,
+    positions_m_to_px,
+    positions_px_to_m,
+)
 from ._checks import (
     COMPLEX,
     REAL,
@@ -47,13 +54,6 @@ from ._checks import (
     text,
 )
 from ._dataset import PtychoDataset
-from ._geometry import (
-    DEFAULT_MARGIN_PX,
-    EV_TO_J,
-    object_pixel_size_m,
-    positions_m_to_px,
-    positions_px_to_m,
-)
 
 __all__ = ["read_cxi", "write_cxi", "read_cxi_probe"]
 

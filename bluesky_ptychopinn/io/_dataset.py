@@ -10,7 +10,7 @@ from typing import NoReturn
 import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
-from ._geometry import object_pixel_size_m as _object_pixel_size_m
+from ..geometry import object_pixel_size_m as _object_pixel_size_m
 
 __all__ = ["PtychoDataset"]
 

@@ -24,9 +24,9 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
+from ..geometry import object_pixel_size_m
 from ._checks import has, scalar
 from ._cxi import read_cxi_probe
-from ._geometry import object_pixel_size_m
 from ._npz import open_npz
 from ._product import read_product
 

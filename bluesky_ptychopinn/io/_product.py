@@ -22,8 +22,8 @@ import h5py
 import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
+from ..geometry import positions_m_to_px
 from ._checks import COMPLEX, REAL, open_hdf5, optional, require
-from ._geometry import positions_m_to_px
 
 __all__ = ["Reconstruction", "read_product"]
 

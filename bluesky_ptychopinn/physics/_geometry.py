@@ -1,4 +1,7 @@
-"""Geometry: object pixel size, and the one conversion between stage metres and object pixels."""
+"""Stage metres <-> object pixels with an origin in pixels, and the experiment geometry.
+
+Thin wrappers over :mod:`bluesky_ptychopinn.geometry`, where the conversion lives.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..geometry import (
+    HC_EV_M,
+    object_pixel_size_m,
+    positions_m_to_px,
+    positions_px_to_m,
+    wavelength_m,
+)
 
 __all__ = [
     "ExperimentGeometry",
@@ -17,36 +26,6 @@ __all__ = [
     "pixels_to_stage",
     "rescale_positions",
 ]
-
-#: h * c in eV * metres; lambda = HC_EV_M / E.
-HC_EV_M = 1.23984198e-6
-
-
-def wavelength_m(energy_ev: float) -> float:
-    """X-ray wavelength in metres for a photon energy in eV."""
-    if not energy_ev > 0:
-        raise InvalidInputError(f"energy_ev: expected a positive energy in eV, got {energy_ev!r}")
-    return HC_EV_M / energy_ev
-
-
-def object_pixel_size_m(
-    energy_ev: float, detector_distance_m: float, detector_pixel_size_m: float, n_pixels: int
-) -> float:
-    """Real-space pixel size of a far-field geometry: dx = lambda z / (N p).
-
-    Examples
-    --------
-    >>> round(object_pixel_size_m(10_000, 2.0, 75e-6, 128) * 1e9, 2)  # nm
-    25.83
-    """
-    for name, value in (
-        ("detector_distance_m", detector_distance_m),
-        ("detector_pixel_size_m", detector_pixel_size_m),
-        ("n_pixels", n_pixels),
-    ):
-        if not value > 0:
-            raise InvalidInputError(f"{name}: expected a positive value, got {value!r}")
-    return wavelength_m(energy_ev) * detector_distance_m / (n_pixels * detector_pixel_size_m)
 
 
 def stage_to_pixels(
@@ -87,16 +66,9 @@ def stage_to_pixels(
     >>> stage_to_pixels([[1e-6, -2e-6]], 1e-8, origin_px=(100, 100))
     array([[ 200., -100.]])
     """
-    pos = np.asarray(positions_m, dtype=np.float64)
-    if pos.ndim != 2 or pos.shape[1] != 2:
-        raise InvalidInputError(f"positions_m: expected (n, 2) (y, x) metres, got {pos.shape}")
-    if not np.isfinite(pos).all():
-        raise InvalidInputError("positions_m: contains NaN or inf")
-    if sign not in (1, -1):
-        raise InvalidInputError(f"sign: expected +1 or -1, got {sign!r}")
-    if not pixel_size_m > 0:
-        raise InvalidInputError(f"pixel_size_m: expected > 0, got {pixel_size_m!r}")
-    return np.asarray(origin_px, float) + sign * (pos - np.asarray(origin_m, float)) / pixel_size_m
+    # The conversion itself lives in bluesky_ptychopinn.geometry (numpy only, shared with io).
+    relative = positions_m_to_px(positions_m, pixel_size_m, origin_m=origin_m, sign=sign)
+    return np.asarray(origin_px, dtype=float) + relative
 
 
 def pixels_to_stage(
@@ -108,12 +80,8 @@ def pixels_to_stage(
     sign: int = 1,
 ) -> np.ndarray:
     """Inverse of :func:`stage_to_pixels` (same arguments)."""
-    pos = np.asarray(positions_px, dtype=np.float64)
-    if pos.ndim != 2 or pos.shape[1] != 2:
-        raise InvalidInputError(f"positions_px: expected (n, 2), got {pos.shape}")
-    if sign not in (1, -1):
-        raise InvalidInputError(f"sign: expected +1 or -1, got {sign!r}")
-    return np.asarray(origin_m, float) + sign * (pos - np.asarray(origin_px, float)) * pixel_size_m
+    relative = np.asarray(positions_px, dtype=np.float64) - np.asarray(origin_px, dtype=float)
+    return positions_px_to_m(relative, pixel_size_m, origin_m=origin_m, sign=sign)
 
 
 def rescale_positions(positions_px: np.ndarray, old_pixel_size: float, new_pixel_size: float):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from .errors import InvalidInputError
 
 __all__ = [
     "EV_TO_J",
