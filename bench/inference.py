@@ -33,8 +33,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--frames", type=int, default=4096)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda (bf16 autocast, channels_last)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model, card = ModelRegistry().load(args.model)
     n = model.config.frame_size
     obj = make_object("cells", (512, 512), seed=0)
@@ -45,28 +48,43 @@ def main() -> None:
 
     # Bare network (groups of C frames in, patches out).
     c = model.config.channels
-    batch = frames[: args.batch * c].reshape(-1, c, n, n)
-    with torch.inference_mode():
-        model.forward_parts(batch, 0.1)
+    usable = min(args.batch, len(frames) // c) * c  # whole groups of C frames
+    batch = frames[:usable].reshape(-1, c, n, n).to(device)
+    net = model.to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        net.forward_parts(batch, 0.1)
+        sync()
         t = time.perf_counter()
-        for _ in range(3):
-            model.forward_parts(batch, 0.1)
-        net_fps = 3 * batch.shape[0] * (1 if c == 4 else 1) / (time.perf_counter() - t)
+        repeats = 20 if cuda else 3
+        for _ in range(repeats):
+            net.forward_parts(batch, 0.1)
+        sync()
+        net_fps = repeats * batch.shape[0] / (time.perf_counter() - t)
 
     # Streaming engine: network + grouping + stitching, every frame anchoring one group.
     def stream():
         recon = StreamingReconstructor(model, object_shape=(512, 512), batch_size=args.batch,
-                                       device="cpu")
+                                       device=device)
         start = time.perf_counter()
         for lo in range(0, len(pos), args.batch):
             recon.add(frames[lo : lo + args.batch], pos[lo : lo + args.batch])
         recon.finish()
+        sync()
         return len(pos) / (time.perf_counter() - start), recon.stats()
 
     stream()  # warm-up
     fps, stats = max((stream() for _ in range(2)), key=lambda r: r[0])
     result = {
-        "machine": machine(), "threads": args.threads, "batch": args.batch,
+        "machine": machine(), "threads": args.threads, "device": str(device), "batch": args.batch,
         "frames": len(pos), "model": args.model, "channels": c,
         "parameters": card.get("n_parameters"),
         "network_groups_per_s": net_fps,
@@ -76,7 +94,8 @@ def main() -> None:
     }
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / "inference.json").write_text(json.dumps(result, indent=2))
+    name = "inference_cuda.json" if cuda else "inference.json"
+    (out / name).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 
