@@ -68,9 +68,14 @@ class FramePairer:
     x_key: str
     frames: dict[int, np.ndarray] = field(default_factory=dict)
     positions: dict[int, tuple[float, float]] = field(default_factory=dict)
-    pending_refs: dict[int, tuple[str, int]] = field(default_factory=dict)
+    #: seq_num -> (source uid, first frame, stop frame) in the source's dataset
+    pending_refs: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     sources: dict[str, _HDF5Source] = field(default_factory=dict)
-    datum_map: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: legacy datum id -> (resource uid, first frame, stop frame)
+    datum_map: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    #: legacy datum ids seen in an event before their Datum -> seq_num
+    unresolved: dict[str, int] = field(default_factory=dict)
+    frames_per_point: dict[str, int] = field(default_factory=dict)
     descriptors: set[str] = field(default_factory=set)
 
     def descriptor(self, doc: dict) -> bool:
@@ -95,21 +100,34 @@ class FramePairer:
             return
         seq, idx = doc["seq_nums"], doc["indices"]
         for k in range(seq["stop"] - seq["start"]):
-            self.pending_refs[seq["start"] + k] = (source, idx["start"] + k)
+            self.pending_refs[seq["start"] + k] = (source, idx["start"] + k, idx["start"] + k + 1)
 
     def resource(self, doc: dict) -> None:
-        """Legacy Resource: AD HDF5 files addressed by datum ``point_number``."""
+        """Legacy Resource: AD HDF5 files addressed by datum ``point_number``.
+
+        As databroker's ``AD_HDF5`` handler: datum ``point_number`` p refers to frames
+        ``[p * frame_per_point, (p + 1) * frame_per_point)``; several frames of one point are
+        summed (photon counts of repeated exposures at the same position).
+        """
         if doc.get("spec", "").upper().startswith("AD_HDF5") or doc.get("spec") == "HDF5":
             root = doc.get("root", "")
             path = Path(root) / doc["resource_path"] if root else Path(doc["resource_path"])
-            dataset = doc.get("resource_kwargs", {}).get("dataset", "/entry/data/data")
+            kwargs = doc.get("resource_kwargs", {})
+            dataset = kwargs.get("dataset", "/entry/data/data")
             self.sources[doc["uid"]] = _HDF5Source(path, dataset)
+            self.frames_per_point[doc["uid"]] = max(int(kwargs.get("frame_per_point", 1)), 1)
 
     def datum(self, doc: dict) -> None:
+        """Legacy Datum: one point of a Resource."""
         if doc["resource"] in self.sources:
             kwargs = doc.get("datum_kwargs", {})
-            index = int(kwargs.get("point_number", kwargs.get("frame", 0)))
-            self.datum_map[doc["datum_id"]] = (doc["resource"], index)
+            point = int(kwargs.get("point_number", kwargs.get("frame", 0)))
+            fpp = self.frames_per_point.get(doc["resource"], 1)
+            ref = (doc["resource"], point * fpp, (point + 1) * fpp)
+            if doc["datum_id"] in self.unresolved:
+                self.pending_refs[self.unresolved.pop(doc["datum_id"])] = ref
+            else:
+                self.datum_map[doc["datum_id"]] = ref
 
     def event(self, doc: dict) -> None:
         if doc["descriptor"] not in self.descriptors:
@@ -120,6 +138,8 @@ class FramePairer:
         if isinstance(value, str):  # legacy datum reference
             if value in self.datum_map:
                 self.pending_refs[seq] = self.datum_map.pop(value)
+            else:  # its Datum has not arrived (yet)
+                self.unresolved[value] = seq
         elif value is not None:
             self.frames[seq] = np.asarray(value)
 
@@ -131,11 +151,12 @@ class FramePairer:
         for seq in sorted(self.pending_refs):
             if seq not in self.positions:
                 continue
-            source, index = self.pending_refs[seq]
+            source, start, stop = self.pending_refs[seq]
             try:
-                self.frames[seq] = self.sources[source].read(index, index + 1)[0]
+                block = self.sources[source].read(start, stop)
             except IndexError:
                 continue
+            self.frames[seq] = block[0] if len(block) == 1 else block.sum(axis=0)
             del self.pending_refs[seq]
         ready = sorted(set(self.frames) & set(self.positions))
         if not ready:

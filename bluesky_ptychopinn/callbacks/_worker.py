@@ -1,0 +1,366 @@
+"""One raw run in, one derived run out: the reconstruction logic shared by both isolation modes.
+
+:class:`RunWorker` pairs frames with positions, feeds the
+:class:`~bluesky_ptychopinn.recon.StreamingReconstructor` and composes the derived run
+(event-model composers). It neither owns a thread nor a queue: the thread driver
+(:mod:`._live`) and the reconstruction process (:mod:`._process`) call :meth:`RunWorker.handle`
+for each raw document and :meth:`RunWorker.idle` when documents stop coming.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from event_model import compose_run
+
+from ..errors import InvalidInputError
+from ..physics import crop_frames, object_pixel_size_m, stage_to_pixels
+from ..recon._streaming import Snapshot, StreamingReconstructor
+from ._frames import FramePairer
+
+__all__ = ["RECONSTRUCTION_PLAN_NAME", "RunState", "RunWorker", "WorkerSettings",
+           "derived_start_metadata"]
+
+logger = logging.getLogger(__name__)
+
+RECONSTRUCTION_PLAN_NAME = "ptychopinn_reconstruction"
+
+
+@dataclass
+class RunState:
+    """What the callback knows about one raw run (read by plans for feedback).
+
+    Attributes
+    ----------
+    raw_uid, derived_uid : str
+        The raw run and its derived (reconstruction) run.
+    frames_done, frames_skipped, frames_rejected : int
+        Frames reconstructed, dropped for back-pressure, rejected (NaN/inf or empty).
+    failed : str or None
+        Why the reconstruction failed (the derived run then stops with ``"fail"``).
+    finished : threading.Event
+        Set once the derived run's stop document has been emitted.
+    snapshot : Snapshot or None
+        The latest stitched object.
+    pixel_size_m, canvas_origin_px, stats
+        Geometry of the snapshot canvas and throughput figures.
+    """
+
+    raw_uid: str
+    derived_uid: str | None = None
+    frames_done: int = 0
+    frames_skipped: int = 0
+    frames_rejected: int = 0
+    failed: str | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    snapshot: Snapshot | None = None
+    pixel_size_m: float = 0.0
+    canvas_origin_px: tuple[float, float] = (0.0, 0.0)
+    stats: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+#: RunState fields a reconstruction process mirrors to the RunEngine's process.
+MIRRORED_FIELDS = ("derived_uid", "frames_done", "frames_rejected", "failed", "pixel_size_m",
+                   "canvas_origin_px", "stats")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The knobs of :class:`LiveReconstruction` a worker needs (picklable)."""
+
+    batch_size: int = 64
+    snapshot_every: int = 128
+    device: str | None = None
+    canvas_margin_px: int = 8
+    flush_after_s: float = 0.2
+
+
+def derived_start_metadata(start: dict, md: dict, model_info: dict) -> dict:
+    """Start-document metadata of the derived run of raw run ``start`` (CONVENTIONS.md)."""
+    metadata = {
+        "plan_name": RECONSTRUCTION_PLAN_NAME,
+        "original_run_uid": start["uid"],
+        "model": model_info,
+        "ptycho": md,
+        "scan_id": start.get("scan_id"),
+        "sample": start.get("sample"),
+    }
+    return {k: v for k, v in metadata.items() if v is not None}
+
+
+class RunWorker:
+    """One raw run: documents -> pairing -> reconstruction -> derived-run documents.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network.
+    model_info : dict
+        The derived start document's ``model`` entry.
+    settings : WorkerSettings
+        Batch size, snapshot cadence, device, canvas margin.
+    start : dict
+        The raw run's start document.
+    md : dict
+        Its ``ptycho`` metadata (with any overrides applied).
+    state : RunState
+        Updated as frames are reconstructed.
+    emit : callable
+        ``emit(name, doc)`` receives the derived run's documents.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_info: dict, settings: WorkerSettings,
+                 start: dict, md: dict, state: RunState, emit: Callable[[str, dict], None]):
+        self.model, self.model_info, self.settings = model, model_info, settings
+        self.start_doc, self.md, self.state, self.emit = start, md, state, emit
+        keys = md["positioner_keys"]
+        self.pairer = FramePairer(md["detector_key"], keys["y"], keys["x"])
+        self.recon: StreamingReconstructor | None = None
+        self.bundle = None
+        self.snapshot_bundle = self.metrics_bundle = None
+        self.since_snapshot = 0
+        self.exit_status = "success"
+        self.reason = ""
+        self.started_at = time.time()
+        self.canvas_shape = (0, 0)
+
+    # -- entry points ------------------------------------------------------------------------
+    def handle(self, name: str, doc: dict) -> bool:
+        """Process one raw document; never raises. True once the run is finished (stop)."""
+        if name == "stop":
+            try:
+                self._drain(final=True)
+            except Exception as exc:
+                self._fail(f"{type(exc).__name__} while finishing: {exc}")
+            try:
+                self._close_derived_run(doc)
+            except Exception:
+                logger.exception("run %s: could not close the derived run", self.state.raw_uid)
+            self.pairer.close()
+            return True
+        try:
+            self._handle(name, doc)
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__} while handling {name}: {exc}")
+        return False
+
+    def idle(self) -> None:
+        """No document for a while (a pause, a feedback decision): reconstruct what is
+        pending now instead of waiting for a full batch, and publish a snapshot."""
+        try:
+            self._drain(final=False, force=True)
+            if self.recon is not None and self.recon.pending:
+                self.recon.flush()
+                self.since_snapshot = max(self.since_snapshot, 1)
+            self._snapshot()
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__} while flushing: {exc}")
+
+    def _fail(self, reason: str) -> None:
+        logger.exception("live reconstruction of run %s failed: %s", self.state.raw_uid, reason)
+        if self.state.failed is None:
+            self.state.failed = reason
+            self.exit_status, self.reason = "fail", reason
+
+    def _handle(self, name: str, doc: dict) -> None:
+        if name == "start":
+            self._open_derived_run(doc)
+        elif name == "descriptor":
+            self.pairer.descriptor(doc)
+        elif name == "stream_resource":
+            self.pairer.stream_resource(doc)
+        elif name == "stream_datum":
+            self.pairer.stream_datum(doc)
+        elif name == "resource":
+            self.pairer.resource(doc)
+        elif name == "datum":
+            self.pairer.datum(doc)
+        elif name == "datum_page":
+            for i in range(len(doc["datum_id"])):
+                self.pairer.datum({"resource": doc["resource"], "datum_id": doc["datum_id"][i],
+                                   "datum_kwargs": {k: v[i] for k, v in
+                                                    doc["datum_kwargs"].items()}})
+        elif name == "event":
+            self.pairer.event(doc)
+        elif name == "event_page":
+            for i in range(len(doc["seq_num"])):
+                self.pairer.event({"descriptor": doc["descriptor"], "seq_num": doc["seq_num"][i],
+                                   "data": {k: v[i] for k, v in doc["data"].items()}})
+        if name in ("event", "event_page", "stream_datum", "datum", "datum_page"):
+            self._drain(final=False)
+
+    # -- reconstruction ----------------------------------------------------------------------
+    def _geometry(self) -> tuple[float, int]:
+        md = self.md
+        n_model = self.model.config.frame_size
+        n_det = int(md.get("frame_size", n_model))
+        dx_det = object_pixel_size_m(md["energy_ev"], md["detector_distance_m"],
+                                     md["detector_pixel_size_m"], n_det)
+        return dx_det * n_det / n_model, n_model
+
+    def _make_reconstructor(self) -> StreamingReconstructor:
+        dx, n = self._geometry()
+        scan = self.md.get("scan") or {}
+        extent = np.asarray(scan.get("extent_m", (0.0, 0.0)), dtype=float) / dx
+        centre = np.asarray(scan.get("center_m", (0.0, 0.0)), dtype=float)
+        centre_px = stage_to_pixels(centre[None], dx, sign=int(self.md.get("position_sign", 1)))[0]
+        side = np.ceil(np.abs(extent) + n + 2 * self.settings.canvas_margin_px).astype(int)
+        origin = centre_px - side / 2
+        self.state.pixel_size_m = dx
+        self.state.canvas_origin_px = (float(origin[0]), float(origin[1]))
+        self.canvas_shape = (int(side[0]), int(side[1]))
+        return StreamingReconstructor(
+            self.model, object_shape=self.canvas_shape, origin_px=tuple(origin),
+            batch_size=self.settings.batch_size, device=self.settings.device,
+        )
+
+    def _drain(self, final: bool, force: bool = False) -> None:
+        if self.state.failed:
+            return
+        while True:
+            frames, positions_m, seqs = self.pairer.pop_ready()
+            if not seqs:
+                break
+            if len(seqs) < self.settings.batch_size and not (final or force):
+                # put them back until a full batch has gathered (latency vs throughput)
+                for k, s in enumerate(seqs):
+                    self.pairer.frames[s] = frames[k]
+                    self.pairer.positions[s] = tuple(positions_m[k])
+                break
+            self._reconstruct(frames, positions_m)
+        if final:
+            if self.recon is not None:
+                self.recon.flush()
+            self._snapshot(force=True)
+
+    def _reconstruct(self, frames: np.ndarray, positions_m: np.ndarray) -> None:
+        if self.recon is None:
+            self.recon = self._make_reconstructor()
+        dx, n = self._geometry()
+        if frames.shape[-1] != n:
+            if frames.shape[-1] < n:
+                raise InvalidInputError(
+                    f"detector frames are {frames.shape[-1]} px, the model needs {n}"
+                )
+            frames = crop_frames(frames.astype(np.float32), n)
+        positions_px = stage_to_pixels(positions_m, dx, sign=int(self.md.get("position_sign", 1)))
+        finite = np.isfinite(frames.reshape(len(frames), -1)).all(axis=1)
+        nonzero = frames.reshape(len(frames), -1).sum(axis=1) > 0
+        good = finite & nonzero
+        if not good.all():
+            bad = int((~good).sum())
+            logger.warning("run %s: %d frame(s) NaN/inf or empty: not reconstructed",
+                           self.state.raw_uid, bad)
+            self.state.frames_rejected += bad
+        if good.any():
+            t0 = time.perf_counter()
+            self.recon.add(frames[good].astype(np.float32), positions_px[good])
+            latency = time.perf_counter() - t0
+            with self.state.lock:
+                self.state.frames_done += int(good.sum())
+            self._emit_metrics(int(good.sum()), latency)
+            self.since_snapshot += int(good.sum())
+            if self.since_snapshot >= self.settings.snapshot_every:
+                self._snapshot()
+
+    # -- derived run documents ---------------------------------------------------------------
+    def _open_derived_run(self, start: dict) -> None:
+        self.bundle = compose_run(metadata=derived_start_metadata(start, self.md,
+                                                                  self.model_info))
+        self.state.derived_uid = self.bundle.start_doc["uid"]
+        self.emit("start", self.bundle.start_doc)
+
+    def _image_keys(self, shape) -> dict:
+        keys = {}
+        for key, units in (("object_amplitude", ""), ("object_phase", "rad"),
+                           ("uncertainty", ""), ("weight", "")):
+            keys[key] = {"source": "ptychopinn", "dtype": "array", "shape": list(shape),
+                         "dtype_numpy": np.dtype(np.float32).str, "units": units,
+                         "dims": ["object_y", "object_x"]}
+        keys["frames"] = {"source": "ptychopinn", "dtype": "integer", "shape": [],
+                          "dtype_numpy": np.dtype(np.int64).str}
+        return keys
+
+    def _snapshot(self, force: bool = False) -> None:
+        if self.recon is None or (self.since_snapshot == 0 and not force):
+            return
+        snap = self.recon.snapshot()
+        # The canvas can grow (a scan beyond its declared region); the stream keeps its shape.
+        oy = int(round(self.state.canvas_origin_px[0] - snap.origin_px[0]))
+        ox = int(round(self.state.canvas_origin_px[1] - snap.origin_px[1]))
+        h, w = self.canvas_shape
+        window = (slice(oy, oy + h), slice(ox, ox + w))
+        data = {
+            "object_amplitude": snap.amplitude[window],
+            "object_phase": snap.phase[window],
+            "uncertainty": snap.uncertainty[window].astype(np.float32),
+            "weight": snap.weight[window].astype(np.float32),
+            "frames": snap.n_frames,
+        }
+        if self.snapshot_bundle is None:
+            self.snapshot_bundle = self.bundle.compose_descriptor(
+                name="snapshots", data_keys=self._image_keys((h, w)))
+            self.emit("descriptor", self.snapshot_bundle.descriptor_doc)
+        now = time.time()
+        event = self.snapshot_bundle.compose_event(
+            data=data, timestamps=dict.fromkeys(data, now))
+        self.emit("event", event)
+        with self.state.lock:
+            self.state.snapshot = snap
+            self.state.stats = snap.stats
+        self.since_snapshot = 0
+
+    def _emit_metrics(self, n: int, latency: float) -> None:
+        stats = self.recon.stats()
+        data = {
+            "frames_done": self.state.frames_done,
+            "frames_skipped": self.state.frames_skipped,
+            "frames_rejected": self.state.frames_rejected,
+            "batch_frames": n,
+            "batch_latency_s": latency,
+            "frames_per_s": stats["frames_per_s"],
+        }
+        if self.metrics_bundle is None:
+            keys = {k: {"source": "ptychopinn", "dtype": "number", "shape": [],
+                        "dtype_numpy": np.dtype(np.float64).str} for k in data}
+            self.metrics_bundle = self.bundle.compose_descriptor(name="metrics", data_keys=keys)
+            self.emit("descriptor", self.metrics_bundle.descriptor_doc)
+        now = time.time()
+        self.emit("event", self.metrics_bundle.compose_event(
+            data={k: float(v) for k, v in data.items()}, timestamps=dict.fromkeys(data, now)))
+
+    def summary(self) -> dict:
+        """Counters for the derived stop document's ``ptychopinn`` entry."""
+        summary = {
+            "frames_done": self.state.frames_done,
+            "frames_skipped": self.state.frames_skipped,
+            "frames_rejected": self.state.frames_rejected,
+            "frames_unpaired": self.pairer.unpaired,
+            "seconds": time.time() - self.started_at,
+        }
+        if self.recon is not None:
+            summary.update({k: v for k, v in self.recon.stats().items()
+                            if isinstance(v, (int, float)) and math.isfinite(v)})
+        return summary
+
+    def _close_derived_run(self, raw_stop: dict) -> None:
+        if self.bundle is None:
+            return  # the derived run never opened (its start failed); nothing to close
+        unpaired = self.pairer.unpaired
+        if unpaired:
+            logger.warning("run %s: %d frame(s) without a position or image at stop",
+                           self.state.raw_uid, unpaired)
+        raw_status = raw_stop.get("exit_status", "success")
+        status = self.exit_status if self.exit_status == "fail" else raw_status
+        reason = self.reason or (raw_stop.get("reason", "") if raw_status != "success" else "")
+        stop = self.bundle.compose_stop(exit_status=status, reason=reason)
+        stop["ptychopinn"] = self.summary()  # extra keys are allowed in stop documents
+        self.emit("stop", stop)
