@@ -1,0 +1,111 @@
+"""``LiveReconstruction(isolation="process")``: the reconstruction in a child process gives the
+same derived run as the thread, mirrors its state to the RunEngine's process, and a child that
+dies never touches the scan. Real RunEngine, real ophyd devices, real documents."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from bluesky_ptychopinn.callbacks import LiveReconstruction
+from bluesky_ptychopinn.devices import sim_beamline
+from bluesky_ptychopinn.models import ModelRegistry
+from bluesky_ptychopinn.plans import ptycho_scan
+
+
+@pytest.fixture(scope="module")
+def model():
+    net, _ = ModelRegistry().load("default")
+    return net
+
+
+def _scan(RE, seed: int, n_side: int = 6, write_path=None):
+    bl = sim_beamline("cells", write_path=write_path, seed=seed)
+    dx = bl.pixel_size_m
+    return RE(ptycho_scan(bl.detector, bl.stage, geometry=bl.ptycho_metadata(),
+                          pattern="raster", extent_m=(5 * dx * (n_side - 1),) * 2,
+                          step_m=5 * dx))
+
+
+def _collect(live):
+    docs: list[tuple[str, dict]] = []
+    live.subscribe(lambda name, doc: docs.append((name, doc)))
+    return docs
+
+
+def test_process_and_thread_give_the_same_derived_run(tmp_path):
+    results = {}
+    for isolation in ("thread", "process"):
+        # one batch at the stop document: identical input, identical order
+        live = LiveReconstruction("default", batch_size=1000, snapshot_every=1000,
+                                  flush_after_s=60, torch_threads=1, isolation=isolation)
+        docs = _collect(live)
+        RE = RunEngine(call_returns_result=True)
+        RE.subscribe(live)
+        try:
+            result = _scan(RE, seed=21, write_path=tmp_path / isolation)
+            state = live.wait(timeout=120)
+            pid = live.pid
+        finally:
+            live.close()
+        assert result.exit_status == "success"
+        results[isolation] = (state, docs, pid)
+    thread, process = results["thread"], results["process"]
+    assert thread[2] is None and process[2] not in (None, os.getpid())
+    for state, docs, _ in (thread, process):
+        assert state.failed is None and state.frames_done == 36
+        assert state.snapshot is not None and state.snapshot.n_frames == 36
+        assert state.pixel_size_m > 0 and state.stats["frames"] == 36
+        assert docs[0][0] == "start" and docs[0][1]["uid"] == state.derived_uid
+        assert docs[-1][0] == "stop" and docs[-1][1]["exit_status"] == "success"
+        assert docs[-1][1]["ptychopinn"]["frames_done"] == 36
+    assert [n for n, _ in thread[1]] == [n for n, _ in process[1]]
+    assert process[1][0][1]["original_run_uid"] == process[0].raw_uid
+    np.testing.assert_allclose(process[0].snapshot.object, thread[0].snapshot.object,
+                               rtol=0, atol=1e-6)
+    phase = [[d["data"]["object_phase"] for n, d in docs if n == "event"
+              and "object_phase" in d["data"]] for _, docs, _ in (thread, process)]
+    assert len(phase[0]) == len(phase[1]) == 1
+    np.testing.assert_allclose(phase[1][0], phase[0][0], rtol=0, atol=1e-6)
+
+
+def test_a_killed_reconstruction_process_never_touches_the_scan(model):
+    live = LiveReconstruction(model, batch_size=4, snapshot_every=8, torch_threads=1)
+    derived = _collect(live)
+    raw_events = []
+    first_pid = live.pid
+
+    def kill_at_tenth_event(name, doc):
+        if name == "event":
+            raw_events.append(doc)
+            if len(raw_events) == 10:
+                os.kill(first_pid, signal.SIGKILL)
+
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(kill_at_tenth_event)
+    RE.subscribe(live)
+    try:
+        result = _scan(RE, seed=22)
+        state = live.wait(timeout=60)
+        assert result.exit_status == "success" and len(raw_events) == 36  # nothing lost
+        assert state.failed and "killed by signal 9" in state.failed
+        stops = [d for n, d in derived if n == "stop"]
+        assert len(stops) == 1 and stops[0]["run_start"] == state.derived_uid
+        assert stops[0]["exit_status"] == "fail" and "signal 9" in stops[0]["reason"]
+        # the parent's stop counts exactly the derived events the child got out before dying
+        metrics = {d["uid"] for n, d in derived if n == "descriptor" and d["name"] == "metrics"}
+        sent = sum(1 for n, d in derived if n == "event" and d["descriptor"] in metrics)
+        assert stops[0]["num_events"].get("metrics", 0) == sent
+
+        # the next run gets a new process and is reconstructed normally
+        result = _scan(RE, seed=23)
+        again = live.wait(result.run_start_uids[0], timeout=60)
+    finally:
+        live.close()
+    assert live.pid != first_pid
+    assert again.failed is None and again.frames_done == 36
+    assert [d for n, d in derived if n == "stop"][-1]["exit_status"] == "success"
