@@ -9,6 +9,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 from bluesky import RunEngine
 
 from bluesky_ptychopinn.callbacks import LiveReconstruction
@@ -109,3 +110,59 @@ def test_a_killed_reconstruction_process_never_touches_the_scan(model):
     assert live.pid != first_pid
     assert again.failed is None and again.frames_done == 36
     assert [d for n, d in derived if n == "stop"][-1]["exit_status"] == "success"
+
+
+class _FailingModel(torch.nn.Module):
+    """The default network with a fault injected: its second call raises (picklable, so it
+    also runs in the reconstruction process)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config, self.calls = inner, inner.config, 0
+
+    def forward_parts(self, counts, scale):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("injected fault")
+        return self.inner.forward_parts(counts, scale)
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_an_exception_in_the_reconstruction_fails_only_the_derived_run(model, isolation):
+    live = LiveReconstruction(_FailingModel(model), batch_size=8, torch_threads=1,
+                              isolation=isolation)
+    derived = _collect(live)
+    raw = []
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(lambda name, doc: raw.append(name))
+    RE.subscribe(live)
+    try:
+        result = _scan(RE, seed=24)
+        state = live.wait(timeout=60)
+    finally:
+        live.close()
+    assert result.exit_status == "success" and raw.count("event") == 36
+    assert "injected fault" in state.failed
+    stop = derived[-1][1]
+    assert derived[-1][0] == "stop" and stop["exit_status"] == "fail"
+    assert "injected fault" in stop["reason"]
+
+
+def test_skipped_frames_are_counted_in_the_parent_and_reach_the_derived_stop(model):
+    # a 2-document queue and one network call plus a snapshot per frame: the scan outruns it
+    live = LiveReconstruction(model, batch_size=1, snapshot_every=1, max_queue=2,
+                              torch_threads=1)
+    derived = _collect(live)
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(live)
+    try:
+        result = _scan(RE, seed=25, n_side=8)
+        state = live.wait(timeout=60)
+    finally:
+        live.close()
+    assert result.exit_status == "success" and state.failed is None
+    assert state.frames_skipped > 0
+    assert state.frames_done + state.frames_skipped == 64
+    summary = derived[-1][1]["ptychopinn"]
+    assert summary["frames_skipped"] == state.frames_skipped
+    assert summary["frames_done"] == state.frames_done

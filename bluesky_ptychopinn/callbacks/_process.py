@@ -116,6 +116,7 @@ class ProcessBackend:
         self._lock = threading.Lock()
         self._open: dict[str, _OpenRun] = {}
         self._child: _Child | None = None
+        self.closed = False
         self._start_child()
         # Wait for the model to be loaded, so that the first scan does not share the CPU with
         # the child's start (torch import) and a child that cannot start is an error here.
@@ -150,8 +151,14 @@ class ProcessBackend:
     # -- RunEngine thread ----------------------------------------------------------------------
     def open_run(self, start: dict, md: dict, state: RunState):
         """Register a raw run with the child; returns the run's ``(name, doc)`` callback."""
+        if self.closed:
+            logger.warning("live reconstruction is closed: run %s not reconstructed",
+                           state.raw_uid)
+            state.failed = "the live reconstruction was closed"
+            state.finished.set()
+            return lambda name, doc: None
         with self._lock:
-            if self._child is None or self._child.dead or self._child.closing:
+            if self._child is None or self._child.dead:
                 logger.warning("starting a new reconstruction process")
                 self._start_child()
             child = self._child
@@ -248,7 +255,7 @@ class ProcessBackend:
         elif name == "descriptor":
             run.streams[doc["uid"]] = doc["name"]
             run.counters[doc["name"]] = 1
-        elif name == "event":
+        elif name == "event" and doc["descriptor"] in run.streams:
             run.counters[run.streams[doc["descriptor"]]] += 1
         elif name == "stop":
             run.stopped = True
@@ -283,6 +290,7 @@ class ProcessBackend:
     # -- lifetime ------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:
         """Ask the child to exit after the documents already queued; wait, then terminate."""
+        self.closed = True
         child = self._child
         if child is None or child.dead:
             return
