@@ -124,6 +124,11 @@ def run_job(job: Job) -> dict:
     start = time.perf_counter()
     result = train(model, data, config)
     seconds = time.perf_counter() - start
+    if os.environ.get("EXPERIMENTS_SAVE_DIR"):  # keep the trained networks for a closer look
+        from bluesky_ptychopinn.models import save_model
+
+        target = Path(os.environ["EXPERIMENTS_SAVE_DIR"]) / job.key.replace(" ", "_")
+        save_model(result.model, target, provenance={"experiment_job": job.key, "steps": job.steps})
     scores = {}
     for probe in job.test_probes:
         for sample, seed in TESTS:
@@ -164,6 +169,29 @@ def jobs_for(scale: dict) -> list[Job]:
     for job in jobs:
         job.scale = scale
     return jobs
+
+
+BUDGET_FACTOR = 3
+
+
+def budget_jobs(scale: dict) -> list[Job]:
+    """5. Training budget: the PS model of experiment 1 with three times the steps."""
+    job = Job(f"PS x{BUDGET_FACTOR}", ("zone_plate",), steps=BUDGET_FACTOR * scale["steps"][0])
+    job.scale = scale
+    return [job]
+
+
+def budget_report(result: dict, scale: dict) -> str:
+    samples = [s for s, _ in TESTS]
+    return "\n".join([
+        "## 5. Training budget", "",
+        f"The PS model of experiment 1, trained for {BUDGET_FACTOR} times as many steps "
+        "(same data, same seed; `run.py --section budget`). Compare with the PS row above.", "",
+        table(["model", *[f"{s} phase" for s in samples], "mean phase", "mean amplitude",
+               "steps", "train time"],
+              [[result["key"], *_cells(result, "zone_plate"),
+                f"{_mean(result, 'zone_plate', 'amplitude'):.3f}", result["steps"],
+                f"{result['seconds'] / 60:.1f} min"]]), ""])
 
 
 def table(header, rows) -> str:
@@ -275,6 +303,9 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--workers", type=int, default=2,
                         help="models trained at once (one torch thread each)")
+    parser.add_argument("--section", choices=("main", "budget"), default="main",
+                        help="main: experiments 1-4 -> experiments.md; budget: experiment 5 -> "
+                        "experiments/budget.md (included in experiments.md when present)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs",
                         help="where experiments.md and figures/ go")
     parser.add_argument("--discussion", type=Path,
@@ -289,6 +320,15 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {}
+    if args.section == "budget":
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            (result,) = pool.map(run_job, budget_jobs(scale))
+        md = budget_report(result, scale)
+        target = args.out / "experiments" / "budget.md"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(md)
+        print(md)
+        return
     jobs = jobs_for(scale)
     workers = 1 if scale["device"] == "cuda" else args.workers
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
@@ -299,6 +339,9 @@ def main() -> None:
                               for (p, s), v in result["scores"].items()), flush=True)
     seconds = time.perf_counter() - start
     md = report(results, args.scale, scale, seconds, figures, machine())
+    budget = args.out / "experiments" / "budget.md"
+    if budget.is_file() and args.scale != "smoke":
+        md += "\n" + budget.read_text()
     if args.discussion.is_file() and args.scale != "smoke":
         md += "\n" + args.discussion.read_text()
     (args.out / "experiments.md").write_text(md)
