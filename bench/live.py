@@ -12,6 +12,8 @@ RunEngine, and the latency from a frame to its appearance in a Tiled snapshot.
    (``isolation="thread"``) and with it reconstructing in a separate process
    (``isolation="process"``), interleaved in one invocation, best of ``--repeats``; after each
    scan the reconstruction is allowed to finish so that it never overlaps the next timed scan.
+   A control scan runs without the callback while another process spins on the other core:
+   what any reconstruction on the same 2 cores costs, whatever its design.
    Once with a CPU-bound simulated detector (no exposure: the scan itself competes with the
    reconstruction for 2 cores) and once with a 5 ms exposure (the RunEngine waits on the
    detector, as at a beamline).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -85,9 +88,14 @@ def feed(live, bl, frames, pos_m, rate: float, page: int = 16) -> dict:
 
 
 ISOLATION_MODES = ("thread", "process")
+#: A control: no callback, but another process keeps one core busy (nice +5, like the
+#: reconstruction process): the floor of any reconstruction on the RunEngine's machine.
+BUSY_LOOP = "import os\nos.nice(5)\nwhile True:\n    pass"
 
 
-def runengine_slowdown(points: int = 400, dead_time: float = 0.0, repeats: int = 3) -> dict:
+def runengine_slowdown(points: int = 400, dead_time: float = 0.0, repeats: int = 8) -> dict:
+    import subprocess
+
     from bluesky import RunEngine
 
     from bluesky_ptychopinn.plans import ptycho_scan
@@ -96,22 +104,28 @@ def runengine_slowdown(points: int = 400, dead_time: float = 0.0, repeats: int =
     lives = {mode: LiveReconstruction("default", batch_size=32, torch_threads=1, isolation=mode)
              for mode in ISOLATION_MODES}
     side = int(np.sqrt(points))
-    timings: dict[str, list[float]] = {"without": [], **{mode: [] for mode in ISOLATION_MODES}}
+    labels = ("without", "busy_core", *ISOLATION_MODES)
+    timings: dict[str, list[float]] = {label: [] for label in labels}
     try:
         for _ in range(repeats):
-            for label in timings:  # interleaved: a drift of the machine hits every mode alike
+            for label in labels:  # interleaved: a drift of the machine hits every mode alike
                 bl = sim_beamline("cells", write_path=None)
                 bl.detector.dead_time = dead_time  # an exposure: the RunEngine waits
                 RE = RunEngine()
                 live = lives.get(label)
                 if live is not None:
                     RE.subscribe(live)
+                busy = (subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+                        if label == "busy_core" else None)
                 dx = bl.pixel_size_m
                 t = time.perf_counter()
                 RE(ptycho_scan(bl.detector, bl.stage, geometry=bl.ptycho_metadata(),
                                pattern="raster", extent_m=(4 * dx * (side - 1),) * 2,
                                step_m=4 * dx))
                 timings[label].append(time.perf_counter() - t)
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
                 if live is not None:  # let it finish before the next timed scan
                     state = live.wait(timeout=600)
                     assert state.failed is None and state.frames_done == side * side, state
@@ -119,21 +133,24 @@ def runengine_slowdown(points: int = 400, dead_time: float = 0.0, repeats: int =
         for live in lives.values():
             live.close()
     best = {label: min(v) for label, v in timings.items()}
+    median = {label: float(np.median(v)) for label, v in timings.items()}
     return {"points": side * side, "exposure_s": dead_time, "repeats": repeats,
-            "seconds_all": timings, "seconds_without": best["without"],
-            **{f"seconds_{mode}": best[mode] for mode in ISOLATION_MODES},
-            "slowdown_percent": {mode: 100 * (best[mode] / best["without"] - 1)
-                                 for mode in ISOLATION_MODES}}
+            "seconds_all": timings, **{f"seconds_{label}": best[label] for label in labels},
+            "slowdown_percent": {label: 100 * (best[label] / best["without"] - 1)
+                                 for label in labels if label != "without"},
+            "slowdown_percent_median": {label: 100 * (median[label] / median["without"] - 1)
+                                        for label in labels if label != "without"}}
 
 
-def latency(bl, frames, pos_m, rate: float) -> dict:
+def latency(bl, frames, pos_m, rate: float, isolation: str = "process") -> dict:
     from bluesky_tiled_plugins import TiledWriter
 
     from bluesky_ptychopinn.catalog import EmbeddedTiled
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedTiled(Path(tmp)) as tiled:
         writer = TiledWriter(tiled.client(), batch_size=1)
-        live = LiveReconstruction("default", batch_size=32, snapshot_every=64, torch_threads=1)
+        live = LiveReconstruction("default", batch_size=32, snapshot_every=64, torch_threads=1,
+                                  isolation=isolation)
         stamps: list[float] = []
         acquired: dict[int, float] = {}
 
@@ -170,20 +187,38 @@ class _Forward:
         return self.live.wait(*args, **kwargs)
 
 
+def other_cpu_busy(seconds: float = 2.0) -> float:
+    """Cores kept busy by other processes while this one sleeps (Linux /proc/stat; 0 elsewhere)."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait (clock ticks)
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except OSError:
+        return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--rates", default="250,500,1000,1500,2000")
     parser.add_argument("--points", type=int, default=400, help="RunEngine slow-down scan")
-    parser.add_argument("--repeats", type=int, default=3, help="RunEngine slow-down, best of")
+    parser.add_argument("--repeats", type=int, default=8, help="RunEngine slow-down, best of")
     parser.add_argument("--only", choices=("all", "runengine"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)  # also the simulated detector's, in every mode alike
     result = {"machine": machine(), "torch_threads": 1, "date": time.strftime("%Y-%m-%d"),
-              "command": "bench/live.py " + " ".join(sys.argv[1:])}
+              "command": "bench/live.py " + " ".join(sys.argv[1:]),
+              "os_nice": os.nice(0), "other_cpu_busy_cores_before": other_cpu_busy()}
     # CPU-bound simulated detector (no exposure time) and a 5 ms exposure, as at a beamline
     result["runengine"] = [runengine_slowdown(args.points, d, args.repeats)
                            for d in (0.0, 0.005)]
+    result["other_cpu_busy_cores_after_runengine"] = other_cpu_busy()
     print(json.dumps(result["runengine"], indent=2), flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
@@ -204,10 +239,16 @@ def main() -> None:
         live.close()
         print(sweep[-1], flush=True)
     followed = [r["rate"] for r in sweep if r["followed"]]
+    # the same in a thread of this process, for comparison (one rate, and the latency)
+    live = LiveReconstruction("default", batch_size=64, snapshot_every=256, torch_threads=1,
+                              max_queue=400, isolation="thread")
+    thread_sweep = feed(live, bl, frames, pos_m, 1000.0)
     result.update({
         "isolation": "process",
         "rate_sweep": sweep, "max_rate_followed_frames_per_s": max(followed, default=0),
         "latency": latency(bl, frames[:1000], pos_m[:1000], 200.0),
+        "thread": {"rate_1000": thread_sweep,
+                   "latency": latency(bl, frames[:1000], pos_m[:1000], 200.0, "thread")},
     })
     (out / "live.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

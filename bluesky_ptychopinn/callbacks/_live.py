@@ -70,13 +70,14 @@ class LiveReconstruction:
         Where the reconstruction runs. ``"process"``: a child process (started at once, in the
         background; about 1.5 s for the first one, which imports torch, then tens of ms)
         receives the documents through a queue; derived-run documents and the run state come
-        back and are emitted from a thread of this process. The RunEngine shares neither the
-        interpreter lock nor, with ``nice``, its core. If the process dies, open derived runs
-        are closed with ``"fail"`` and the next run starts a new process. ``"thread"``: no
-        process start, but the reconstruction competes with the RunEngine for the GIL.
+        back and are emitted from a thread of this process. The RunEngine does not share its
+        interpreter lock with the reconstruction (on a small machine they still share the
+        cores: docs/performance.md). If the process dies, open derived runs are closed with
+        ``"fail"`` and the next run starts a new process. ``"thread"``: no process start, but
+        the reconstruction competes with the RunEngine for the GIL.
     nice : int
-        ``"process"`` only: niceness added to the reconstruction process so the RunEngine wins
-        any contention for the CPU (0 to leave it).
+        ``"process"`` only: niceness added to the reconstruction process, so that the
+        RunEngine's process is scheduled first when both want a core (0 to leave it).
 
     Examples
     --------
