@@ -9,7 +9,7 @@ import signal
 
 import numpy as np
 import pytest
-import torch
+from _faults import FailingModel
 from bluesky import RunEngine
 
 from bluesky_ptychopinn.callbacks import LiveReconstruction
@@ -112,25 +112,10 @@ def test_a_killed_reconstruction_process_never_touches_the_scan(model):
     assert [d for n, d in derived if n == "stop"][-1]["exit_status"] == "success"
 
 
-class _FailingModel(torch.nn.Module):
-    """The default network with a fault injected: its second call raises (picklable, so it
-    also runs in the reconstruction process)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config, self.calls = inner, inner.config, 0
-
-    def forward_parts(self, counts, scale):
-        self.calls += 1
-        if self.calls == 2:
-            raise RuntimeError("injected fault")
-        return self.inner.forward_parts(counts, scale)
-
-
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 def test_an_exception_in_the_reconstruction_fails_only_the_derived_run(model, isolation):
-    live = LiveReconstruction(_FailingModel(model), batch_size=8, torch_threads=1,
-                              isolation=isolation)
+    faulty = FailingModel(model, fail_on_call=2, message="injected fault")
+    live = LiveReconstruction(faulty, batch_size=8, torch_threads=1, isolation=isolation)
     derived = _collect(live)
     raw = []
     RE = RunEngine(call_returns_result=True)

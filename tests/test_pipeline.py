@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 import pytest
-import torch
+from _faults import FailingModel
 from bluesky import RunEngine
 from bluesky.utils import RunEngineInterrupted
 from bluesky_tiled_plugins import TiledWriter
@@ -149,22 +149,9 @@ def test_pause_resume_and_abort_keep_both_runs_consistent(tiled, model):
     assert len(raw["primary"][bl.detector.image_key].read()) == state.frames_done >= 9
 
 
-class _FailingModel(torch.nn.Module):
-    """The default network with a fault injected: its third call raises (like an OOM)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.config, self.calls = inner, inner.config, 0
-
-    def forward_parts(self, counts, scale):
-        self.calls += 1
-        if self.calls == 3:
-            raise RuntimeError("CUDA out of memory (injected)")
-        return self.inner.forward_parts(counts, scale)
-
-
 def test_a_failure_inside_the_reconstruction_never_touches_the_scan(tiled, model):
-    live = LiveReconstruction(_FailingModel(model), batch_size=8, torch_threads=1)
+    faulty = FailingModel(model, fail_on_call=3, message="CUDA out of memory (injected)")
+    live = LiveReconstruction(faulty, batch_size=8, torch_threads=1)
     RE, client = _engine(tiled, live)
     bl = sim_beamline("cells", write_path=tiled.detector_dir, seed=5)
     result = _scan(bl, RE, n_side=6)

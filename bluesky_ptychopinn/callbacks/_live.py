@@ -23,17 +23,13 @@ import torch
 from event_model import RunRouter
 
 from ..errors import InvalidInputError
-from ._worker import RECONSTRUCTION_PLAN_NAME, RunState, RunWorker, WorkerSettings
+from ._worker import RECONSTRUCTION_PLAN_NAME, RunState, RunWorker, WorkerSettings, offer
 
 __all__ = ["LiveReconstruction", "RECONSTRUCTION_PLAN_NAME", "RunState"]
 
 logger = logging.getLogger(__name__)
 
 ISOLATION_MODES = ("process", "thread")
-
-
-def _rows(name: str, doc: dict) -> int:
-    return 1 if name == "event" else len(doc["seq_num"])
 
 
 class LiveReconstruction:
@@ -249,15 +245,8 @@ class _RunThread(threading.Thread):
 
     def enqueue(self, name: str, doc: dict) -> None:
         """RunEngine thread: hand a document over; never blocks unless asked to."""
-        if self.backpressure == "block" or name not in ("event", "event_page"):
-            self.queue.put((name, doc))
-            return
-        try:
-            self.queue.put_nowait((name, doc))
-        except queue.Full:
-            state = self.worker.state
-            with state.lock:
-                state.frames_skipped += _rows(name, doc)
+        offer(self.queue.put, self.queue.put_nowait, (name, doc), name, doc,
+              self.worker.state, self.backpressure)
 
     def run(self) -> None:
         worker = self.worker

@@ -28,13 +28,18 @@ from dataclasses import dataclass, field
 from event_model import compose_run, compose_stop
 
 from ..errors import PtychoError
-from ._worker import MIRRORED_FIELDS, RunState, RunWorker, WorkerSettings, derived_start_metadata
+from ._worker import (
+    MIRRORED_FIELDS,
+    RunState,
+    RunWorker,
+    WorkerSettings,
+    derived_start_metadata,
+    offer,
+)
 
 __all__ = ["ProcessBackend"]
 
 logger = logging.getLogger(__name__)
-
-_EVENT_DOCS = ("event", "event_page")
 
 
 def _context():
@@ -176,14 +181,8 @@ class ProcessBackend:
             return  # its derived run is already closed: nothing more to do for it
         state = run.state
         item = ("doc", state.raw_uid, name, doc, state.frames_skipped)
-        if self.owner.backpressure == "block" or name not in _EVENT_DOCS:
-            run.child.put(item)
-            return
-        try:
-            run.child.inbox.put_nowait(item)
-        except queue.Full:
-            with state.lock:
-                state.frames_skipped += 1 if name == "event" else len(doc["seq_num"])
+        offer(run.child.put, run.child.inbox.put_nowait, item, name, doc, state,
+              self.owner.backpressure)
 
     # -- receiver thread -----------------------------------------------------------------------
     def _receive(self, child: _Child) -> None:

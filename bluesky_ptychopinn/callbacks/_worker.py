@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -26,11 +27,12 @@ from ..recon._streaming import Snapshot, StreamingReconstructor
 from ._frames import FramePairer
 
 __all__ = ["RECONSTRUCTION_PLAN_NAME", "RunState", "RunWorker", "WorkerSettings",
-           "derived_start_metadata"]
+           "derived_start_metadata", "offer"]
 
 logger = logging.getLogger(__name__)
 
 RECONSTRUCTION_PLAN_NAME = "ptychopinn_reconstruction"
+_EVENT_DOCS = ("event", "event_page")
 
 
 @dataclass
@@ -364,3 +366,21 @@ class RunWorker:
         stop = self.bundle.compose_stop(exit_status=status, reason=reason)
         stop["ptychopinn"] = self.summary()  # extra keys are allowed in stop documents
         self.emit("stop", stop)
+
+
+def offer(put: Callable, put_nowait: Callable, item, name: str, doc: dict, state: RunState,
+          backpressure: str) -> None:
+    """Hand ``item`` to a worker's queue from the RunEngine thread, per the back-pressure policy.
+
+    Non-event documents, and everything under ``"block"``, go through ``put`` (which may wait).
+    Under ``"skip"`` an event document that finds the queue full is dropped for
+    reconstruction only and its rows are counted in ``state.frames_skipped``.
+    """
+    if backpressure == "block" or name not in _EVENT_DOCS:
+        put(item)
+        return
+    try:
+        put_nowait(item)
+    except queue.Full:
+        with state.lock:
+            state.frames_skipped += 1 if name == "event" else len(doc["seq_num"])
