@@ -66,7 +66,7 @@ class Job:
     seed: int = 0
 
 
-def _probes(scale: dict) -> dict:
+def _probes() -> dict:
     from bluesky_ptychopinn.physics import ExperimentGeometry, make_probe
 
     g = ExperimentGeometry()
@@ -97,7 +97,7 @@ def run_job(job: Job) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(job.seed)
     scale = job.scale
-    probes = _probes(scale)
+    probes = _probes()
     if job.own_experiment is not None:
         sample, seed = job.own_experiment
         ds = _test_experiment(sample, probes[job.probes[0]], seed, scale)
