@@ -151,3 +151,21 @@ def test_skipped_frames_are_counted_in_the_parent_and_reach_the_derived_stop(mod
     summary = derived[-1][1]["ptychopinn"]
     assert summary["frames_skipped"] == state.frames_skipped
     assert summary["frames_done"] == state.frames_done
+
+
+def test_an_unguarded_script_gets_an_error_that_says_how_to_fix_it(tmp_path):
+    # The reconstruction process re-imports the main script; at module level the callback
+    # would start a process from inside that bootstrap. The user must hear why, and the fix.
+    import subprocess
+    import sys
+
+    script = tmp_path / "beamline_script.py"
+    script.write_text("from bluesky_ptychopinn.callbacks import LiveReconstruction\n"
+                      "LiveReconstruction('default', torch_threads=1)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("bluesky_ptychopinn.errors.PtychoError")
+    assert "beamline_script.py" in last and 'if __name__ == "__main__":' in last
+    assert 'isolation="thread"' in last

@@ -21,6 +21,7 @@ import logging.handlers
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -211,6 +212,8 @@ class ProcessBackend:
             reason = f"the reconstruction process {child.process.pid} was killed by signal {-code}"
         else:
             reason = f"the reconstruction process {child.process.pid} exited (code {code})"
+            if not child.ready.is_set():
+                reason += _bootstrap_hint()
         child.reason = reason
         child.ready.set()
         self._fail_open_runs(child, reason)
@@ -301,6 +304,22 @@ class ProcessBackend:
             child.process.join(5)
         if child.thread is not None:
             child.thread.join(timeout)
+
+
+def _bootstrap_hint() -> str:
+    """Why a child that dies before loading the model most often does, when run from a file.
+
+    The fork server and ``spawn`` start the child by re-importing the main script (as
+    ``__mp_main__``); unguarded top-level code that makes a ``LiveReconstruction`` then tries
+    to start a process from inside that bootstrap, which multiprocessing refuses.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__file__", None) is None:  # IPython, python -c, notebooks: not this
+        return ""
+    return (f" before loading the model. If {os.path.basename(main.__file__)} makes the "
+            "LiveReconstruction at module level, move that code under "
+            "`if __name__ == \"__main__\":` (the reconstruction process re-imports the main "
+            "script), or pass isolation=\"thread\"")
 
 
 # -- the child process ---------------------------------------------------------------------------
