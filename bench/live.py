@@ -1,7 +1,7 @@
 """Live keep-up: how fast an acquisition the live callback follows, how much it slows the
 RunEngine, and the latency from a frame to its appearance in a Tiled snapshot.
 
-    .venv/bin/python bench/live.py [--frames 2000] [--points 400] [--repeats 3]
+    .venv/bin/python bench/live.py [--frames 2000] [--points 400] [--repeats 15]
 
 1. Rate sweep: real event-model documents (start with ``ptycho`` metadata, descriptor, event
    pages of 16 frames) are fed to ``LiveReconstruction`` (default isolation: a separate
@@ -10,8 +10,11 @@ RunEngine, and the latency from a frame to its appearance in a Tiled snapshot.
 2. RunEngine slow-down: the same step scan (simulated beamline, inline detector) without the
    callback, with it reconstructing in a thread of the RunEngine's process
    (``isolation="thread"``) and with it reconstructing in a separate process
-   (``isolation="process"``), interleaved in one invocation, best of ``--repeats``; after each
-   scan the reconstruction is allowed to finish so that it never overlaps the next timed scan.
+   (``isolation="process"``). Each configuration has its own process
+   (``bench/_scan_worker.py``); their scans are interleaved ``--repeats`` times and each
+   slow-down is the median of paired ratios (scan time / the scan without the callback in the
+   same repeat). After each scan the reconstruction is allowed to finish so that it never
+   overlaps the next timed scan.
    A control scan runs without the callback while another process spins on the other core:
    what any reconstruction on the same 2 cores costs, whatever its design.
    Once with a CPU-bound simulated detector (no exposure: the scan itself competes with the
@@ -91,55 +94,84 @@ ISOLATION_MODES = ("thread", "process")
 #: A control: no callback, but another process keeps one core busy (nice +5, like the
 #: reconstruction process): the floor of any reconstruction on the RunEngine's machine.
 BUSY_LOOP = "import os\nos.nice(5)\nwhile True:\n    pass"
+LABELS = ("without", "busy_core", *ISOLATION_MODES)
 
 
-def runengine_slowdown(points: int = 400, dead_time: float = 0.0, repeats: int = 8) -> dict:
+class _ScanWorker:
+    """A ``bench/_scan_worker.py`` process: one RunEngine configuration, scans on request."""
+
+    def __init__(self, isolation: str, points: int, exposure: float) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "_scan_worker.py"), "--isolation", isolation,
+             "--points", str(points), "--exposure", str(exposure)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"scan worker ({isolation}) did not start")
+
+    def scan(self) -> dict:
+        self.proc.stdin.write("scan\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(60)
+        except Exception:
+            self.proc.kill()
+
+
+def runengine_slowdown(points: int = 400, dead_time: float = 0.0, repeats: int = 15) -> dict:
+    """Scan time without the callback, with a busy core, and with each isolation mode.
+
+    Every configuration runs in its own process (``bench/_scan_worker.py``), set up before any
+    timing; the scans are interleaved, in an order that rotates from one repeat to the next.
+    A mode's slow-down is the median over the repeats of its scan time divided by the time of
+    the scan without the callback *in the same repeat* (paired, so that the machine's drift
+    between repeats cancels), with the 25th-75th percentile range.
+    """
     import subprocess
 
-    from bluesky import RunEngine
-
-    from bluesky_ptychopinn.plans import ptycho_scan
-
-    # One callback per mode, made (and its process started) before any timing.
-    lives = {mode: LiveReconstruction("default", batch_size=32, torch_threads=1, isolation=mode)
-             for mode in ISOLATION_MODES}
-    side = int(np.sqrt(points))
-    labels = ("without", "busy_core", *ISOLATION_MODES)
-    timings: dict[str, list[float]] = {label: [] for label in labels}
+    workers = {"without": _ScanWorker("none", points, dead_time)}
+    workers["busy_core"] = workers["without"]
+    for mode in ISOLATION_MODES:
+        workers[mode] = _ScanWorker(mode, points, dead_time)
+    timings: dict[str, list[float]] = {label: [] for label in LABELS}
     try:
-        for _ in range(repeats):
-            for label in labels:  # interleaved: a drift of the machine hits every mode alike
-                bl = sim_beamline("cells", write_path=None)
-                bl.detector.dead_time = dead_time  # an exposure: the RunEngine waits
-                RE = RunEngine()
-                live = lives.get(label)
-                if live is not None:
-                    RE.subscribe(live)
-                busy = (subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
-                        if label == "busy_core" else None)
-                dx = bl.pixel_size_m
-                t = time.perf_counter()
-                RE(ptycho_scan(bl.detector, bl.stage, geometry=bl.ptycho_metadata(),
-                               pattern="raster", extent_m=(4 * dx * (side - 1),) * 2,
-                               step_m=4 * dx))
-                timings[label].append(time.perf_counter() - t)
+        for repeat in range(repeats):
+            order = LABELS[repeat % len(LABELS):] + LABELS[:repeat % len(LABELS)]
+            for label in order:
+                busy = None
+                if label == "busy_core":
+                    busy = subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
+                    time.sleep(0.5)  # past its start-up: only the spinning overlaps the scan
+                result = workers[label].scan()
                 if busy is not None:
                     busy.kill()
                     busy.wait()
-                if live is not None:  # let it finish before the next timed scan
-                    state = live.wait(timeout=600)
-                    assert state.failed is None and state.frames_done == side * side, state
+                if label in ISOLATION_MODES:
+                    assert result["failed"] is None, result
+                    assert result["frames_done"] == result["points"], result
+                timings[label].append(result["seconds"])
     finally:
-        for live in lives.values():
-            live.close()
-    best = {label: min(v) for label, v in timings.items()}
-    median = {label: float(np.median(v)) for label, v in timings.items()}
-    return {"points": side * side, "exposure_s": dead_time, "repeats": repeats,
-            "seconds_all": timings, **{f"seconds_{label}": best[label] for label in labels},
-            "slowdown_percent": {label: 100 * (best[label] / best["without"] - 1)
-                                 for label in labels if label != "without"},
-            "slowdown_percent_median": {label: 100 * (median[label] / median["without"] - 1)
-                                        for label in labels if label != "without"}}
+        for label in ("without", *ISOLATION_MODES):
+            workers[label].close()
+    base = np.asarray(timings["without"])
+    ratios = {label: np.asarray(timings[label]) / base for label in LABELS if label != "without"}
+    return {"points": result["points"], "exposure_s": dead_time, "repeats": repeats,
+            "seconds_all": timings,
+            "seconds_median": {label: float(np.median(v)) for label, v in timings.items()},
+            "slowdown_percent": {label: 100 * float(np.median(r) - 1)
+                                 for label, r in ratios.items()},
+            "slowdown_percent_iqr": {label: [100 * float(np.percentile(r, q) - 1)
+                                             for q in (25, 75)]
+                                     for label, r in ratios.items()},
+            "slowdown_percent_best_of": {label: 100 * (min(timings[label]) / float(base.min())
+                                                       - 1)
+                                         for label in ratios}}
 
 
 def latency(bl, frames, pos_m, rate: float, isolation: str = "process") -> dict:
@@ -208,7 +240,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--rates", default="250,500,1000,1500,2000")
     parser.add_argument("--points", type=int, default=400, help="RunEngine slow-down scan")
-    parser.add_argument("--repeats", type=int, default=8, help="RunEngine slow-down, best of")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="RunEngine slow-down: interleaved repeats")
     parser.add_argument("--only", choices=("all", "runengine"), default="all")
     args = parser.parse_args()
     torch.set_num_threads(1)  # also the simulated detector's, in every mode alike

@@ -99,7 +99,8 @@ def test_a_killed_reconstruction_process_never_touches_the_scan(model):
         assert stops[0]["exit_status"] == "fail" and "signal 9" in stops[0]["reason"]
         # the parent's stop counts exactly the derived events the child got out before dying
         metrics = {d["uid"] for n, d in derived if n == "descriptor" and d["name"] == "metrics"}
-        sent = sum(1 for n, d in derived if n == "event" and d["descriptor"] in metrics)
+        sent = sum(1 if n == "event" else len(d["seq_num"]) for n, d in derived
+                   if n in ("event", "event_page") and d["descriptor"] in metrics)
         assert stops[0]["num_events"].get("metrics", 0) == sent
 
         # the next run gets a new process and is reconstructed normally
@@ -169,3 +170,37 @@ def test_an_unguarded_script_gets_an_error_that_says_how_to_fix_it(tmp_path):
     assert last.startswith("bluesky_ptychopinn.errors.PtychoError")
     assert "beamline_script.py" in last and 'if __name__ == "__main__":' in last
     assert 'isolation="thread"' in last
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_snapshots_and_metrics_are_published_at_most_once_per_interval(model, isolation):
+    # A consumer such as TiledWriter needs ~0.25 s per snapshot event: the derived run must
+    # not outpace it, yet lose no batch's metrics and keep the feedback snapshot fresh.
+    interval = 0.3
+    live = LiveReconstruction(model, batch_size=4, snapshot_every=4, torch_threads=1,
+                              publish_interval_s=interval, isolation=isolation)
+    docs = _collect(live)
+    RE = RunEngine()
+    RE.subscribe(live)
+    try:
+        _scan(RE, seed=5, n_side=10)
+        state = live.wait(timeout=120)
+    finally:
+        live.close()
+    assert state.failed is None and state.frames_done == 100
+    streams = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    snaps = [d for n, d in docs if n == "event" and streams[d["descriptor"]] == "snapshots"]
+    pages = [d for n, d in docs if n == "event_page" and streams[d["descriptor"]] == "metrics"]
+    times = np.array([d["time"] for d in snaps])
+    assert len(snaps) >= 2 and snaps[-1]["data"]["frames"] == 100
+    # every periodic snapshot at least one interval after the previous; the final is forced
+    assert (np.diff(times[:-1]) >= interval * 0.95).all(), np.diff(times)
+    assert len(snaps) < 100 // 4  # fewer than one per snapshot_every frames
+    rows = np.concatenate([p["data"]["batch_frames"] for p in pages])
+    assert rows.sum() == 100 and len(rows) == 25  # every batch's row, in fewer writes
+    assert len(pages) < len(rows)
+    assert np.concatenate([p["data"]["frames_done"] for p in pages])[-1] == 100
+    seqs = np.concatenate([p["seq_num"] for p in pages])
+    np.testing.assert_array_equal(seqs, np.arange(1, 26))
+    stop = [d for n, d in docs if n == "stop"][0]
+    assert stop["num_events"] == {"snapshots": len(snaps), "metrics": 25}

@@ -52,7 +52,8 @@ def _scan(bl, RE, n_side=8, **kw):
 
 @pytest.mark.parametrize("inline", [False, True], ids=["hdf5", "inline"])
 def test_raw_run_to_derived_run_read_back_from_tiled(tiled, model, inline):
-    live = LiveReconstruction("default", batch_size=16, snapshot_every=32, torch_threads=1)
+    live = LiveReconstruction("default", batch_size=16, snapshot_every=32, torch_threads=1,
+                              publish_interval_s=0.0)
     RE, client = _engine(tiled, live)
     bl = sim_beamline("cells", write_path=None if inline else tiled.detector_dir, seed=1)
     result = _scan(bl, RE)

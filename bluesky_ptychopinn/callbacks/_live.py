@@ -59,6 +59,12 @@ class LiveReconstruction:
         the reconstruction process only (default: all cores but one); with ``"thread"`` they
         are torch's process-wide setting, changed only when given. On a small machine shared
         with the RunEngine and a Tiled server, 1 thread avoids OpenMP oversubscription.
+    publish_interval_s : float
+        The derived run carries at most one snapshot event and one page of per-batch metrics
+        per this many seconds (plus the final ones): a Tiled writer spends a few hundred ms on
+        a snapshot of four images, and a fast scan must not leave it ever further behind.
+        The in-memory snapshot that feedback plans read (:meth:`latest`) is refreshed every
+        ``snapshot_every`` frames regardless.
     flush_after_s : float
         When no document arrives for this long (a pause, a feedback decision), the pending
         partial batch is reconstructed and a snapshot published.
@@ -97,6 +103,7 @@ class LiveReconstruction:
         canvas_margin_px: int = 8,
         torch_threads: int | None = None,
         flush_after_s: float = 0.2,
+        publish_interval_s: float = 0.5,
         isolation: str = "process",
         nice: int = 5,
     ) -> None:
@@ -125,7 +132,8 @@ class LiveReconstruction:
             }
         self.settings = WorkerSettings(
             batch_size=int(batch_size), snapshot_every=int(snapshot_every), device=device,
-            canvas_margin_px=int(canvas_margin_px), flush_after_s=float(flush_after_s))
+            canvas_margin_px=int(canvas_margin_px), flush_after_s=float(flush_after_s),
+            publish_interval_s=float(publish_interval_s))
         self.image_key = image_key
         self.positioner_keys = positioner_keys
         self.max_queue = int(max_queue)

@@ -259,6 +259,8 @@ class ProcessBackend:
             run.counters[doc["name"]] = 1
         elif name == "event" and doc["descriptor"] in run.streams:
             run.counters[run.streams[doc["descriptor"]]] += 1
+        elif name == "event_page" and doc["descriptor"] in run.streams:
+            run.counters[run.streams[doc["descriptor"]]] += len(doc["seq_num"])
         elif name == "stop":
             run.stopped = True
 

@@ -83,6 +83,7 @@ class WorkerSettings:
     device: str | None = None
     canvas_margin_px: int = 8
     flush_after_s: float = 0.2
+    publish_interval_s: float = 0.5
 
 
 def derived_start_metadata(start: dict, md: dict, model_info: dict) -> dict:
@@ -128,7 +129,11 @@ class RunWorker:
         self.recon: StreamingReconstructor | None = None
         self.bundle = None
         self.snapshot_bundle = self.metrics_bundle = None
-        self.since_snapshot = 0
+        self.since_snapshot = 0  # frames since the last *emitted* snapshot
+        self.state_frames = 0  # frames in the snapshot last handed to the RunState
+        self.last_snapshot_at = -math.inf  # monotonic time of the last emitted snapshot
+        self.metric_rows: list[tuple[float, dict]] = []
+        self.last_metrics_at = -math.inf
         self.exit_status = "success"
         self.reason = ""
         self.started_at = time.time()
@@ -163,6 +168,7 @@ class RunWorker:
                 self.recon.flush()
                 self.since_snapshot = max(self.since_snapshot, 1)
             self._snapshot()
+            self._publish_metrics()
         except Exception as exc:
             self._fail(f"{type(exc).__name__} while flushing: {exc}")
 
@@ -242,6 +248,7 @@ class RunWorker:
             if self.recon is not None:
                 self.recon.flush()
             self._snapshot(force=True)
+            self._publish_metrics(force=True)
 
     def _reconstruct(self, frames: np.ndarray, positions_m: np.ndarray) -> None:
         if self.recon is None:
@@ -292,9 +299,26 @@ class RunWorker:
         return keys
 
     def _snapshot(self, force: bool = False) -> None:
+        """Hand the stitched object to the RunState (feedback reads it) and, at most once per
+        ``publish_interval_s`` unless forced, emit it as a ``snapshots`` event.
+
+        The interval bounds what the derived run's consumers must absorb (a TiledWriter
+        spends a few hundred ms on an event of four images): without it a fast scan makes
+        them fall further and further behind, and the latest image on screen gets older.
+        """
         if self.recon is None or (self.since_snapshot == 0 and not force):
             return
-        snap = self.recon.snapshot()
+        snap = None
+        if force or self.state.snapshot is None or self.recon.n_frames != self.state_frames:
+            snap = self.recon.snapshot()
+            self.state_frames = snap.n_frames
+            with self.state.lock:
+                self.state.snapshot = snap
+                self.state.stats = snap.stats
+        now = time.monotonic()
+        if not force and now - self.last_snapshot_at < self.settings.publish_interval_s:
+            return
+        snap = snap or self.state.snapshot
         # The canvas can grow (a scan beyond its declared region); the stream keeps its shape.
         oy = int(round(self.state.canvas_origin_px[0] - snap.origin_px[0]))
         ox = int(round(self.state.canvas_origin_px[1] - snap.origin_px[1]))
@@ -311,16 +335,14 @@ class RunWorker:
             self.snapshot_bundle = self.bundle.compose_descriptor(
                 name="snapshots", data_keys=self._image_keys((h, w)))
             self.emit("descriptor", self.snapshot_bundle.descriptor_doc)
-        now = time.time()
         event = self.snapshot_bundle.compose_event(
-            data=data, timestamps=dict.fromkeys(data, now))
+            data=data, timestamps=dict.fromkeys(data, time.time()))
         self.emit("event", event)
-        with self.state.lock:
-            self.state.snapshot = snap
-            self.state.stats = snap.stats
+        self.last_snapshot_at = now
         self.since_snapshot = 0
 
     def _emit_metrics(self, n: int, latency: float) -> None:
+        """One row per reconstructed batch; rows go out as event pages (see _publish_metrics)."""
         stats = self.recon.stats()
         data = {
             "frames_done": self.state.frames_done,
@@ -330,14 +352,29 @@ class RunWorker:
             "batch_latency_s": latency,
             "frames_per_s": stats["frames_per_s"],
         }
+        self.metric_rows.append((time.time(), {k: float(v) for k, v in data.items()}))
+        self._publish_metrics()
+
+    def _publish_metrics(self, force: bool = False) -> None:
+        """Emit the pending per-batch rows as one ``metrics`` event page, at most once per
+        ``publish_interval_s`` unless forced: one write per interval for a consumer such as
+        TiledWriter instead of one per batch."""
+        if not self.metric_rows:
+            return
+        now = time.monotonic()
+        if not force and now - self.last_metrics_at < self.settings.publish_interval_s:
+            return
+        rows, self.metric_rows = self.metric_rows, []
         if self.metrics_bundle is None:
             keys = {k: {"source": "ptychopinn", "dtype": "number", "shape": [],
-                        "dtype_numpy": np.dtype(np.float64).str} for k in data}
+                        "dtype_numpy": np.dtype(np.float64).str} for k in rows[0][1]}
             self.metrics_bundle = self.bundle.compose_descriptor(name="metrics", data_keys=keys)
             self.emit("descriptor", self.metrics_bundle.descriptor_doc)
-        now = time.time()
-        self.emit("event", self.metrics_bundle.compose_event(
-            data={k: float(v) for k, v in data.items()}, timestamps=dict.fromkeys(data, now)))
+        times = [t for t, _ in rows]
+        data = {k: [row[k] for _, row in rows] for k in rows[0][1]}
+        self.emit("event_page", self.metrics_bundle.compose_event_page(
+            data=data, timestamps={k: times for k in data}, time=times))
+        self.last_metrics_at = now
 
     def summary(self) -> dict:
         """Counters for the derived stop document's ``ptychopinn`` entry."""
