@@ -202,7 +202,9 @@ def latency(bl, frames, pos_m, rate: float, isolation: str = "process") -> dict:
         feed(_Forward(clock, live), bl, frames, pos_m, rate)
         live.close()
     arr = np.asarray(stamps)
-    return {"rate": rate, "snapshots": len(arr), "latency_p50_s": float(np.percentile(arr, 50)),
+    return {"rate": rate, "snapshots": len(arr), "snapshot_every": live.snapshot_every,
+            "publish_interval_s": live.settings.publish_interval_s,
+            "latency_p50_s": float(np.percentile(arr, 50)),
             "latency_p99_s": float(np.percentile(arr, 99))}
 
 

@@ -105,9 +105,11 @@ def section() -> str:
             "the target refers to.",
         ]
     lines += [
-        "", f"Latency from a frame's acquisition to the Tiled snapshot containing it (snapshot "
-        f"every 64 frames, acquisition at {lat['rate']:.0f} frames/s, TiledWriter to the "
-        f"embedded server): p50 **{lat['latency_p50_s'] * 1e3:.0f} ms**, p99 "
+        "", "Latency from a frame's acquisition to the Tiled snapshot containing it (snapshot "
+        f"every {lat.get('snapshot_every', 64)} frames, at most one per "
+        f"{lat.get('publish_interval_s', 0):g} s, acquisition at {lat['rate']:.0f} frames/s, "
+        "TiledWriter to the embedded server; the latency of the newest frame in each snapshot, "
+        f"i.e. how old the image on screen is): p50 **{lat['latency_p50_s'] * 1e3:.0f} ms**, p99 "
         f"**{lat['latency_p99_s'] * 1e3:.0f} ms** ({lat['snapshots']} snapshots).",
     ]
     if "thread" in live:

@@ -180,5 +180,6 @@ def _print_summary(console: Console, summary: dict, png: Path, tiled, out: Path)
         "  from tiled.client import from_uri\n"
         "  c = from_uri('http://127.0.0.1:8000/api/v1',\n"
         f"               api_key=open('{out / 'tiled' / 'api_key'}').read().strip())\n"
-        f"  c['{summary['derived_uid']}']['snapshots']['object_phase'][-1]\n"
+        f"  c['{summary['derived_uid']}']['snapshots']['object_phase'][-1]\n",
+        soft_wrap=True,  # never break the code lines: they are meant to be copied
     )
