@@ -13,13 +13,15 @@ from .errors import InvalidInputError
 __all__ = ["run_reconstruction", "reconstruct_with_model", "score_against"]
 
 
-def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | None = None):
+def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | None = None,
+                           crop: int | None = None):
     """Reconstruct a dataset with a trained network through the streaming engine.
 
     Frames larger than the model's N are centre-cropped and positions re-expressed at the
     model's coarser pixel (the same boundary code as training). Returns the final
     :class:`~bluesky_ptychopinn.recon.Snapshot` on the dataset's object grid when the sizes
-    agree.
+    agree. ``crop``: the stitched central square of each predicted patch (default: the
+    :class:`~bluesky_ptychopinn.recon.StreamingReconstructor` default).
     """
     from .physics import crop_frames, rescale_positions
     from .recon import StreamingReconstructor
@@ -34,7 +36,7 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
         frames = crop_frames(frames, n)
     shape = ds.object.shape if ds.object is not None and frames.shape[-1] == n else None
     recon = StreamingReconstructor(model, object_shape=shape, batch_size=batch_size,
-                                   device=device)
+                                   device=device, crop=crop)
     recon.add(frames, positions)
     return recon.finish()
 
