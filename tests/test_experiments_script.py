@@ -35,3 +35,18 @@ def test_experiments_script_writes_every_table_and_figure(tmp_path):
     assert all(math.isfinite(v) and -1 <= v <= 1 for v in values)
     for figure in ("experiments_1_frc.png", "experiments_3_frc.png"):
         assert (tmp_path / "figures" / figure).stat().st_size > 10_000
+
+
+def test_crop_section_scores_the_same_network_with_every_crop(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "experiments" / "run.py"), "--scale", "smoke",
+         "--section", "crop", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = (tmp_path / "experiments" / "crop.md").read_text()
+    assert report.startswith("## 6. Stitching crop")
+    rows = [line for line in report.splitlines() if re.match(r"\| \d+", line)]
+    assert [int(r.split()[1]) for r in rows] == [16, 24, 32, 40]
+    for row in rows:
+        values = [float(v) for v in re.findall(r"-?\d\.\d{3}", row)]
+        assert len(values) == 3 and all(-1 <= v <= 1 for v in values)  # 2 samples + mean

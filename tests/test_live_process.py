@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -204,3 +206,38 @@ def test_snapshots_and_metrics_are_published_at_most_once_per_interval(model, is
     np.testing.assert_array_equal(seqs, np.arange(1, 26))
     stop = [d for n, d in docs if n == "stop"][0]
     assert stop["num_events"] == {"snapshots": len(snaps), "metrics": 25}
+
+
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+def test_a_blocked_subscriber_never_stalls_the_reconstruction(model, isolation):
+    # A TiledWriter spends ~0.3 s on a snapshot; the reconstruction must not wait for it.
+    # Here the subscriber blocks outright until released: every frame must still be done.
+    release = threading.Event()
+    delivered: list[str] = []
+
+    def blocked(name, doc):
+        release.wait(60)
+        delivered.append(name)
+
+    live = LiveReconstruction(model, batch_size=4, snapshot_every=4, torch_threads=1,
+                              publish_interval_s=0.0, isolation=isolation)
+    live.subscribe(blocked)
+    RE = RunEngine()
+    RE.subscribe(live)
+    try:
+        _scan(RE, seed=6, n_side=6)
+        state = live.latest()
+        deadline = time.monotonic() + 60
+        while state.frames_done < 36 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.frames_done == 36 and delivered == []
+        with pytest.raises(TimeoutError):  # finished means delivered: not yet
+            live.wait(timeout=0.5)
+        release.set()
+        live.wait(timeout=60)
+        # everything was delivered, in order, before wait() returned
+        assert delivered[0] == "start" and delivered[-1] == "stop"
+        assert delivered.count("stop") == 1 and len(delivered) > 10
+    finally:
+        release.set()
+        live.close()

@@ -23,6 +23,7 @@ import torch
 from event_model import RunRouter
 
 from ..errors import InvalidInputError
+from ._emitter import DocumentEmitter
 from ._worker import RECONSTRUCTION_PLAN_NAME, RunState, RunWorker, WorkerSettings, offer
 
 __all__ = ["LiveReconstruction", "RECONSTRUCTION_PLAN_NAME", "RunState"]
@@ -140,7 +141,7 @@ class LiveReconstruction:
         self.backpressure = backpressure
         self.isolation = isolation
         self._subscribers: list[Callable] = []
-        self._emit_lock = threading.Lock()
+        self._emitter = DocumentEmitter(self._subscribers)
         self.runs: dict[str, RunState] = {}
         self._router = RunRouter([self._factory])
         self._backend = None
@@ -170,12 +171,12 @@ class LiveReconstruction:
         return callback
 
     def _emit(self, name: str, doc: dict) -> None:
-        with self._emit_lock:
-            for callback in list(self._subscribers):
-                try:
-                    callback(name, doc)
-                except Exception:  # a broken consumer must not stop the others
-                    logger.exception("derived-run subscriber %r failed on %s", callback, name)
+        """Hand a derived-run document to the subscribers' thread (see ``_emitter``)."""
+        self._emitter.emit(name, doc)
+
+    def _after_emitted(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every derived document emitted so far has been delivered."""
+        self._emitter.then(action)
 
     # -- the RunEngine side -----------------------------------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
@@ -201,7 +202,8 @@ class LiveReconstruction:
             return [self._backend.open_run(start, md, state)], []
         worker = RunWorker(self.model, self.model_info, self.settings, start, md, state,
                            self._emit)
-        driver = _RunThread(worker, self.max_queue, self.backpressure)
+        driver = _RunThread(worker, self.max_queue, self.backpressure,
+                            done=lambda: self._after_emitted(state.finished.set))
         driver.start()
         return [driver.enqueue], []
 
@@ -230,11 +232,14 @@ class LiveReconstruction:
     def close(self, timeout: float = 10.0) -> None:
         """Stop the reconstruction process after it has finished the runs it holds.
 
-        Runs still open after ``timeout`` seconds are closed with ``"fail"``. A no-op with
-        ``isolation="thread"`` (its threads end with their runs).
+        Runs still open after ``timeout`` seconds are closed with ``"fail"``. Derived
+        documents already emitted are delivered to the subscribers before this returns.
+        With ``isolation="thread"`` the run threads end with their runs; documents they emit
+        after this are delivered in their own thread.
         """
         if self._backend is not None:
             self._backend.close(timeout)
+        self._emitter.close(timeout)
 
     def __enter__(self) -> LiveReconstruction:
         return self
@@ -246,9 +251,10 @@ class LiveReconstruction:
 class _RunThread(threading.Thread):
     """``isolation="thread"``: a worker thread per run, fed by a queue."""
 
-    def __init__(self, worker: RunWorker, max_queue: int, backpressure: str):
+    def __init__(self, worker: RunWorker, max_queue: int, backpressure: str,
+                 done: Callable[[], None]):
         super().__init__(name=f"ptychopinn-{worker.state.raw_uid[:8]}", daemon=True)
-        self.worker, self.backpressure = worker, backpressure
+        self.worker, self.backpressure, self.done = worker, backpressure, done
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
 
     def enqueue(self, name: str, doc: dict) -> None:
@@ -266,4 +272,4 @@ class _RunThread(threading.Thread):
                 continue
             if worker.handle(name, doc):
                 break
-        worker.state.finished.set()
+        self.done()

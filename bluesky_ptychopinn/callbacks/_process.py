@@ -248,7 +248,7 @@ class ProcessBackend:
         elif kind == "finished":
             run.closed = True
             self._open.pop(run.state.raw_uid, None)
-            run.state.finished.set()
+            self.owner._after_emitted(run.state.finished.set)
 
     @staticmethod
     def _track(run: _OpenRun, name: str, doc: dict) -> None:
@@ -289,7 +289,7 @@ class ProcessBackend:
             finally:
                 run.closed = True
                 self._open.pop(state.raw_uid, None)
-                state.finished.set()
+                self.owner._after_emitted(state.finished.set)
 
     # -- lifetime ------------------------------------------------------------------------------
     def close(self, timeout: float = 10.0) -> None:

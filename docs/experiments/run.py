@@ -66,6 +66,7 @@ class Job:
     test_probes: tuple[str, ...] = ("zone_plate",)
     scale: dict = field(default_factory=dict)
     seed: int = 0
+    other_crops: tuple[int, ...] = ()  # also score with these stitching crops (section crop)
 
 
 def _probes() -> dict:
@@ -131,7 +132,7 @@ def run_job(job: Job) -> dict:
 
         target = Path(os.environ["EXPERIMENTS_SAVE_DIR"]) / job.key.replace(" ", "_")
         save_model(result.model, target, provenance={"experiment_job": job.key, "steps": job.steps})
-    scores = {}
+    scores, crop_scores = {}, {}
     for probe in job.test_probes:
         for sample, seed in TESTS:
             ds = _test_experiment(sample, probes[probe], seed, scale)
@@ -145,7 +146,12 @@ def run_job(job: Job) -> dict:
                 "phase_1.0": float(s["frc_auc_1.0_phase"]),
                 "curve": (np.asarray(s["frc_phase"].freq), np.asarray(s["frc_phase"].frc)),
             }
-    return {"key": job.key, "scores": scores, "seconds": seconds,
+            for crop in job.other_crops:
+                snap = reconstruct_with_model(ds, result.model, device=scale["device"],
+                                              crop=crop)
+                s = score_against(snap.object, ds.object, snap.weight)
+                crop_scores[(crop, probe, sample)] = float(s["frc_auc_0.5_phase"])
+    return {"key": job.key, "scores": scores, "crop_scores": crop_scores, "seconds": seconds,
             "patterns": int(sum(len(e.counts) for e in experiments)), "groups": len(data),
             "epochs": epochs, "steps": config.max_batches_per_epoch * epochs,
             "final_loss": result.history[-1]["loss"] if result.history else math.nan}
@@ -196,6 +202,38 @@ def budget_report(result: dict, scale: dict) -> str:
               [[result["key"], *_cells(result, "zone_plate"),
                 f"{_mean(result, 'zone_plate', 'amplitude'):.3f}", result["steps"],
                 f"{result['seconds'] / 60:.1f} min"]]), ""])
+
+
+CROPS = (16, 24, 32, 40)
+
+
+def crop_jobs(scale: dict) -> list[Job]:
+    """6. Stitching crop: the PS model of experiment 1 (same seed, so the same network),
+    scored with several stitching crops."""
+    job = Job("PS", ("zone_plate",), steps=scale["steps"][0],
+              other_crops=tuple(c for c in CROPS if c != STITCH_CROP))
+    job.scale = scale
+    return [job]
+
+
+def crop_report(result: dict, scale: dict) -> str:
+    samples = [s for s, _ in TESTS]
+    rows = []
+    for crop in CROPS:
+        if crop == STITCH_CROP:
+            values = [result["scores"][("zone_plate", s)]["phase"] for s in samples]
+        else:
+            values = [result["crop_scores"][(crop, "zone_plate", s)] for s in samples]
+        label = f"{crop}" + (" (N/2, the paper's; the tables above)" if crop == STITCH_CROP
+                             else " (3N/8, the product default)" if crop == 24 else "")
+        rows.append([label, *[f"{v:.3f}" for v in values], f"**{np.mean(values):.3f}**"])
+    return "\n".join([
+        "## 6. Stitching crop", "",
+        "The PS model of experiment 1 (same data and seed: the same network), its predicted "
+        "patches stitched with different central crops (tent taper; `run.py --section crop`). "
+        "The same comparison for the shipped default model over 12 held-out experiments is in "
+        "docs/models.md.", "",
+        table(["crop (px of 64)", *[f"{s} phase" for s in samples], "mean phase"], rows), ""])
 
 
 def table(header, rows) -> str:
@@ -308,9 +346,10 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--workers", type=int, default=2,
                         help="models trained at once (one torch thread each)")
-    parser.add_argument("--section", choices=("main", "budget"), default="main",
+    parser.add_argument("--section", choices=("main", "budget", "crop"), default="main",
                         help="main: experiments 1-4 -> experiments.md; budget: experiment 5 -> "
-                        "experiments/budget.md (included in experiments.md when present)")
+                        "experiments/budget.md; crop: experiment 6 -> experiments/crop.md "
+                        "(both included in experiments.md when present)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs",
                         help="where experiments.md and figures/ go")
     parser.add_argument("--discussion", type=Path,
@@ -325,11 +364,13 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {}
-    if args.section == "budget":
+    if args.section in ("budget", "crop"):
+        jobs, write = ((budget_jobs, budget_report) if args.section == "budget"
+                       else (crop_jobs, crop_report))
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            (result,) = pool.map(run_job, budget_jobs(scale))
-        md = budget_report(result, scale)
-        target = args.out / "experiments" / "budget.md"
+            (result,) = pool.map(run_job, jobs(scale))
+        md = write(result, scale)
+        target = args.out / "experiments" / f"{args.section}.md"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(md)
         print(md)
@@ -344,9 +385,10 @@ def main() -> None:
                               for (p, s), v in result["scores"].items()), flush=True)
     seconds = time.perf_counter() - start
     md = report(results, args.scale, scale, seconds, figures, machine())
-    budget = args.out / "experiments" / "budget.md"
-    if budget.is_file() and args.scale != "smoke":
-        md += "\n" + budget.read_text()
+    for section in ("budget", "crop"):
+        extra = args.out / "experiments" / f"{section}.md"
+        if extra.is_file() and args.scale != "smoke":
+            md += "\n" + extra.read_text()
     if args.discussion.is_file() and args.scale != "smoke":
         md += "\n" + args.discussion.read_text()
     (args.out / "experiments.md").write_text(md)

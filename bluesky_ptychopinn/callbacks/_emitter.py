@@ -1,0 +1,92 @@
+"""Delivery of derived-run documents to the subscribers, on a thread of its own.
+
+A subscriber such as ``TiledWriter`` spends a few hundred milliseconds on a snapshot event.
+Called from the reconstruction (its thread, or the thread that receives from its process), it
+would stall the reconstruction for that long: frames pile up and every later snapshot is older.
+Here the reconstruction only enqueues; one thread delivers, in order, to every subscriber.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+__all__ = ["DocumentEmitter"]
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class DocumentEmitter:
+    """FIFO of ``(name, doc)`` delivered to subscribers by one daemon thread.
+
+    Parameters
+    ----------
+    subscribers : list of callable
+        ``callback(name, doc)``; read at delivery time, so later subscriptions count.
+    """
+
+    def __init__(self, subscribers: list[Callable]) -> None:
+        self.subscribers = subscribers
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="ptychopinn-emitter",
+                                        daemon=True)
+        self._thread.start()
+
+    def emit(self, name: str, doc: dict) -> None:
+        """Queue a document for every subscriber (never blocks; after :meth:`close`, deliver
+        it at once in the caller's thread: nothing is dropped)."""
+        self._put((name, doc))
+
+    def then(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every document queued so far has been delivered (e.g. to mark a
+        run finished only when its stop document has reached the subscribers)."""
+        self._put(action)
+
+    def _put(self, item) -> None:
+        with self._lock:
+            if not self._closed:
+                self._queue.put(item)
+                return
+        self._handle(item)
+
+    @property
+    def backlog(self) -> int:
+        """Items not yet delivered."""
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Deliver what is queued, then stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            self._handle(item)
+
+    def _handle(self, item) -> None:
+        if callable(item):
+            try:
+                item()
+            except Exception:
+                logger.exception("derived-run emitter: %r failed", item)
+        else:
+            name, doc = item
+            for callback in list(self.subscribers):
+                try:
+                    callback(name, doc)
+                except Exception:  # a broken consumer must not stop the others
+                    logger.exception("derived-run subscriber %r failed on %s", callback,
+                                     name)
