@@ -81,6 +81,7 @@ def run_demo(
                 md={"sample": sample, "purpose": "bluesky-ptychopinn demo"}))
             scan_seconds = time.perf_counter() - t_scan
             state = live.wait(timeout=120)
+        live.close()  # the reconstruction process is done with this session
         raw_uid = result.run_start_uids[0]
         summary_plan = result.plan_result
         # Read everything back from Tiled: the demo shows the stored results, not memory.

@@ -19,8 +19,21 @@ def _pyplot():
     return plt
 
 
-def _show(ax, image, title, cmap="gray"):
-    im = ax.imshow(image, cmap=cmap, interpolation="nearest")
+def _robust_limits(image: np.ndarray, mask: np.ndarray | None = None,
+                   percent: float = 1.0) -> tuple[float, float] | None:
+    """Colour limits from the 1st-99th percentiles inside ``mask`` (default: non-zero pixels),
+    so that a few edge pixels of a stitched object do not wash out its interior."""
+    values = image[mask] if mask is not None else image[image != 0]
+    values = values[np.isfinite(values)]
+    if values.size < 16:
+        return None
+    lo, hi = np.percentile(values, [percent, 100 - percent])
+    return (float(lo), float(hi)) if hi > lo else None
+
+
+def _show(ax, image, title, cmap="gray", limits=None):
+    vmin, vmax = limits if limits is not None else (None, None)
+    im = ax.imshow(image, cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -132,12 +145,21 @@ def demo_figure(
     coloured by feedback iteration (0 = coarse overview)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 5, figsize=(19, 4.0))
-    _show(axes[0], np.angle(recon), "live reconstruction: phase (rad)", "cividis")
-    _show(axes[1], np.abs(recon), "amplitude", "gray")
+    covered = np.abs(recon) > 0
+    phase = np.angle(recon)
+    if covered.any() and truth.shape == recon.shape:
+        # ptychography fixes the phase only up to a constant: show it on the truth's offset
+        offset = np.angle(np.sum(truth[covered] * np.conj(recon[covered])))
+        phase = np.where(covered, np.angle(recon * np.exp(1j * offset)), 0.0)
+    phase_limits = _robust_limits(phase, covered) or (None, None)
+    _show(axes[0], phase, "live reconstruction: phase (rad)", "cividis", phase_limits)
+    _show(axes[1], np.abs(recon), "amplitude", "gray", _robust_limits(np.abs(recon), covered))
     _show(axes[2], np.angle(truth), "hidden truth: phase", "cividis")
-    _show(axes[3], uncertainty, "uncertainty (overlap variance)", "viridis")
+    _show(axes[3], uncertainty, "uncertainty (overlap variance)", "viridis",
+          _robust_limits(uncertainty, covered))
     ax = axes[4]
-    ax.imshow(np.angle(recon), cmap="gray", interpolation="nearest")
+    ax.imshow(phase, cmap="gray", interpolation="nearest", vmin=phase_limits[0],
+              vmax=phase_limits[1])
     sc = ax.scatter(scan_px[:, 1], scan_px[:, 0], c=iterations, s=6, cmap="plasma")
     ax.set_title("scan path (colour = feedback iteration)", fontsize=9)
     ax.set_xticks([])
