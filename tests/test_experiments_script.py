@@ -50,3 +50,18 @@ def test_crop_section_scores_the_same_network_with_every_crop(tmp_path):
     for row in rows:
         values = [float(v) for v in re.findall(r"-?\d\.\d{3}", row)]
         assert len(values) == 3 and all(-1 <= v <= 1 for v in values)  # 2 samples + mean
+
+
+def test_data_section_reports_both_crops_for_both_budgets(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "experiments" / "run.py"), "--scale", "smoke",
+         "--section", "data", "--workers", "1", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = (tmp_path / "experiments" / "data.md").read_text()
+    assert report.startswith("## 7. Training data")
+    rows = [line for line in report.splitlines() if line.startswith("| PS ")]
+    assert len(rows) == 2
+    for row in rows:
+        values = [float(v) for v in re.findall(r"-?\d\.\d{3}", row)]
+        assert len(values) == 6 and all(-1 <= v <= 1 for v in values)  # 2 crops x (2 + mean)

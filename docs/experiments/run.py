@@ -236,6 +236,45 @@ def crop_report(result: dict, scale: dict) -> str:
         table(["crop (px of 64)", *[f"{s} phase" for s in samples], "mean phase"], rows), ""])
 
 
+DATA_FACTOR = 4
+
+
+def data_jobs(scale: dict) -> list[Job]:
+    """7. Training data: the PS model of experiment 1 with 4 times as many synthetic objects
+    per class, for the same number of steps and for 3 times as many."""
+    more = {**scale, "objects": DATA_FACTOR * scale["objects"]}
+    jobs = [Job(f"PS {DATA_FACTOR}x objects", ("zone_plate",), steps=scale["steps"][0],
+                other_crops=(24,)),
+            Job(f"PS {DATA_FACTOR}x objects, x{BUDGET_FACTOR} steps", ("zone_plate",),
+                steps=BUDGET_FACTOR * scale["steps"][0], other_crops=(24,))]
+    for job in jobs:
+        job.scale = more
+    return jobs
+
+
+def data_report(results: list[dict], scale: dict) -> str:
+    samples = [s for s, _ in TESTS]
+    rows = []
+    for r in results:
+        n32 = [r["scores"][("zone_plate", s)]["phase"] for s in samples]
+        n24 = [r["crop_scores"][(24, "zone_plate", s)] for s in samples]
+        rows.append([r["key"], DATA_FACTOR * scale["objects"], r["patterns"], r["steps"],
+                     *[f"{v:.3f}" for v in n32], f"**{np.mean(n32):.3f}**",
+                     *[f"{v:.3f}" for v in n24], f"**{np.mean(n24):.3f}**",
+                     f"{r['seconds'] / 60:.1f} min"])
+    return "\n".join([
+        "## 7. Training data", "",
+        f"The PS model of experiment 1 trained on {DATA_FACTOR} times as many synthetic objects "
+        f"per class ({DATA_FACTOR * scale['objects']} instead of {scale['objects']}), for the "
+        f"same number of steps and for {BUDGET_FACTOR} times as many (`run.py --section data`),"
+        " scored with the paper's N/2 crop and with the product default 3N/8. Compare with PS "
+        "(sections 1, 5 and 6).", "",
+        table(["model", "objects per class", "training patterns", "steps",
+               *[f"{s} phase (N/2)" for s in samples], "mean (N/2)",
+               *[f"{s} phase (3N/8)" for s in samples], "mean (3N/8)", "train time"], rows),
+        ""])
+
+
 def table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -346,10 +385,12 @@ def main() -> None:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--workers", type=int, default=2,
                         help="models trained at once (one torch thread each)")
-    parser.add_argument("--section", choices=("main", "budget", "crop"), default="main",
+    parser.add_argument("--section", choices=("main", "budget", "crop", "data"),
+                        default="main",
                         help="main: experiments 1-4 -> experiments.md; budget: experiment 5 -> "
-                        "experiments/budget.md; crop: experiment 6 -> experiments/crop.md "
-                        "(both included in experiments.md when present)")
+                        "experiments/budget.md; crop: experiment 6 -> experiments/crop.md; "
+                        "data: experiment 7 -> experiments/data.md (each included in "
+                        "experiments.md when present)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs",
                         help="where experiments.md and figures/ go")
     parser.add_argument("--discussion", type=Path,
@@ -364,6 +405,15 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {}
+    if args.section == "data":
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(run_job, data_jobs(scale)))
+        md = data_report(results, scale)
+        target = args.out / "experiments" / "data.md"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(md)
+        print(md)
+        return
     if args.section in ("budget", "crop"):
         jobs, write = ((budget_jobs, budget_report) if args.section == "budget"
                        else (crop_jobs, crop_report))
@@ -385,7 +435,7 @@ def main() -> None:
                               for (p, s), v in result["scores"].items()), flush=True)
     seconds = time.perf_counter() - start
     md = report(results, args.scale, scale, seconds, figures, machine())
-    for section in ("budget", "crop"):
+    for section in ("budget", "crop", "data"):
         extra = args.out / "experiments" / f"{section}.md"
         if extra.is_file() and args.scale != "smoke":
             md += "\n" + extra.read_text()
