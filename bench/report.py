@@ -29,7 +29,10 @@ def section() -> str:
         f"**{inf['streaming_frames_per_s']:.0f} frames/s** of 64x64 through the streaming "
         f"engine (network + 4-quadrant grouping + stitching, {inf['frames']} frames); "
         "target >= 1,000",
-        f"- bare network: {inf['network_groups_per_s']:.0f} groups of 4 frames per second",
+        f"- bare network: {inf['network_groups_per_s']:.0f} groups of 4 frames per second "
+        "in the channels_last layout the engine uses; "
+        f"{inf.get('network_groups_per_s_contiguous', float('nan')):.0f} in torch's default "
+        "layout, same run",
         f"- batch latency p50: {inf['batch_latency_p50_s'] * 1e3:.0f} ms for {inf['batch']} "
         "frames", "",
         "## Live keep-up (`bench/live.py`)", "",
