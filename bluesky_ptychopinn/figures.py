@@ -19,21 +19,21 @@ def _pyplot():
     return plt
 
 
-def _robust_limits(image: np.ndarray, mask: np.ndarray | None = None,
-                   percent: float = 1.0) -> tuple[float, float] | None:
-    """Colour limits from the 1st-99th percentiles inside ``mask`` (default: non-zero pixels),
-    so that a few edge pixels of a stitched object do not wash out its interior."""
-    values = image[mask] if mask is not None else image[image != 0]
+def _robust_limits(image: np.ndarray, mask: np.ndarray,
+                   percent: float = 1.0) -> tuple[float | None, float | None]:
+    """Colour limits from the 1st-99th percentiles inside ``mask``, so that a few edge pixels
+    of a stitched object do not wash out its interior; ``(None, None)`` (autoscale) when the
+    mask holds too little."""
+    values = image[mask]
     values = values[np.isfinite(values)]
     if values.size < 16:
-        return None
+        return None, None
     lo, hi = np.percentile(values, [percent, 100 - percent])
-    return (float(lo), float(hi)) if hi > lo else None
+    return (float(lo), float(hi)) if hi > lo else (None, None)
 
 
-def _show(ax, image, title, cmap="gray", limits=None):
-    vmin, vmax = limits if limits is not None else (None, None)
-    im = ax.imshow(image, cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+def _show(ax, image, title, cmap="gray", limits=(None, None)):
+    im = ax.imshow(image, cmap=cmap, interpolation="nearest", vmin=limits[0], vmax=limits[1])
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -151,7 +151,7 @@ def demo_figure(
         # ptychography fixes the phase only up to a constant: show it on the truth's offset
         offset = np.angle(np.sum(truth[covered] * np.conj(recon[covered])))
         phase = np.where(covered, np.angle(recon * np.exp(1j * offset)), 0.0)
-    phase_limits = _robust_limits(phase, covered) or (None, None)
+    phase_limits = _robust_limits(phase, covered)
     _show(axes[0], phase, "live reconstruction: phase (rad)", "cividis", phase_limits)
     _show(axes[1], np.abs(recon), "amplitude", "gray", _robust_limits(np.abs(recon), covered))
     _show(axes[2], np.angle(truth), "hidden truth: phase", "cividis")

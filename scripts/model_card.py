@@ -44,42 +44,39 @@ def main() -> None:
     geometry = ExperimentGeometry()
     rows = []
     figure_done = False
-    for probe in probes:
-        for sample in SAMPLES:
-            ds = simulate_experiment(sample, make_probe(probe, 64, geometry.object_pixel_size_m,
-                                                        geometry.energy_ev),
-                                     object_shape=(192, 192), overlap=0.75, photons=1e6, seed=7)
-            start = time.perf_counter()
-            snap = reconstruct_with_model(ds, model, device="cpu")
-            seconds = time.perf_counter() - start
-            scores = score_against(snap.object, ds.object, snap.weight)
-            rows.append({"probe": probe, "sample": sample, "frames": len(ds.positions_px),
-                         "frc_auc_0.5_phase": scores["frc_auc_0.5_phase"],
-                         "frc_auc_0.5_amplitude": scores["frc_auc_0.5_amplitude"],
-                         "frames_per_s": len(ds.positions_px) / seconds})
-            if not figure_done and sample == "siemens_star":
-                reconstruction_figure(
-                    ROOT / "docs" / "figures" / "default_model_star.png", snap.object,
-                    truth=ds.object, probe=ds.probe,
-                    frc={"phase": (scores["frc_phase"].freq, scores["frc_phase"].frc)},
-                    threshold=(scores["frc_phase"].freq, scores["threshold"]),
-                    title=f"default model, {probe} probe, Siemens star (never seen in training)",
-                    extra={"uncertainty": snap.uncertainty})
-                figure_done = True
-            print(rows[-1], flush=True)
-    write_card(card, rows, crop_study(model, probes, geometry), args)
+    held_out = {(probe, sample): simulate_experiment(
+                    sample, make_probe(probe, 64, geometry.object_pixel_size_m,
+                                       geometry.energy_ev),
+                    object_shape=(192, 192), overlap=0.75, photons=1e6, seed=7)
+                for probe in probes for sample in SAMPLES}
+    for (probe, sample), ds in held_out.items():
+        start = time.perf_counter()
+        snap = reconstruct_with_model(ds, model, device="cpu")
+        seconds = time.perf_counter() - start
+        scores = score_against(snap.object, ds.object, snap.weight)
+        rows.append({"probe": probe, "sample": sample, "frames": len(ds.positions_px),
+                     "frc_auc_0.5_phase": scores["frc_auc_0.5_phase"],
+                     "frc_auc_0.5_amplitude": scores["frc_auc_0.5_amplitude"],
+                     "frames_per_s": len(ds.positions_px) / seconds})
+        if not figure_done and sample == "siemens_star":
+            reconstruction_figure(
+                ROOT / "docs" / "figures" / "default_model_star.png", snap.object,
+                truth=ds.object, probe=ds.probe,
+                frc={"phase": (scores["frc_phase"].freq, scores["frc_phase"].frc)},
+                threshold=(scores["frc_phase"].freq, scores["threshold"]),
+                title=f"default model, {probe} probe, Siemens star (never seen in training)",
+                extra={"uncertainty": snap.uncertainty})
+            figure_done = True
+        print(rows[-1], flush=True)
+    write_card(card, rows, crop_study(model, list(held_out.values())), args)
 
 
 #: Stitching crops compared (px of a 64-px patch); N/2 = 32 is the paper's.
 CROPS = (16, 20, 24, 28, 32, 40, 48)
 
 
-def crop_study(model, probes, geometry) -> dict[int, float]:
+def crop_study(model, datasets: list) -> dict[int, float]:
     """Mean held-out phase FRC-AUC for each stitching crop (same data as the main table)."""
-    datasets = [simulate_experiment(sample, make_probe(probe, 64, geometry.object_pixel_size_m,
-                                                       geometry.energy_ev),
-                                    object_shape=(192, 192), overlap=0.75, photons=1e6, seed=7)
-                for probe in probes for sample in SAMPLES]
     means = {}
     for crop in CROPS:
         scores = []
@@ -142,8 +139,9 @@ def write_card(card: dict, rows: list[dict], crops: dict[int, float], args) -> N
               "doubled the mean held-out phase FRC-AUC of an otherwise identical model trained "
               "on the paper's full-contrast objects (0.16 -> 0.27, both measured with this "
               "script when it stitched the paper's central N/2; the crop table below is why "
-              "the default is now 3N/8). Reaching the paper's ~0.5-0.6 needs a wider network trained longer "
-              "(a GPU job: `scripts/train_default_model.py --base-width 32 --epochs 40`).", "",
+              "the default is now 3N/8). Reaching the paper's ~0.5-0.6 needs a wider network "
+              "trained longer (a GPU job: "
+              "`scripts/train_default_model.py --base-width 32 --epochs 40`).", "",
               "![default model on a Siemens star](figures/default_model_star.png)", "",
               "### Stitching crop",
               "",

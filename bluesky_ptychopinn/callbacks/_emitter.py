@@ -55,11 +55,6 @@ class DocumentEmitter:
                 return
         self._handle(item)
 
-    @property
-    def backlog(self) -> int:
-        """Items not yet delivered."""
-        return self._queue.qsize()
-
     def close(self, timeout: float = 30.0) -> None:
         """Deliver what is queued, then stop the thread."""
         with self._lock:

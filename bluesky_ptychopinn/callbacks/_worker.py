@@ -130,7 +130,6 @@ class RunWorker:
         self.bundle = None
         self.snapshot_bundle = self.metrics_bundle = None
         self.since_snapshot = 0  # frames since the last *emitted* snapshot
-        self.state_frames = 0  # frames in the snapshot last handed to the RunState
         self.last_snapshot_at = -math.inf  # monotonic time of the last emitted snapshot
         self.metric_rows: list[tuple[float, dict]] = []
         self.last_metrics_at = -math.inf
@@ -308,17 +307,15 @@ class RunWorker:
         """
         if self.recon is None or (self.since_snapshot == 0 and not force):
             return
-        snap = None
-        if force or self.state.snapshot is None or self.recon.n_frames != self.state_frames:
+        snap = self.state.snapshot
+        if force or snap is None or snap.n_frames != self.recon.n_frames:
             snap = self.recon.snapshot()
-            self.state_frames = snap.n_frames
             with self.state.lock:
                 self.state.snapshot = snap
                 self.state.stats = snap.stats
         now = time.monotonic()
         if not force and now - self.last_snapshot_at < self.settings.publish_interval_s:
             return
-        snap = snap or self.state.snapshot
         # The canvas can grow (a scan beyond its declared region); the stream keeps its shape.
         oy = int(round(self.state.canvas_origin_px[0] - snap.origin_px[0]))
         ox = int(round(self.state.canvas_origin_px[1] - snap.origin_px[1]))

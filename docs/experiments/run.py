@@ -191,7 +191,8 @@ def budget_jobs(scale: dict) -> list[Job]:
     return [job]
 
 
-def budget_report(result: dict, scale: dict) -> str:
+def budget_report(results: list[dict], scale: dict) -> str:
+    (result,) = results
     samples = [s for s, _ in TESTS]
     return "\n".join([
         "## 5. Training budget", "",
@@ -216,7 +217,8 @@ def crop_jobs(scale: dict) -> list[Job]:
     return [job]
 
 
-def crop_report(result: dict, scale: dict) -> str:
+def crop_report(results: list[dict], scale: dict) -> str:
+    (result,) = results
     samples = [s for s, _ in TESTS]
     rows = []
     for crop in CROPS:
@@ -273,6 +275,11 @@ def data_report(results: list[dict], scale: dict) -> str:
                *[f"{s} phase (N/2)" for s in samples], "mean (N/2)",
                *[f"{s} phase (3N/8)" for s in samples], "mean (3N/8)", "train time"], rows),
         ""])
+
+
+#: --section name -> (jobs, report); each writes experiments/<name>.md
+EXTRA_SECTIONS = {"budget": (budget_jobs, budget_report), "crop": (crop_jobs, crop_report),
+                  "data": (data_jobs, data_report)}
 
 
 def table(header, rows) -> str:
@@ -405,21 +412,11 @@ def main() -> None:
     figures.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = {}
-    if args.section == "data":
+    if args.section != "main":
+        jobs, write = EXTRA_SECTIONS[args.section]
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(run_job, data_jobs(scale)))
-        md = data_report(results, scale)
-        target = args.out / "experiments" / "data.md"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(md)
-        print(md)
-        return
-    if args.section in ("budget", "crop"):
-        jobs, write = ((budget_jobs, budget_report) if args.section == "budget"
-                       else (crop_jobs, crop_report))
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-            (result,) = pool.map(run_job, jobs(scale))
-        md = write(result, scale)
+            results = list(pool.map(run_job, jobs(scale)))
+        md = write(results, scale)
         target = args.out / "experiments" / f"{args.section}.md"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(md)
