@@ -65,3 +65,21 @@ def test_data_section_reports_both_crops_for_both_budgets(tmp_path):
     for row in rows:
         values = [float(v) for v in re.findall(r"-?\d\.\d{3}", row)]
         assert len(values) == 6 and all(-1 <= v <= 1 for v in values)  # 2 crops x (2 + mean)
+
+
+def test_long_section_takes_its_models_from_the_command_line(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "experiments" / "run.py"), "--scale", "smoke",
+         "--section", "long", "--long", "2x1,1x2", "--workers", "1", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = (tmp_path / "experiments" / "long.md").read_text()
+    assert report.startswith("## 8. Longer training")
+    rows = [line for line in report.splitlines() if line.startswith("| PS ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["PS 2x objects", "PS 1x objects, x2 steps"]
+    # smoke scale: 1 object per class, steps (6, ...) -> 2 objects and 12 steps
+    assert [int(r.split("|")[2]) for r in rows] == [2, 1]
+    assert [int(r.split("|")[4]) for r in rows] == [6, 12]
+    for row in rows:
+        values = [float(v) for v in re.findall(r"-?\d\.\d{3}", row)]
+        assert len(values) == 6 and all(-1 <= v <= 1 for v in values)

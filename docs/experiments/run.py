@@ -238,48 +238,75 @@ def crop_report(results: list[dict], scale: dict) -> str:
         table(["crop (px of 64)", *[f"{s} phase" for s in samples], "mean phase"], rows), ""])
 
 
-DATA_FACTOR = 4
+#: (objects factor, steps factor) of section 7's models: 4x objects, same and 3x steps
+DATA_RUNS = ((4, 1), (4, BUDGET_FACTOR))
+#: section 8's models; `--long 4x5,8x4` on the command line
+LONG_RUNS = ((4, 5), (8, 4))
 
 
-def data_jobs(scale: dict) -> list[Job]:
-    """7. Training data: the PS model of experiment 1 with 4 times as many synthetic objects
-    per class, for the same number of steps and for 3 times as many."""
-    more = {**scale, "objects": DATA_FACTOR * scale["objects"]}
-    jobs = [Job(f"PS {DATA_FACTOR}x objects", ("zone_plate",), steps=scale["steps"][0],
-                other_crops=(24,)),
-            Job(f"PS {DATA_FACTOR}x objects, x{BUDGET_FACTOR} steps", ("zone_plate",),
-                steps=BUDGET_FACTOR * scale["steps"][0], other_crops=(24,))]
-    for job in jobs:
-        job.scale = more
+def _scaled_ps_jobs(scale: dict, runs: tuple[tuple[int, int], ...]) -> list[Job]:
+    """The PS model of experiment 1 with ``objects`` times the synthetic objects per class and
+    ``steps`` times the steps, for each (objects, steps) pair, scored with N/2 and 3N/8."""
+    jobs = []
+    for objects, steps in runs:
+        key = f"PS {objects}x objects" + (f", x{steps} steps" if steps != 1 else "")
+        job = Job(key, ("zone_plate",), steps=steps * scale["steps"][0], other_crops=(24,))
+        job.scale = {**scale, "objects": objects * scale["objects"]}
+        jobs.append(job)
     return jobs
 
 
-def data_report(results: list[dict], scale: dict) -> str:
+def _scaled_ps_table(results: list[dict], runs: tuple[tuple[int, int], ...],
+                     scale: dict) -> str:
     samples = [s for s, _ in TESTS]
     rows = []
-    for r in results:
+    for (objects, _), r in zip(runs, results, strict=True):
         n32 = [r["scores"][("zone_plate", s)]["phase"] for s in samples]
         n24 = [r["crop_scores"][(24, "zone_plate", s)] for s in samples]
-        rows.append([r["key"], DATA_FACTOR * scale["objects"], r["patterns"], r["steps"],
+        rows.append([r["key"], objects * scale["objects"], r["patterns"], r["steps"],
                      *[f"{v:.3f}" for v in n32], f"**{np.mean(n32):.3f}**",
                      *[f"{v:.3f}" for v in n24], f"**{np.mean(n24):.3f}**",
                      f"{r['seconds'] / 60:.1f} min"])
+    return table(["model", "objects per class", "training patterns", "steps",
+                  *[f"{s} phase (N/2)" for s in samples], "mean (N/2)",
+                  *[f"{s} phase (3N/8)" for s in samples], "mean (3N/8)", "train time"], rows)
+
+
+def data_jobs(scale: dict) -> list[Job]:
+    """7. Training data: PS with 4 times as many synthetic objects per class, for the same
+    number of steps and for 3 times as many."""
+    return _scaled_ps_jobs(scale, DATA_RUNS)
+
+
+def data_report(results: list[dict], scale: dict) -> str:
+    factor = DATA_RUNS[0][0]
     return "\n".join([
         "## 7. Training data", "",
-        f"The PS model of experiment 1 trained on {DATA_FACTOR} times as many synthetic objects "
-        f"per class ({DATA_FACTOR * scale['objects']} instead of {scale['objects']}), for the "
+        f"The PS model of experiment 1 trained on {factor} times as many synthetic objects "
+        f"per class ({factor * scale['objects']} instead of {scale['objects']}), for the "
         f"same number of steps and for {BUDGET_FACTOR} times as many (`run.py --section data`),"
         " scored with the paper's N/2 crop and with the product default 3N/8. Compare with PS "
         "(sections 1, 5 and 6).", "",
-        table(["model", "objects per class", "training patterns", "steps",
-               *[f"{s} phase (N/2)" for s in samples], "mean (N/2)",
-               *[f"{s} phase (3N/8)" for s in samples], "mean (3N/8)", "train time"], rows),
-        ""])
+        _scaled_ps_table(results, DATA_RUNS, scale), ""])
+
+
+def long_jobs(scale: dict) -> list[Job]:
+    """8. Longer training: PS with more objects and more steps than section 7 (LONG_RUNS)."""
+    return _scaled_ps_jobs(scale, LONG_RUNS)
+
+
+def long_report(results: list[dict], scale: dict) -> str:
+    return "\n".join([
+        "## 8. Longer training", "",
+        "The PS model of experiment 1 with more synthetic objects per class and more steps "
+        "than section 7 (`run.py --section long`; one model per worker, one torch thread "
+        "each), scored with the paper's N/2 crop and with the product default 3N/8.", "",
+        _scaled_ps_table(results, LONG_RUNS, scale), ""])
 
 
 #: --section name -> (jobs, report); each writes experiments/<name>.md
 EXTRA_SECTIONS = {"budget": (budget_jobs, budget_report), "crop": (crop_jobs, crop_report),
-                  "data": (data_jobs, data_report)}
+                  "data": (data_jobs, data_report), "long": (long_jobs, long_report)}
 
 
 def table(header, rows) -> str:
@@ -388,16 +415,19 @@ def report(results: dict, scale_name: str, scale: dict, seconds: float, figures:
 
 
 def main() -> None:
+    global LONG_RUNS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--workers", type=int, default=2,
                         help="models trained at once (one torch thread each)")
-    parser.add_argument("--section", choices=("main", "budget", "crop", "data"),
-                        default="main",
+    parser.add_argument("--section", choices=("main", *EXTRA_SECTIONS), default="main",
                         help="main: experiments 1-4 -> experiments.md; budget: experiment 5 -> "
                         "experiments/budget.md; crop: experiment 6 -> experiments/crop.md; "
-                        "data: experiment 7 -> experiments/data.md (each included in "
-                        "experiments.md when present)")
+                        "data: experiment 7 -> experiments/data.md; long: experiment 8 -> "
+                        "experiments/long.md (each included in experiments.md when present)")
+    parser.add_argument("--long", default=None, metavar="OxS,...",
+                        help="section long's models as objects-factor x steps-factor pairs "
+                        "(default: " + ",".join(f"{o}x{s}" for o, s in LONG_RUNS) + ")")
     parser.add_argument("--out", type=Path, default=ROOT / "docs",
                         help="where experiments.md and figures/ go")
     parser.add_argument("--discussion", type=Path,
@@ -407,6 +437,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from core import machine
 
+    if args.long:  # module global: the report reads it back when it labels the rows
+        LONG_RUNS = tuple(tuple(int(v) for v in pair.split("x")) for pair in args.long.split(","))
     scale = SCALES[args.scale]
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -432,7 +464,7 @@ def main() -> None:
                               for (p, s), v in result["scores"].items()), flush=True)
     seconds = time.perf_counter() - start
     md = report(results, args.scale, scale, seconds, figures, machine())
-    for section in ("budget", "crop", "data"):
+    for section in EXTRA_SECTIONS:
         extra = args.out / "experiments" / f"{section}.md"
         if extra.is_file() and args.scale != "smoke":
             md += "\n" + extra.read_text()
