@@ -11,6 +11,11 @@
 3. Object-class effect: one model per synthetic class, with the classes' spectral slopes.
 4. Ablation: C = 1 vs C = 4 random order vs C = 4 fixed quadrant order.
 
+Extra sections, each a separate run (``--section budget|crop|data|long``) whose table lands in
+docs/experiments/<section>.md and is included in experiments.md: 5. PS with 3x the steps,
+6. stitching crops, 7. 4x the synthetic objects, 8. longer training (``--long 4x5,8x4``: objects
+factor x steps factor per model; about 85 min on 2 cores).
+
 Every model of one experiment gets the same number of optimiser steps (the same compute), so a
 model trained on more data sees each pattern fewer times. Models train in parallel worker
 processes (one torch thread each). Every number in docs/experiments.md comes from this script.
