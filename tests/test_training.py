@@ -48,6 +48,18 @@ def test_unsupervised_training_reduces_the_physics_loss():
     assert result.patterns_per_s > 0
 
 
+def test_progress_prints_one_line_per_epoch_when_output_is_not_a_terminal(capsys):
+    data = GroupedSamples([_experiment(0)], channels=1, grouping="single")
+    model = ptychopinn(frame_size=32, channels=1, base_width=4, depth=2)
+    train(model, data, TrainConfig(epochs=2, batch_size=8, max_batches_per_epoch=2,
+                                   progress=True))
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all("loss" in line and "patt/s" in line and "ETA" in line for line in lines)
+    assert lines[-1].endswith("ETA 00:00:00")
+
+
 def test_training_is_deterministic_with_a_seed():
     data = GroupedSamples([_experiment(0)], channels=1, grouping="single")
     runs = []

@@ -265,8 +265,11 @@ def train(
                 for key in ("loss", "val_loss", "lr", "patterns_per_s"):
                     writer.add_scalar(key, record[key], epoch + 1)
             _append_csv(config.log_csv, record, rank)
-            progress.update(task, advance=1, status=f"loss {record['loss']:.4f} "
-                            f"val {val:.4f} {record['patterns_per_s']:.0f} patt/s")
+            status = (f"loss {record['loss']:.4f} val {val:.4f} "
+                      f"{record['patterns_per_s']:.0f} patt/s")
+            progress.update(task, advance=1, status=status)
+            _log_epoch_line(progress, epoch + 1, total_epochs, status, busy / (
+                epoch + 1 - start_epoch))
             monitored = val if n_val else record["loss"]
             if monitored < best_val:
                 best_val, bad_epochs = monitored, 0
@@ -335,6 +338,17 @@ def _progress(enabled: bool):
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not enabled,
     )
+
+
+def _log_epoch_line(progress, epoch: int, total: int, status: str, epoch_s: float) -> None:
+    """One plain line per epoch when the output is not a terminal (nohup, batch-job logs),
+    where rich draws no live bar and a long run would otherwise print nothing until it ends."""
+    if progress.disable or progress.console.is_terminal:
+        return
+    remaining = (total - epoch) * epoch_s
+    progress.console.print(f"epoch {epoch}/{total}: {status}, "
+                           f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}",
+                           highlight=False, soft_wrap=True)
 
 
 def seed_everything(seed: int) -> None:
