@@ -71,7 +71,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     provenance = {
         "recipe": "scripts/train_default_model.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+            f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, (list, tuple))
+                                           else str(v))
+            for k, v in vars(args).items() if k != "out"),
         "training_data": {
             "kind": "probe-centric synthetic (simulated in memory)",
             "geometry": {"energy_ev": geometry.energy_ev,
