@@ -139,7 +139,10 @@ def write_card(card: dict, rows: list[dict], crops: dict[int, float], args) -> N
               "doubled the mean held-out phase FRC-AUC of an otherwise identical model trained "
               "on the paper's full-contrast objects (0.16 -> 0.27, both measured with this "
               "script when it stitched the paper's central N/2; the crop table below is why "
-              "the default is now 3N/8). Reaching the paper's ~0.5-0.6 needs a wider network "
+              "the default is now 3N/8). Twice the synthetic objects per class (4 instead of 2,"
+              " 3.1x the training time) then raised it from 0.304 to 0.335 with the 3N/8 crop "
+              "(both measured with this script; docs/experiments.md sections 7-8 show the "
+              "same effect for PS). Reaching the paper's ~0.5-0.6 needs a wider network "
               "trained longer (a GPU job: "
               "`scripts/train_default_model.py --base-width 32 --epochs 40`).", "",
               "![default model on a Siemens star](figures/default_model_star.png)", "",

@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--finetune-epochs", type=int, default=2)
-    parser.add_argument("--objects-per-class", type=int, default=2)
+    parser.add_argument("--objects-per-class", type=int, default=4)
     parser.add_argument("--base-width", type=int, default=8)
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
