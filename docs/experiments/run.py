@@ -30,6 +30,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -157,6 +158,7 @@ def run_job(job: Job) -> dict:
                 s = score_against(snap.object, ds.object, snap.weight)
                 crop_scores[(crop, probe, sample)] = float(s["frc_auc_0.5_phase"])
     return {"key": job.key, "scores": scores, "crop_scores": crop_scores, "seconds": seconds,
+            "objects_per_class": job.scale["objects"],
             "patterns": int(sum(len(e.counts) for e in experiments)), "groups": len(data),
             "epochs": epochs, "steps": config.max_batches_per_epoch * epochs,
             "final_loss": result.history[-1]["loss"] if result.history else math.nan}
@@ -261,14 +263,13 @@ def _scaled_ps_jobs(scale: dict, runs: tuple[tuple[int, int], ...]) -> list[Job]
     return jobs
 
 
-def _scaled_ps_table(results: list[dict], runs: tuple[tuple[int, int], ...],
-                     scale: dict) -> str:
+def _scaled_ps_table(results: list[dict]) -> str:
     samples = [s for s, _ in TESTS]
     rows = []
-    for (objects, _), r in zip(runs, results, strict=True):
+    for r in results:
         n32 = [r["scores"][("zone_plate", s)]["phase"] for s in samples]
         n24 = [r["crop_scores"][(24, "zone_plate", s)] for s in samples]
-        rows.append([r["key"], objects * scale["objects"], r["patterns"], r["steps"],
+        rows.append([r["key"], r["objects_per_class"], r["patterns"], r["steps"],
                      *[f"{v:.3f}" for v in n32], f"**{np.mean(n32):.3f}**",
                      *[f"{v:.3f}" for v in n24], f"**{np.mean(n24):.3f}**",
                      f"{r['seconds'] / 60:.1f} min"])
@@ -292,12 +293,12 @@ def data_report(results: list[dict], scale: dict) -> str:
         f"same number of steps and for {BUDGET_FACTOR} times as many (`run.py --section data`),"
         " scored with the paper's N/2 crop and with the product default 3N/8. Compare with PS "
         "(sections 1, 5 and 6).", "",
-        _scaled_ps_table(results, DATA_RUNS, scale), ""])
+        _scaled_ps_table(results), ""])
 
 
-def long_jobs(scale: dict) -> list[Job]:
-    """8. Longer training: PS with more objects and more steps than section 7 (LONG_RUNS)."""
-    return _scaled_ps_jobs(scale, LONG_RUNS)
+def long_jobs(scale: dict, runs: tuple[tuple[int, int], ...] = LONG_RUNS) -> list[Job]:
+    """8. Longer training: PS with more objects and more steps than section 7."""
+    return _scaled_ps_jobs(scale, runs)
 
 
 def long_report(results: list[dict], scale: dict) -> str:
@@ -306,7 +307,7 @@ def long_report(results: list[dict], scale: dict) -> str:
         "The PS model of experiment 1 with more synthetic objects per class and more steps "
         "than section 7 (`run.py --section long`; one model per worker, one torch thread "
         "each), scored with the paper's N/2 crop and with the product default 3N/8.", "",
-        _scaled_ps_table(results, LONG_RUNS, scale), ""])
+        _scaled_ps_table(results), ""])
 
 
 #: --section name -> (jobs, report); each writes experiments/<name>.md
@@ -420,7 +421,6 @@ def report(results: dict, scale_name: str, scale: dict, seconds: float, figures:
 
 
 def main() -> None:
-    global LONG_RUNS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--workers", type=int, default=2,
@@ -442,8 +442,6 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from core import machine
 
-    if args.long:  # module global: the report reads it back when it labels the rows
-        LONG_RUNS = tuple(tuple(int(v) for v in pair.split("x")) for pair in args.long.split(","))
     scale = SCALES[args.scale]
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -451,6 +449,9 @@ def main() -> None:
     results = {}
     if args.section != "main":
         jobs, write = EXTRA_SECTIONS[args.section]
+        if args.section == "long" and args.long:
+            runs = tuple(tuple(int(v) for v in pair.split("x")) for pair in args.long.split(","))
+            jobs = partial(long_jobs, runs=runs)
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
             results = list(pool.map(run_job, jobs(scale)))
         md = write(results, scale)
