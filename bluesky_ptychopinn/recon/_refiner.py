@@ -1,0 +1,663 @@
+"""The streaming iterative refiner: rPIE over the frames received so far, beside the network.
+
+The network gives an image from the first frames at a constant cost per frame; iterative
+ptychography gives a better one once frames overlap. :class:`StreamingRefiner` keeps every
+frame's amplitude and runs batched rPIE (or ePIE) passes over them while more arrive, refining
+object and probe; :class:`RefinerThread` runs it on a time budget in the background and keeps the
+latest :class:`RefinedSnapshot` for whoever publishes it.
+
+Where to start is decided per run from the data: the flat object, the network's stitched
+object, or the network's object with its low spatial frequencies removed. Each candidate gets
+one trial pass over the frames so far and the one with the lowest Fourier-magnitude residual
+(:func:`~bluesky_ptychopinn.recon.amplitude_residual`, no ground truth needed) is continued.
+Why not always the network: its stitched object carries low-frequency errors (a phase offset
+between regions, a slow amplitude ramp) that rPIE's local updates remove only slowly, so a seed
+that looks better can converge to a worse image (docs/performance.md, "Where to start").
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from ..errors import InvalidInputError
+from ._options import PIEOptions
+from ._pie import _check_probe, _pie_batch, _resolve_device
+from ._residual import amplitude_residual, place_on_canvas
+
+__all__ = ["RefinedSnapshot", "RefinerThread", "StreamingRefiner", "START_CHOICES"]
+
+logger = logging.getLogger(__name__)
+
+#: Accepted values of ``start``: ``"auto"`` lets the residual choose among the others.
+START_CHOICES = ("auto", "flat", "network", "network_highpass")
+
+_CHUNK = 1024  # frames per block of the amplitude store
+
+
+@dataclass
+class RefinedSnapshot:
+    """The refined state at one moment.
+
+    Attributes
+    ----------
+    object : numpy.ndarray
+        complex64 (H, W) refined object on the refiner's canvas (ones where nothing was seen).
+    probe : numpy.ndarray
+        complex64 (M, N, N) refined probe, unit norm.
+    photon_scale : float
+        Photons per frame carried by the probe (intensity = scale * |F(P O)|^2).
+    error : float
+        Normalised Fourier-magnitude residual of the last full pass (see
+        :attr:`StreamingRefiner.error`).
+    epochs : float
+        Passes over the frames so far (fractional while a pass is under way).
+    n_frames : int
+        Frames the refiner holds.
+    origin_px : tuple of float
+        Object-pixel coordinate of canvas pixel (0, 0).
+    start : str
+        How the object was started (``flat``, ``network`` or ``network_highpass``).
+    start_residuals : dict
+        Residual of each candidate start after its trial pass.
+    busy_s : float
+        Seconds spent refining so far.
+    """
+
+    object: np.ndarray
+    probe: np.ndarray
+    photon_scale: float
+    error: float
+    epochs: float
+    n_frames: int
+    origin_px: tuple[float, float]
+    start: str = "flat"
+    start_residuals: dict = field(default_factory=dict)
+    busy_s: float = 0.0
+
+    @property
+    def amplitude(self) -> np.ndarray:
+        return np.abs(self.object).astype(np.float32)
+
+    @property
+    def phase(self) -> np.ndarray:
+        return np.angle(self.object).astype(np.float32)
+
+
+class _AmplitudeStore:
+    """Frame amplitudes in fixed-size blocks: appending never copies what is stored."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = size, device
+        self.blocks: list[torch.Tensor] = []
+        self.n = 0
+
+    def append(self, amplitudes: torch.Tensor) -> None:
+        done = 0
+        while done < len(amplitudes):
+            if self.n == len(self.blocks) * _CHUNK:
+                self.blocks.append(torch.empty((_CHUNK, self.size, self.size),
+                                               dtype=torch.float32, device=self.device))
+            block, offset = divmod(self.n, _CHUNK)
+            take = min(_CHUNK - offset, len(amplitudes) - done)
+            self.blocks[block][offset : offset + take] = amplitudes[done : done + take]
+            self.n += take
+            done += take
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks) == 1:
+            return self.blocks[0][index]
+        block, offset = index // _CHUNK, index % _CHUNK
+        out = torch.empty((len(index), self.size, self.size), dtype=torch.float32,
+                          device=self.device)
+        for b in torch.unique(block).tolist():
+            sel = block == b
+            out[sel] = self.blocks[b][offset[sel]]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks)
+
+
+class StreamingRefiner:
+    """Batched rPIE over a growing set of frames, one time slice at a time.
+
+    Parameters
+    ----------
+    probe : array_like
+        (N, N) or (M, N, N) probe at the object pixel size, any norm: the run's known probe, or
+        a guess (then keep ``options.probe_update``).
+    object_shape : (int, int)
+        Initial canvas; grown (with ones) when a position falls outside.
+    origin_px : (float, float)
+        Object-pixel coordinate of canvas pixel (0, 0), as in
+        :class:`~bluesky_ptychopinn.recon.StreamingReconstructor`.
+    options : PIEOptions, optional
+        Engine, batch size, alphas, probe refinement, seed, device (``n_epochs`` is the default
+        epoch limit of :meth:`run`).
+    start : {"auto", "flat", "network", "network_highpass"}
+        Starting object. ``"auto"``: trial each candidate (the network ones only if
+        :meth:`offer_seed` was called) and continue with the lowest residual.
+    min_frames : int
+        Frames needed before the first update (fewer do not overlap enough to refine).
+    max_frames : int
+        Frames held at most (4 bytes per detector pixel each: 16 KB at 64 px). Later frames are
+        counted in :attr:`frames_dropped` and not refined, so no scan can exhaust memory.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bluesky_ptychopinn.physics import make_probe, simulate_diffraction
+    >>> from bluesky_ptychopinn.recon import PIEOptions, StreamingRefiner
+    >>> probe = make_probe("zone_plate", 32, 40e-9, 8_800)
+    >>> yy, xx = np.mgrid[:96, :96]
+    >>> truth = np.exp(0.5j * np.sin(yy / 6) * np.cos(xx / 5)).astype(np.complex64)
+    >>> pos = np.stack(np.meshgrid(np.arange(24, 73, 4.0), np.arange(24, 73, 4.0)), -1)
+    >>> pos = pos.reshape(-1, 2)
+    >>> counts = simulate_diffraction(truth, probe, pos, photons=1e6, poisson=False).counts
+    >>> refiner = StreamingRefiner(probe, object_shape=(96, 96),
+    ...                            options=PIEOptions(device="cpu", probe_update=False))
+    >>> refiner.add(counts, pos)
+    169
+    >>> final = refiner.run(max_epochs=10)
+    >>> final.error < 0.05
+    True
+    """
+
+    def __init__(
+        self,
+        probe,
+        *,
+        object_shape: tuple[int, int],
+        origin_px: tuple[float, float] = (0.0, 0.0),
+        options: PIEOptions | None = None,
+        start: str = "auto",
+        min_frames: int = 16,
+        max_frames: int = 65_536,
+    ) -> None:
+        self.options = PIEOptions(progress=False) if options is None else options
+        self.options.validate()
+        if start not in START_CHOICES:
+            raise InvalidInputError(f"start: one of {START_CHOICES}, got {start!r}")
+        self.device = _resolve_device(self.options.device)
+        probe_t = torch.as_tensor(np.asarray(probe) if not torch.is_tensor(probe) else probe)
+        self.frame_size = int(probe_t.shape[-1])
+        self.probe = _check_probe(probe_t, self.frame_size).to(self.device)  # unit norm for now
+        self.photon_scale: float | None = self.options.photons_per_frame
+        self.alphas = self.options.resolved_alphas()
+        self.start_choice = start
+        self.start: str | None = None
+        self.start_residuals: dict[str, float] = {}
+        self.min_frames, self.max_frames = int(min_frames), int(max_frames)
+        self.origin = np.asarray(origin_px, dtype=np.float64)
+        self.obj = torch.ones(tuple(int(s) for s in object_shape), dtype=torch.complex64,
+                              device=self.device)
+        self._store = _AmplitudeStore(self.frame_size, self.device)
+        self._positions = np.zeros((0, 2), dtype=np.float64)  # object pixels (not canvas)
+        self._pos_t = torch.zeros((0, 2), dtype=torch.float32, device=self.device)
+        self._measured = torch.zeros(0, dtype=torch.float64)  # sum |a|^2 per frame
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._lock = threading.Lock()
+        self._unseen: collections.deque[int] = collections.deque()
+        self._order = torch.zeros(0, dtype=torch.int64)
+        self._cursor = 0
+        self._generator = torch.Generator().manual_seed(int(self.options.seed or 0))
+        self._seed: tuple[np.ndarray, np.ndarray, tuple[float, float]] | None = None
+        self.passes = 0  # completed passes over all frames held at their start
+        self._visited = 0  # frames updated in the current pass
+        self._pass_error = self._pass_measured = 0.0
+        self.error = math.nan
+        self.error_history: list[float] = []
+        self.frames_dropped = 0
+        self.busy_s = 0.0
+
+    # -- input (any thread) ------------------------------------------------------------------
+    def add(self, frames, positions_px) -> int:
+        """Queue frames (n, N, N) counts at probe centres (n, 2) object pixels; thread-safe.
+
+        Returns the number of frames held or queued. Frames beyond ``max_frames`` are dropped
+        and counted in :attr:`frames_dropped`.
+        """
+        counts = np.asarray(frames, dtype=np.float32)
+        if counts.ndim == 2:
+            counts = counts[None]
+        pos = np.asarray(positions_px, dtype=np.float64).reshape(-1, 2)
+        n = self.frame_size
+        if counts.ndim != 3 or counts.shape[1:] != (n, n) or len(pos) != len(counts):
+            raise InvalidInputError(
+                f"frames: expected (n, {n}, {n}) with n positions, got {counts.shape} and "
+                f"{len(pos)} positions"
+            )
+        if not (np.isfinite(counts).all() and np.isfinite(pos).all()) or (counts < 0).any():
+            raise InvalidInputError("frames and positions must be finite, counts >= 0")
+        with self._lock:
+            queued = self._store.n + sum(len(p) for _, p in self._pending)
+            room = max(self.max_frames - queued, 0)
+            if room < len(pos):
+                self.frames_dropped += len(pos) - room
+                counts, pos = counts[:room], pos[:room]
+            if len(pos):
+                self._pending.append((counts, pos))
+            return queued + len(pos)
+
+    def offer_seed(self, obj: np.ndarray, weight: np.ndarray,
+                   origin_px: tuple[float, float]) -> None:
+        """The network's stitched object (and its coverage) as a candidate start; thread-safe.
+
+        Only the latest offer before the first update is used.
+        """
+        with self._lock:
+            self._seed = (np.asarray(obj), np.asarray(weight), tuple(origin_px))
+
+    @property
+    def n_frames(self) -> int:
+        return self._store.n
+
+    @property
+    def epochs(self) -> float:
+        """Completed passes plus the fraction of the current one."""
+        return self.passes + (self._visited / self._store.n if self._store.n else 0.0)
+
+    @property
+    def ready(self) -> bool:
+        """Enough frames (held or queued) for an update."""
+        with self._lock:
+            return self._store.n + sum(len(p) for _, p in self._pending) >= self.min_frames
+
+    # -- canvas ------------------------------------------------------------------------------
+    def _canvas(self, positions: np.ndarray) -> np.ndarray:
+        """Canvas coordinates of ``positions``, growing the canvas (with ones) if needed."""
+        half = self.frame_size / 2
+        local = positions - self.origin
+        lo = np.floor(local.min(axis=0) - half - 1)
+        hi = np.ceil(local.max(axis=0) + half + 2)
+        shape = np.array(self.obj.shape)
+        pad_lo = np.maximum(-lo, 0).astype(int)
+        pad_hi = np.maximum(hi - shape, 0).astype(int)
+        if pad_lo.any() or pad_hi.any():
+            # Grow by a frame more than needed so a drifting scan does not regrow every batch.
+            pad_lo = np.where(pad_lo > 0, pad_lo + self.frame_size, 0)
+            pad_hi = np.where(pad_hi > 0, pad_hi + self.frame_size, 0)
+            new = torch.ones(tuple(shape + pad_lo + pad_hi), dtype=self.obj.dtype,
+                             device=self.device)
+            new[pad_lo[0] : pad_lo[0] + shape[0], pad_lo[1] : pad_lo[1] + shape[1]] = self.obj
+            self.obj = new
+            self.origin = self.origin - pad_lo
+            self._pos_t = self._pos_t + torch.as_tensor(pad_lo, dtype=torch.float32,
+                                                        device=self.device)
+            local = positions - self.origin
+        return local
+
+    def _ingest(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        counts = np.concatenate([c for c, _ in pending])
+        pos = np.concatenate([p for _, p in pending])
+        local = self._canvas(pos)
+        amplitudes = torch.from_numpy(counts).to(self.device).sqrt()  # never in place: the
+        # caller's array may be the one queued
+        first = self._store.n
+        self._store.append(amplitudes)
+        self._positions = np.concatenate([self._positions, pos])
+        self._pos_t = torch.cat([self._pos_t, torch.as_tensor(local, dtype=torch.float32,
+                                                               device=self.device)])
+        self._measured = torch.cat([self._measured,
+                                    amplitudes.double().square().sum(dim=(1, 2)).cpu()])
+        self._unseen.extend(range(first, self._store.n))
+        if self.photon_scale is None:
+            # A flat start (ones) under a unit-norm probe models sum |P|^2 photons per frame
+            # (Parseval), so the data's mean count is the scale.
+            self.photon_scale = float(counts.sum(axis=(1, 2)).mean())
+
+    # -- the start ---------------------------------------------------------------------------
+    def _candidates(self) -> dict[str, torch.Tensor]:
+        shape = tuple(self.obj.shape)
+        candidates = {"flat": torch.ones(shape, dtype=torch.complex64, device=self.device)}
+        with self._lock:
+            seed = self._seed
+        if seed is None or self.start_choice == "flat":
+            return candidates
+        obj, weight, origin = seed
+        covered = weight > 0.1 * float(weight.max()) if weight.size and weight.max() > 0 \
+            else np.zeros(obj.shape, dtype=bool)
+        if covered.sum() < self.frame_size:
+            return candidates
+        # The network's amplitude scale is arbitrary: bring its median on the covered area to 1
+        # (the flat start's), so the photon scale estimated for a flat start stays right.
+        amp = np.abs(obj)
+        level = float(np.median(amp[covered])) or 1.0
+        net = np.where(covered, obj / level, 1.0).astype(np.complex64)
+        phase = np.where(covered, np.angle(net), 0.0)
+        # Low frequencies at the probe's scale and above are what the network gets wrong and
+        # rPIE corrects slowly; keep only the detail above them.
+        sigma = self.frame_size / 4
+        weights = gaussian_filter(covered.astype(np.float64), sigma)
+        low = gaussian_filter(phase, sigma) / np.maximum(weights, 1e-6)
+        highpass = np.where(covered, np.exp(1j * (phase - low)), 1.0).astype(np.complex64)
+        for name, image in (("network", net), ("network_highpass", highpass)):
+            if self.start_choice in ("auto", name):
+                placed = place_on_canvas(image, origin, shape, tuple(self.origin))
+                candidates[name] = torch.from_numpy(placed).to(self.device)
+        if self.start_choice != "auto":
+            candidates.pop("flat")
+        return candidates
+
+    def _choose_start(self) -> None:
+        candidates = self._candidates()
+        probe = self.probe * math.sqrt(self.photon_scale)
+        index = torch.arange(self._store.n, device=self.device)
+        amplitudes = self._store.gather(index)
+        positions = self._pos_t
+        best, best_obj = None, None
+        for name, obj in candidates.items():
+            if len(candidates) > 1:
+                # One trial pass, object only, in a fixed order: the candidates differ only in
+                # where they start.
+                for batch in torch.split(index, self.options.batch_size):
+                    _pie_batch(obj, probe, amplitudes[batch], positions[batch],
+                               self._mask, engine=self.options.engine, alphas=self.alphas,
+                               update_probe=False)
+                self.start_residuals[name] = amplitude_residual(
+                    obj, probe, amplitudes, positions, fit_scale=False)
+            if best is None or self.start_residuals.get(name, 0.0) < self.start_residuals[best]:
+                best, best_obj = name, obj
+        self.start, self.obj = best, best_obj
+        logger.info("refinement starts from %s (residuals after one trial pass: %s)", best,
+                    {k: round(v, 4) for k, v in self.start_residuals.items()})
+
+    @property
+    def _mask(self) -> torch.Tensor:
+        if not hasattr(self, "_mask_t"):
+            self._mask_t = torch.ones((self.frame_size, self.frame_size), dtype=torch.bool,
+                                      device=self.device)
+        return self._mask_t
+
+    # -- iterate -----------------------------------------------------------------------------
+    def _next_batch(self, limit: int | None = None) -> torch.Tensor:
+        """New frames first (they have never been used), then the current random pass."""
+        size = self.options.batch_size if limit is None else min(limit, self.options.batch_size)
+        if self._unseen:
+            take = [self._unseen.popleft() for _ in range(min(size, len(self._unseen)))]
+            return torch.as_tensor(take, dtype=torch.int64)
+        if self._cursor >= len(self._order):
+            if len(self._order):
+                self._finish_pass()
+            self._order = torch.randperm(self._store.n, generator=self._generator)
+            self._cursor = 0
+        batch = self._order[self._cursor : self._cursor + size]
+        self._cursor += len(batch)
+        return batch
+
+    def _finish_pass(self) -> None:
+        self.passes += 1
+        self._visited = 0
+        if self._pass_measured > 0:
+            self.error = self._pass_error / self._pass_measured
+            self.error_history.append(self.error)
+        self._pass_error = self._pass_measured = 0.0
+        if self._probe_updating and self.options.recenter_probe:
+            self._recentre()
+
+    @property
+    def _probe_updating(self) -> bool:
+        return self.options.probe_update and self.passes >= self.options.probe_update_start_epoch
+
+    def _recentre(self) -> None:
+        """Keep the probe's centre of mass on (N//2, N//2) by rolling it and shifting the
+        positions the other way (P'(r) O(r + p - d) = P(r - d) O(r - d + p)): the object stays
+        where it is, so it is never left shifted against the truth."""
+        size = self.frame_size
+        power = (self.probe.real.square() + self.probe.imag.square()).sum(dim=0).double()
+        grid = torch.arange(size, dtype=torch.float64, device=power.device)
+        total = power.sum()
+        cy = float((power.sum(dim=1) * grid).sum() / total)
+        cx = float((power.sum(dim=0) * grid).sum() / total)
+        shift = (round(size // 2 - cy), round(size // 2 - cx))
+        if shift == (0, 0):
+            return
+        moved = self._pos_t - torch.tensor(shift, dtype=torch.float32, device=self.device)
+        half = size / 2
+        inside = bool((moved - half >= 0).all()) and bool(
+            (moved[:, 0] + half + 1 <= self.obj.shape[0]).all()
+            and (moved[:, 1] + half + 1 <= self.obj.shape[1]).all())
+        if not inside:
+            logger.debug("probe re-centring by %s skipped: a patch would leave the canvas", shift)
+            return
+        self.probe = torch.roll(self.probe, shift, dims=(-2, -1))
+        self._pos_t = moved
+        self._positions = self._positions - np.asarray(shift, dtype=np.float64)
+
+    def step(self, budget_s: float = 0.1, max_updates: int | None = None) -> float:
+        """Refine for about ``budget_s`` seconds (at least one batch) or until ``max_updates``
+        frame updates; returns :attr:`error`. Does nothing before ``min_frames`` frames.
+        """
+        t0 = time.perf_counter()
+        self._ingest()
+        if self._store.n < self.min_frames:
+            return self.error
+        if self.start is None:
+            self._choose_start()
+        probe = self.probe * math.sqrt(self.photon_scale)
+        updates = 0
+        while max_updates is None or updates < max_updates:
+            batch = self._next_batch(None if max_updates is None else max_updates - updates)
+            if not len(batch):
+                break
+            index = batch.to(self.device)
+            probe, err = _pie_batch(
+                self.obj, probe, self._store.gather(index), self._pos_t[index], self._mask,
+                engine=self.options.engine, alphas=self.alphas,
+                update_probe=self._probe_updating)
+            self._pass_error += float(err)
+            self._pass_measured += float(self._measured[batch].sum())
+            self._visited += len(batch)
+            updates += len(batch)
+            if not math.isfinite(self._pass_error):
+                raise FloatingPointError(
+                    f"{self.options.engine} diverged after {self.epochs:.2f} epochs; "
+                    "lower alpha_object / alpha_probe")
+            if time.perf_counter() - t0 >= budget_s:
+                break
+        # Keep the probe unit norm and its photons in the scale (CONVENTIONS.md).
+        power = float(probe.abs().square().sum())
+        self.photon_scale = power
+        self.probe = probe / math.sqrt(power)
+        if math.isnan(self.error) and self._pass_measured > 0:
+            self.error = self._pass_error / self._pass_measured  # before the first full pass
+        self.busy_s += time.perf_counter() - t0
+        return self.error
+
+    def run(self, *, max_epochs: float | None = None, time_s: float | None = None,
+            tol: float | None = None, slice_s: float = 0.25) -> RefinedSnapshot:
+        """Refine until a stop rule holds, then return the snapshot.
+
+        Parameters
+        ----------
+        max_epochs : float, optional
+            More passes over the frames (default ``options.n_epochs`` when no rule is given).
+        time_s : float, optional
+            Wall-clock limit in seconds.
+        tol : float, optional
+            Converged when a full pass lowers the error by less than this fraction.
+        slice_s : float
+            Granularity of the checks.
+        """
+        if max_epochs is None and time_s is None and tol is None:
+            max_epochs = self.options.n_epochs
+        t0, start_epochs, start_passes = time.perf_counter(), self.epochs, self.passes
+        while True:
+            todo = None
+            if max_epochs is not None:
+                self._ingest()
+                todo = max(1, math.ceil((start_epochs + max_epochs - self.epochs)
+                                        * max(self._store.n, 1) - 1e-6))
+            self.step(slice_s, max_updates=todo)
+            if self._store.n < self.min_frames:
+                break
+            if max_epochs is not None and self.epochs - start_epochs >= max_epochs:
+                break
+            if time_s is not None and time.perf_counter() - t0 >= time_s:
+                break
+            history = self.error_history
+            if (tol is not None and self.passes - start_passes >= 2 and len(history) >= 2
+                    and history[-2] - history[-1] < tol * history[-2]):
+                break
+        return self.snapshot()
+
+    def snapshot(self) -> RefinedSnapshot:
+        """The refined object and probe now (copies, on the CPU)."""
+        return RefinedSnapshot(
+            object=self.obj.cpu().numpy().astype(np.complex64),
+            probe=self.probe.cpu().numpy().astype(np.complex64),
+            photon_scale=float(self.photon_scale or 0.0),
+            error=float(self.error),
+            epochs=float(self.epochs),
+            n_frames=self._store.n,
+            origin_px=(float(self.origin[0]), float(self.origin[1])),
+            start=self.start or "flat",
+            start_residuals=dict(self.start_residuals),
+            busy_s=self.busy_s,
+        )
+
+    def residual_of(self, obj: np.ndarray, origin_px: tuple[float, float],
+                    max_frames: int = 256) -> float:
+        """Residual of another estimate (e.g. the network's stitched object) against the frames
+        held, with this refiner's current probe and a fitted scale; ``nan`` before any frame.
+
+        Uses at most ``max_frames`` evenly spaced frames, so it costs the same late in a scan.
+        """
+        if self._store.n == 0:
+            return math.nan
+        index = torch.linspace(0, self._store.n - 1, min(max_frames, self._store.n)).long()
+        index = index.to(self.device)
+        placed = place_on_canvas(obj, origin_px, tuple(self.obj.shape), tuple(self.origin))
+        return amplitude_residual(placed, self.probe, self._store.gather(index),
+                                  self._pos_t[index])
+
+    def own_residual(self, max_frames: int = 256) -> float:
+        """:meth:`residual_of` the refined object itself, on the same frames (comparable)."""
+        snap_obj = self.obj.cpu().numpy()
+        return self.residual_of(snap_obj, tuple(self.origin), max_frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for frames (the part that grows with the scan, up to ``max_frames``)."""
+        return self._store.nbytes
+
+
+class RefinerThread(threading.Thread):
+    """Run a :class:`StreamingRefiner` in the background; keep its latest snapshot.
+
+    While frames arrive it refines in slices of ``slice_s`` and rests ``(1 - duty) / duty``
+    times as long after each (so the network and the RunEngine keep their share of the cores);
+    after :meth:`finish` it refines at full duty until the stop rule holds.
+
+    Parameters
+    ----------
+    refiner : StreamingRefiner
+        What to run.
+    snapshot_interval_s : float
+        How often :attr:`latest` is refreshed during the scan.
+    slice_s : float
+        Refinement per slice, seconds.
+    duty : float
+        Fraction of wall time spent refining during the scan, (0, 1].
+    """
+
+    def __init__(self, refiner: StreamingRefiner, *, snapshot_interval_s: float = 0.5,
+                 slice_s: float = 0.05, duty: float = 0.5, name: str = "ptychopinn-refiner"):
+        super().__init__(name=name, daemon=True)
+        if not 0 < duty <= 1:
+            raise InvalidInputError(f"duty: expected a fraction in (0, 1], got {duty!r}")
+        self.refiner = refiner
+        self.snapshot_interval_s, self.slice_s, self.duty = snapshot_interval_s, slice_s, duty
+        self.latest: RefinedSnapshot | None = None
+        self.last_frame_at = time.monotonic()
+        self.failed: str | None = None
+        self.final: RefinedSnapshot | None = None
+        self._wake = threading.Event()
+        self._finish: dict | None = None
+        self._cancel = threading.Event()
+        self.done = threading.Event()
+
+    def add(self, frames, positions_px) -> None:
+        """Hand new frames over (any thread; returns at once)."""
+        self.refiner.add(frames, positions_px)
+        self.last_frame_at = time.monotonic()
+        self._wake.set()
+
+    def offer_seed(self, obj, weight, origin_px) -> None:
+        self.refiner.offer_seed(obj, weight, origin_px)
+
+    def finish(self, *, max_epochs: float | None = None, time_s: float | None = 5.0,
+               tol: float | None = 1e-3) -> None:
+        """No more frames: refine until a rule holds, then set :attr:`final` and :attr:`done`."""
+        self._finish = {"max_epochs": max_epochs, "time_s": time_s, "tol": tol}
+        self._wake.set()
+
+    def cancel(self) -> None:
+        """Stop as soon as the current slice ends (no final snapshot beyond the latest)."""
+        self._cancel.set()
+        self._wake.set()
+
+    def _publish(self) -> None:
+        self.latest = self.refiner.snapshot()
+
+    def run(self) -> None:
+        refiner = self.refiner
+        last_snapshot = time.monotonic()
+        try:
+            while not self._cancel.is_set() and self._finish is None:
+                if not refiner.ready:
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    continue
+                t0 = time.perf_counter()
+                refiner.step(self.slice_s)
+                if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                    self._publish()
+                    last_snapshot = time.monotonic()
+                rest = (time.perf_counter() - t0) * (1 - self.duty) / self.duty
+                if rest > 0:
+                    self._cancel.wait(rest)
+            if self._finish is not None and not self._cancel.is_set():
+                self._refine_to_rule(**self._finish)
+            self._publish()
+            self.final = self.latest
+        except Exception as exc:  # recorded; the owner fails only the refined part
+            logger.exception("refinement failed")
+            self.failed = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.done.set()
+
+    def _refine_to_rule(self, max_epochs: float | None, time_s: float | None,
+                        tol: float | None) -> None:
+        """After the scan: full duty until the epochs, time or convergence rule holds,
+        refreshing :attr:`latest` every ``snapshot_interval_s``."""
+        refiner = self.refiner
+        t0, epochs0, passes0 = time.perf_counter(), refiner.epochs, refiner.passes
+        while not self._cancel.is_set() and refiner.ready:
+            piece = self.snapshot_interval_s
+            if time_s is not None:
+                piece = min(piece, time_s - (time.perf_counter() - t0))
+                if piece <= 0:
+                    break
+            refiner.run(time_s=piece, slice_s=min(0.1, piece))
+            self._publish()
+            if max_epochs is not None and refiner.epochs - epochs0 >= max_epochs:
+                break
+            history = refiner.error_history
+            if (tol is not None and refiner.passes - passes0 >= 2
+                    and history[-2] - history[-1] < tol * history[-2]):
+                break
