@@ -24,7 +24,14 @@ from event_model import RunRouter
 
 from ..errors import InvalidInputError
 from ._emitter import DocumentEmitter
-from ._worker import RECONSTRUCTION_PLAN_NAME, RunState, RunWorker, WorkerSettings, offer
+from ._worker import (
+    RECONSTRUCTION_PLAN_NAME,
+    REFINE_ENGINES,
+    RunState,
+    RunWorker,
+    WorkerSettings,
+    offer,
+)
 
 __all__ = ["LiveReconstruction", "RECONSTRUCTION_PLAN_NAME", "RunState"]
 
@@ -81,6 +88,26 @@ class LiveReconstruction:
     nice : int
         ``"process"`` only: niceness added to the reconstruction process, so that the
         RunEngine's process is scheduled first when both want a core (0 to leave it).
+    refine : {"rpie", "epie"} or None
+        The refinement tier (default ``"rpie"``): iterative ptychography over the frames
+        received so far, in its own thread beside the network, with the probe the run
+        references (``ptycho.probe``: a probe-library name, a probe model name, a file or an
+        inline array; else estimated from the frames and refined). The derived run then also
+        carries a ``refined`` stream (object, probe, residuals, epochs) and a ``final`` stream;
+        :meth:`latest` says which estimate explains the frames better (``best``). ``None``:
+        network only.
+    refine_budget_s : float
+        Seconds the refinement may go on after the stop document (it stops earlier when a
+        pass improves the error by less than ``refine_tol`` or after ``refine_epochs``).
+    refine_epochs : float, optional
+        Passes over all frames after the stop document, at most.
+    refine_tol : float, optional
+        Convergence: relative error improvement per pass below which refinement stops.
+    refine_duty : float
+        Fraction of wall time the refiner computes while the scan runs (it rests in between,
+        so the network and the RunEngine keep their share of the cores); 1 after the stop.
+    refine_batch_size : int
+        Positions per rPIE update.
 
     Examples
     --------
@@ -107,6 +134,12 @@ class LiveReconstruction:
         publish_interval_s: float = 0.5,
         isolation: str = "process",
         nice: int = 5,
+        refine: str | None = "rpie",
+        refine_budget_s: float = 5.0,
+        refine_epochs: float | None = None,
+        refine_tol: float | None = 1e-3,
+        refine_duty: float = 0.5,
+        refine_batch_size: int = 16,
     ) -> None:
         from ..models import ModelRegistry, file_sha256
         from ..models._checkpoint import WEIGHTS_NAME
@@ -115,6 +148,12 @@ class LiveReconstruction:
             raise InvalidInputError(f"backpressure: 'skip' or 'block', got {backpressure!r}")
         if isolation not in ISOLATION_MODES:
             raise InvalidInputError(f"isolation: one of {ISOLATION_MODES}, got {isolation!r}")
+        if refine is not None and refine not in REFINE_ENGINES:
+            raise InvalidInputError(f"refine: one of {REFINE_ENGINES} or None, got {refine!r}")
+        if not 0 < refine_duty <= 1:
+            raise InvalidInputError(f"refine_duty: a fraction in (0, 1], got {refine_duty!r}")
+        if not refine_budget_s >= 0:
+            raise InvalidInputError(f"refine_budget_s: >= 0 seconds, got {refine_budget_s!r}")
         self.model_path = None
         if isinstance(model, torch.nn.Module):
             self.model, self.model_info = model, {"name": "in-memory", "sha256": None}
@@ -134,7 +173,10 @@ class LiveReconstruction:
         self.settings = WorkerSettings(
             batch_size=int(batch_size), snapshot_every=int(snapshot_every), device=device,
             canvas_margin_px=int(canvas_margin_px), flush_after_s=float(flush_after_s),
-            publish_interval_s=float(publish_interval_s))
+            publish_interval_s=float(publish_interval_s), refine=refine,
+            refine_budget_s=float(refine_budget_s), refine_epochs=refine_epochs,
+            refine_tol=refine_tol, refine_duty=float(refine_duty),
+            refine_batch_size=int(refine_batch_size))
         self.image_key = image_key
         self.positioner_keys = positioner_keys
         self.max_queue = int(max_queue)

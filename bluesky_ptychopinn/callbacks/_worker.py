@@ -23,8 +23,12 @@ from event_model import compose_run
 
 from ..errors import InvalidInputError
 from ..physics import crop_frames, object_pixel_size_m, stage_to_pixels
+from ..recon import PIEOptions
+from ..recon._refiner import RefinedSnapshot, RefinerThread, StreamingRefiner
+from ..recon._residual import place_on_canvas
 from ..recon._streaming import Snapshot, StreamingReconstructor
 from ._frames import FramePairer
+from ._run_probe import resolve_run_probe
 
 __all__ = ["RECONSTRUCTION_PLAN_NAME", "RunState", "RunWorker", "WorkerSettings",
            "derived_start_metadata", "offer"]
@@ -51,6 +55,11 @@ class RunState:
         Set once the derived run's stop document has been emitted.
     snapshot : Snapshot or None
         The latest stitched object.
+    refined : RefinedSnapshot or None
+        The latest refined (rPIE) object and probe, when refinement runs.
+    best : str
+        ``"network"`` or ``"refined"``: the estimate with the lower Fourier-magnitude residual
+        against the measured frames (what a viewer should show now).
     pixel_size_m, canvas_origin_px, stats
         Geometry of the snapshot canvas and throughput figures.
     """
@@ -63,6 +72,8 @@ class RunState:
     failed: str | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     snapshot: Snapshot | None = None
+    refined: RefinedSnapshot | None = None
+    best: str = "network"
     pixel_size_m: float = 0.0
     canvas_origin_px: tuple[float, float] = (0.0, 0.0)
     stats: dict = field(default_factory=dict)
@@ -71,7 +82,10 @@ class RunState:
 
 #: RunState fields a reconstruction process mirrors to the RunEngine's process.
 MIRRORED_FIELDS = ("derived_uid", "frames_done", "frames_rejected", "failed", "pixel_size_m",
-                   "canvas_origin_px", "stats")
+                   "canvas_origin_px", "stats", "best")
+
+#: Refinement engines of :class:`LiveReconstruction` (``refine=``); ``None`` turns it off.
+REFINE_ENGINES = ("rpie", "epie")
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,12 @@ class WorkerSettings:
     canvas_margin_px: int = 8
     flush_after_s: float = 0.2
     publish_interval_s: float = 0.5
+    refine: str | None = "rpie"
+    refine_budget_s: float = 5.0
+    refine_epochs: float | None = None
+    refine_tol: float | None = 1e-3
+    refine_duty: float = 0.5
+    refine_batch_size: int = 16
 
 
 def derived_start_metadata(start: dict, md: dict, model_info: dict) -> dict:
@@ -137,6 +157,12 @@ class RunWorker:
         self.reason = ""
         self.started_at = time.time()
         self.canvas_shape = (0, 0)
+        self.refiner: RefinerThread | None = None
+        self.refined_bundle = None
+        self.last_refined_at = -math.inf
+        self.published_refined: RefinedSnapshot | None = None
+        self.probe, self.probe_info = None, None
+        self.refine_after_stop_s = 0.0
 
     # -- entry points ------------------------------------------------------------------------
     def handle(self, name: str, doc: dict) -> bool:
@@ -146,6 +172,10 @@ class RunWorker:
                 self._drain(final=True)
             except Exception as exc:
                 self._fail(f"{type(exc).__name__} while finishing: {exc}")
+            try:
+                self._finish_refinement()
+            except Exception as exc:
+                self._fail(f"{type(exc).__name__} while finishing the refinement: {exc}")
             try:
                 self._close_derived_run(doc)
             except Exception:
@@ -167,6 +197,7 @@ class RunWorker:
                 self.recon.flush()
                 self.since_snapshot = max(self.since_snapshot, 1)
             self._snapshot()
+            self._publish_refined()
             self._publish_metrics()
         except Exception as exc:
             self._fail(f"{type(exc).__name__} while flushing: {exc}")
@@ -224,10 +255,26 @@ class RunWorker:
         self.state.pixel_size_m = dx
         self.state.canvas_origin_px = (float(origin[0]), float(origin[1]))
         self.canvas_shape = (int(side[0]), int(side[1]))
+        if self.settings.refine and self.probe_info is not None:
+            self._start_refiner(origin)
         return StreamingReconstructor(
             self.model, object_shape=self.canvas_shape, origin_px=tuple(origin),
             batch_size=self.settings.batch_size, device=self.settings.device,
         )
+
+    def _start_refiner(self, origin: np.ndarray) -> None:
+        """The refinement tier: rPIE on the same canvas, in its own thread (never in the way
+        of the network preview: it only takes frames and hands back snapshots)."""
+        settings = self.settings
+        options = PIEOptions(engine=settings.refine, batch_size=settings.refine_batch_size,
+                             device=settings.device, progress=False, seed=0)
+        refiner = StreamingRefiner(self.probe, object_shape=self.canvas_shape,
+                                   origin_px=tuple(origin), options=options,
+                                   frame_size=self.model.config.frame_size)
+        self.refiner = RefinerThread(refiner, snapshot_interval_s=settings.publish_interval_s,
+                                     duty=settings.refine_duty,
+                                     name=f"ptychopinn-refine-{self.state.raw_uid[:8]}")
+        self.refiner.start()
 
     def _drain(self, final: bool, force: bool = False) -> None:
         if self.state.failed:
@@ -272,6 +319,8 @@ class RunWorker:
             t0 = time.perf_counter()
             self.recon.add(frames[good].astype(np.float32), positions_px[good])
             latency = time.perf_counter() - t0
+            if self.refiner is not None:
+                self.refiner.add(frames[good].astype(np.float32), positions_px[good])
             with self.state.lock:
                 self.state.frames_done += int(good.sum())
             self._emit_metrics(int(good.sum()), latency)
@@ -281,8 +330,21 @@ class RunWorker:
 
     # -- derived run documents ---------------------------------------------------------------
     def _open_derived_run(self, start: dict) -> None:
-        self.bundle = compose_run(metadata=derived_start_metadata(start, self.md,
-                                                                  self.model_info))
+        metadata = derived_start_metadata(start, self.md, self.model_info)
+        metadata["engines"] = ["network"]
+        if self.settings.refine:
+            dx, n = self._geometry()
+            self.probe, self.probe_info = resolve_run_probe(
+                self.md, self.model_info, n, dx, float(self.md["energy_ev"]))
+            metadata["engines"].append(self.settings.refine)
+            metadata["refinement"] = {
+                "engine": self.settings.refine, "probe": self.probe_info,
+                "budget_after_stop_s": self.settings.refine_budget_s,
+                "duty": self.settings.refine_duty, "batch_size": self.settings.refine_batch_size,
+                "start": "chosen per run by the Fourier-magnitude residual "
+                         "(flat, network, network_highpass)",
+            }
+        self.bundle = compose_run(metadata=metadata)
         self.state.derived_uid = self.bundle.start_doc["uid"]
         self.emit("start", self.bundle.start_doc)
 
@@ -313,6 +375,8 @@ class RunWorker:
             with self.state.lock:
                 self.state.snapshot = snap
                 self.state.stats = snap.stats
+            if self.refiner is not None:
+                self.refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
         now = time.monotonic()
         if not force and now - self.last_snapshot_at < self.settings.publish_interval_s:
             return
@@ -337,6 +401,121 @@ class RunWorker:
         self.emit("event", event)
         self.last_snapshot_at = now
         self.since_snapshot = 0
+
+    # -- the refinement tier ------------------------------------------------------------------
+    def _refined_keys(self, shape, probe_shape) -> dict:
+        def array(dims, shp, units=""):
+            return {"source": "ptychopinn-refine", "dtype": "array", "shape": list(shp),
+                    "dtype_numpy": np.dtype(np.float32).str, "units": units, "dims": dims}
+
+        def number(kind=np.float64):
+            return {"source": "ptychopinn-refine", "dtype": "number", "shape": [],
+                    "dtype_numpy": np.dtype(kind).str}
+
+        keys = {
+            "object_amplitude": array(["object_y", "object_x"], shape),
+            "object_phase": array(["object_y", "object_x"], shape, "rad"),
+            "probe_amplitude": array(["probe_mode", "probe_y", "probe_x"], probe_shape),
+            "probe_phase": array(["probe_mode", "probe_y", "probe_x"], probe_shape, "rad"),
+        }
+        for key in ("error", "residual", "network_residual", "epochs", "refine_seconds",
+                    "seconds_since_last_frame", "photon_scale"):
+            keys[key] = number()
+        keys["frames"] = number(np.int64)
+        keys["refined_is_best"] = number(np.int64)
+        return keys
+
+    def _refined_event_data(self, snap: RefinedSnapshot) -> dict:
+        h, w = self.canvas_shape
+        # On the network stream's canvas, so both streams can be compared pixel for pixel.
+        obj = place_on_canvas(snap.object, snap.origin_px, (h, w), self.state.canvas_origin_px)
+        return {
+            "object_amplitude": np.abs(obj).astype(np.float32),
+            "object_phase": np.angle(obj).astype(np.float32),
+            "probe_amplitude": np.abs(snap.probe).astype(np.float32),
+            "probe_phase": np.angle(snap.probe).astype(np.float32),
+            "error": float(snap.error),
+            "residual": float(snap.residual),
+            "network_residual": float(snap.network_residual),
+            "epochs": float(snap.epochs),
+            "refine_seconds": float(snap.busy_s),
+            "seconds_since_last_frame": float(time.monotonic() - self.refiner.last_frame_at),
+            "photon_scale": float(snap.photon_scale),
+            "frames": int(snap.n_frames),
+            "refined_is_best": int(snap.best == "refined"),
+        }
+
+    def _emit_refined(self, name: str, snap: RefinedSnapshot) -> None:
+        data = self._refined_event_data(snap)
+        bundle = self.refined_bundle if name == "refined" else None
+        if bundle is None:
+            keys = self._refined_keys(self.canvas_shape, snap.probe.shape)
+            bundle = self.bundle.compose_descriptor(name=name, data_keys=keys)
+            self.emit("descriptor", bundle.descriptor_doc)
+            if name == "refined":
+                self.refined_bundle = bundle
+        self.emit("event", bundle.compose_event(
+            data=data, timestamps=dict.fromkeys(data, time.time())))
+
+    def _publish_refined(self, force: bool = False) -> None:
+        """The refiner's latest snapshot as a ``refined`` event, at most once per
+        ``publish_interval_s`` unless forced; the run state says which estimate is better."""
+        if self.refiner is None:
+            return
+        snap = self.refiner.latest
+        if snap is None or snap is self.published_refined:
+            return
+        with self.state.lock:
+            self.state.refined = snap
+            self.state.best = snap.best
+        now = time.monotonic()
+        if not force and now - self.last_refined_at < self.settings.publish_interval_s:
+            return
+        self._emit_refined("refined", snap)
+        self.published_refined = snap
+        self.last_refined_at = now
+
+    def _finish_refinement(self) -> None:
+        """After the last frame: refine until the stop rule (epochs, time budget or
+        convergence), publishing as it goes; then the ``final`` stream."""
+        if self.refiner is None:
+            return
+        t0 = time.monotonic()
+        settings = self.settings
+        self.refiner.finish(max_epochs=settings.refine_epochs, time_s=settings.refine_budget_s,
+                            tol=settings.refine_tol)
+        deadline = t0 + settings.refine_budget_s + 30.0  # a stuck refiner must not hold the run
+        while not self.refiner.done.wait(settings.publish_interval_s):
+            self._publish_refined()
+            if time.monotonic() > deadline:
+                self.refiner.cancel()
+                break
+        self.refine_after_stop_s = time.monotonic() - t0
+        if self.refiner.failed:
+            raise RuntimeError(f"refinement: {self.refiner.failed}")
+        final = self.refiner.final or self.refiner.latest
+        if final is None:
+            return  # too few frames to refine: said so in the summary
+        self._publish_refined(force=True)
+        self._emit_refined("final", final)
+
+    def _refinement_summary(self) -> dict:
+        if self.refiner is None:
+            return {"ran": False, "probe": self.probe_info} if self.probe_info else {"ran": False}
+        snap = self.refiner.final or self.refiner.latest
+        refiner = self.refiner.refiner
+        summary = {
+            "ran": snap is not None, "engine": self.settings.refine, "probe": self.probe_info,
+            "frames": refiner.n_frames, "frames_not_refined": refiner.frames_dropped,
+            "seconds_after_stop": self.refine_after_stop_s, "failed": self.refiner.failed,
+        }
+        if snap is not None:
+            summary.update(epochs=snap.epochs, error=snap.error, residual=snap.residual,
+                           network_residual=snap.network_residual, best=snap.best,
+                           start=snap.start, start_residuals=snap.start_residuals,
+                           refine_seconds=snap.busy_s)
+        return {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None)
+                for k, v in summary.items()}
 
     def _emit_metrics(self, n: int, latency: float) -> None:
         """One row per reconstructed batch; rows go out as event pages (see _publish_metrics)."""
@@ -385,6 +564,7 @@ class RunWorker:
         if self.recon is not None:
             summary.update({k: v for k, v in self.recon.stats().items()
                             if isinstance(v, (int, float)) and math.isfinite(v)})
+        summary["refinement"] = self._refinement_summary()
         return summary
 
     def _close_derived_run(self, raw_stop: dict) -> None:

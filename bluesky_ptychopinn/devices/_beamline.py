@@ -58,6 +58,7 @@ class SimBeamline:
     probe: np.ndarray
     geometry: ExperimentGeometry
     sample_name: str
+    probe_name: str | None = None
 
     @property
     def pixel_size_m(self) -> float:
@@ -70,8 +71,14 @@ class SimBeamline:
         n = self.geometry.frame_size
         return ((h - n - 4) * self.pixel_size_m, (w - n - 4) * self.pixel_size_m)
 
-    def ptycho_metadata(self, probe_reference: str = "inline") -> dict:
-        """The ``ptycho`` start-document dictionary for scans on this beamline."""
+    def ptycho_metadata(self, probe_reference: str | None = None) -> dict:
+        """The ``ptycho`` start-document dictionary for scans on this beamline.
+
+        ``probe_reference`` defaults to the probe model's name (how a beamline refers to its
+        calibrated probe), or ``"unknown"`` for a probe given as an array.
+        """
+        if probe_reference is None:
+            probe_reference = self.probe_name or "unknown"
         return {
             "energy_ev": self.geometry.energy_ev,
             "detector_distance_m": self.geometry.detector_distance_m,
@@ -161,4 +168,5 @@ def sim_beamline(
     )
     detector.exposure_time.put(exposure_s)
     return SimBeamline(stage=stage, detector=detector, sample=obj, probe=probe_arr,
-                       geometry=geometry, sample_name=name)
+                       geometry=geometry, sample_name=name,
+                       probe_name=probe if isinstance(probe, str) else None)

@@ -8,7 +8,9 @@ Iterative baselines (ePIE, rPIE) that the neural-network reconstruction is measu
 from __future__ import annotations
 
 from ._options import PIE_ENGINES, PIEOptions, PIEResult
-from ._pie import pie_reconstruct
+from ._pie import pie_reconstruct, recentre_probe
+from ._refiner import RefinedSnapshot, RefinerThread, StreamingRefiner, probe_from_frames
+from ._residual import amplitude_residual
 from ._streaming import Snapshot, StreamingReconstructor, stitch_window
 
 __all__ = [
@@ -16,6 +18,12 @@ __all__ = [
     "PIEOptions",
     "PIEResult",
     "pie_reconstruct",
+    "amplitude_residual",
+    "probe_from_frames",
+    "RefinedSnapshot",
+    "RefinerThread",
+    "StreamingRefiner",
+    "recentre_probe",
     "Snapshot",
     "StreamingReconstructor",
     "stitch_window",

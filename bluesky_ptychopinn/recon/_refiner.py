@@ -33,7 +33,8 @@ from ._options import PIEOptions
 from ._pie import _check_probe, _pie_batch, _resolve_device
 from ._residual import amplitude_residual, place_on_canvas
 
-__all__ = ["RefinedSnapshot", "RefinerThread", "StreamingRefiner", "START_CHOICES"]
+__all__ = ["RefinedSnapshot", "RefinerThread", "StreamingRefiner", "START_CHOICES",
+           "probe_from_frames"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class RefinedSnapshot:
         Residual of each candidate start after its trial pass.
     busy_s : float
         Seconds spent refining so far.
+    residual, network_residual : float
+        Fourier-magnitude residual of the refined object and of the latest network object
+        offered (:meth:`StreamingRefiner.offer_seed`) on the same frames, probe and fitted scale
+        (``nan`` when not evaluated): the lower one is the better estimate of this run.
     """
 
     object: np.ndarray
@@ -82,6 +87,15 @@ class RefinedSnapshot:
     start: str = "flat"
     start_residuals: dict = field(default_factory=dict)
     busy_s: float = 0.0
+    residual: float = math.nan
+    network_residual: float = math.nan
+
+    @property
+    def best(self) -> str:
+        """``"refined"`` or ``"network"``: the estimate that explains the frames better."""
+        if math.isfinite(self.network_residual) and not self.network_residual > self.residual:
+            return "network"
+        return "refined"
 
     @property
     def amplitude(self) -> np.ndarray:
@@ -128,14 +142,27 @@ class _AmplitudeStore:
         return sum(b.numel() * b.element_size() for b in self.blocks)
 
 
+def probe_from_frames(counts: np.ndarray) -> np.ndarray:
+    """A probe guess from the data alone: the field whose far field is the mean measured
+    amplitude, with a flat phase (a focused beam of the right size and spectrum).
+
+    For a weakly scattering sample the mean diffraction pattern is the probe's own far field,
+    so this recovers the probe's extent and power; its phase is refined by rPIE.
+    """
+    mean = np.sqrt(np.asarray(counts, dtype=np.float64).mean(axis=0))
+    field = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(mean), norm="ortho"))
+    return field.astype(np.complex64)[None]
+
+
 class StreamingRefiner:
     """Batched rPIE over a growing set of frames, one time slice at a time.
 
     Parameters
     ----------
-    probe : array_like
+    probe : array_like or None
         (N, N) or (M, N, N) probe at the object pixel size, any norm: the run's known probe, or
-        a guess (then keep ``options.probe_update``).
+        a guess (then keep ``options.probe_update``). ``None``: estimated from the first frames
+        (:func:`probe_from_frames`) and refined; ``frame_size`` must then be given.
     object_shape : (int, int)
         Initial canvas; grown (with ones) when a position falls outside.
     origin_px : (float, float)
@@ -183,15 +210,22 @@ class StreamingRefiner:
         start: str = "auto",
         min_frames: int = 16,
         max_frames: int = 65_536,
+        frame_size: int | None = None,
     ) -> None:
         self.options = PIEOptions(progress=False) if options is None else options
         self.options.validate()
         if start not in START_CHOICES:
             raise InvalidInputError(f"start: one of {START_CHOICES}, got {start!r}")
         self.device = _resolve_device(self.options.device)
-        probe_t = torch.as_tensor(np.asarray(probe) if not torch.is_tensor(probe) else probe)
-        self.frame_size = int(probe_t.shape[-1])
-        self.probe = _check_probe(probe_t, self.frame_size).to(self.device)  # unit norm for now
+        if probe is None:
+            if frame_size is None:
+                raise InvalidInputError("frame_size: needed when the probe is to be estimated")
+            self.frame_size = int(frame_size)
+            self.probe: torch.Tensor | None = None  # estimated at the first frames
+        else:
+            probe_t = torch.as_tensor(np.asarray(probe) if not torch.is_tensor(probe) else probe)
+            self.frame_size = int(probe_t.shape[-1])
+            self.probe = _check_probe(probe_t, self.frame_size).to(self.device)  # unit norm
         self.photon_scale: float | None = self.options.photons_per_frame
         self.alphas = self.options.resolved_alphas()
         self.start_choice = start
@@ -315,6 +349,8 @@ class StreamingRefiner:
         self._measured = torch.cat([self._measured,
                                     amplitudes.double().square().sum(dim=(1, 2)).cpu()])
         self._unseen.extend(range(first, self._store.n))
+        if self.probe is None:
+            self.probe = _check_probe(probe_from_frames(counts), self.frame_size).to(self.device)
         if self.photon_scale is None:
             # A flat start (ones) under a unit-norm probe models sum |P|^2 photons per frame
             # (Parseval), so the data's mean count is the scale.
@@ -519,7 +555,8 @@ class StreamingRefiner:
         """The refined object and probe now (copies, on the CPU)."""
         return RefinedSnapshot(
             object=self.obj.cpu().numpy().astype(np.complex64),
-            probe=self.probe.cpu().numpy().astype(np.complex64),
+            probe=(self.probe.cpu().numpy().astype(np.complex64) if self.probe is not None
+                   else np.zeros((1, self.frame_size, self.frame_size), np.complex64)),
             photon_scale=float(self.photon_scale or 0.0),
             error=float(self.error),
             epochs=float(self.epochs),
@@ -612,7 +649,15 @@ class RefinerThread(threading.Thread):
         self._wake.set()
 
     def _publish(self) -> None:
-        self.latest = self.refiner.snapshot()
+        refiner = self.refiner
+        snap = refiner.snapshot()
+        if snap.n_frames:
+            snap.residual = refiner.own_residual()
+            with refiner._lock:
+                seed = refiner._seed
+            if seed is not None:
+                snap.network_residual = refiner.residual_of(seed[0], seed[2])
+        self.latest = snap
 
     def run(self) -> None:
         refiner = self.refiner

@@ -1,0 +1,106 @@
+"""Which probe a run's refinement starts from: what the run references, else the data's guess."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..io import ProbeLibrary, read_probe
+from ..io._probe_library import probe_array_sha256
+from ..physics import PROBE_MODELS, make_probe, resample_probe
+
+__all__ = ["resolve_run_probe"]
+
+logger = logging.getLogger(__name__)
+
+# A library probe sampled within this fraction of the run's object pixel is used as it is.
+_PIXEL_TOLERANCE = 0.01
+
+
+def _inline(reference: dict) -> np.ndarray | None:
+    """An inline small probe: ``{"amplitude": [[...]], "phase": [[...]]}`` ((N, N) or (M, N, N))."""
+    if "amplitude" not in reference:
+        return None
+    amplitude = np.asarray(reference["amplitude"], dtype=np.float64)
+    phase = np.asarray(reference.get("phase", np.zeros_like(amplitude)), dtype=np.float64)
+    return (amplitude * np.exp(1j * phase)).astype(np.complex64)
+
+
+def _sampled(probe: np.ndarray, pixel_m: float | None, size: int, dx: float) -> np.ndarray | None:
+    """``probe`` at ``size`` px of ``dx``, or None when its sampling cannot be matched.
+
+    A probe of N px at pixel d maps onto frames cropped to n px (pixel d N / n) by a Fourier
+    crop (``resample_probe``); other samplings would need interpolation of a complex field,
+    which we do not guess at.
+    """
+    probe = probe[None] if probe.ndim == 2 else probe
+    n = probe.shape[-1]
+    if pixel_m is None:
+        return probe if n == size else None
+    if abs(pixel_m - dx) <= _PIXEL_TOLERANCE * dx and n == size:
+        return probe
+    if abs(pixel_m * n / size - dx) <= _PIXEL_TOLERANCE * dx:
+        return resample_probe(probe, size)
+    return None
+
+
+def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float,
+                      energy_ev: float, library: ProbeLibrary | None = None
+                      ) -> tuple[np.ndarray | None, dict]:
+    """The probe the run's ``ptycho.probe`` refers to, at the reconstruction's sampling.
+
+    Looked up in this order (with no reference, the training probe of a single-probe model):
+    an inline array; a name in the probe library; a probe model name
+    (:data:`~bluesky_ptychopinn.physics.PROBE_MODELS`, built for the run's geometry, as the
+    training probes of the shipped models are); a probe file (path or ``file://`` URI). When
+    none applies, ``None``: the refiner then estimates the probe from the frames and refines
+    it (blind).
+
+    Returns
+    -------
+    probe : numpy.ndarray or None
+        complex64 (M, size, size).
+    info : dict
+        ``source`` (what was used, in words), ``reference``, ``sha256`` and ``known`` (bool),
+        for the derived run's start document.
+    """
+    reference = md.get("probe") or {}
+    if isinstance(reference, str):
+        reference = {"reference": reference}
+    name = reference.get("reference") if isinstance(reference, dict) else None
+    training = [p.get("name") for p in model_info.get("training_probes") or []]
+    if not name and len(training) == 1:
+        name = training[0]  # a single-probe model was trained for exactly this beamline's probe
+    info: dict = {"reference": name if isinstance(name, str) else None}
+    candidates = []
+    if isinstance(reference, dict) and (inline := _inline(reference)) is not None:
+        candidates.append(("inline array in the start document", inline, None))
+    if isinstance(name, str) and name:
+        library = library or ProbeLibrary()
+        if name in library:
+            probe, meta = library.get(name)
+            candidates.append((f"probe library: {name}", probe, meta.get("pixel_size_m")))
+        elif name in PROBE_MODELS:
+            candidates.append((f"probe model: {name}",
+                               make_probe(name, size, pixel_size_m, energy_ev), pixel_size_m))
+        else:
+            path = Path(name.removeprefix("file://"))
+            if path.suffix and path.is_file():
+                try:
+                    probe, file_info = read_probe(path)
+                    candidates.append((f"file: {path}", probe, file_info.get("pixel_size_m")))
+                except Exception as exc:  # a bad file falls back to the data's own guess
+                    logger.warning("probe file %s unusable (%s); estimating the probe", path, exc)
+    for source, probe, pixel in candidates:
+        sampled = _sampled(np.asarray(probe, dtype=np.complex64), pixel, size, pixel_size_m)
+        if sampled is not None:
+            sampled = np.ascontiguousarray(sampled, dtype=np.complex64)
+            info.update(source=source, sha256=probe_array_sha256(sampled), known=True)
+            return sampled, info
+        logger.warning("probe from %s is sampled differently from this run's %.3g m pixels; "
+                       "not used", source, pixel_size_m)
+    info.update(source="estimated from the mean diffraction pattern (blind refinement)",
+                sha256=None, known=False)
+    return None, info
