@@ -42,8 +42,12 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
 
 
 def score_against(recon: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None,
-                  *, taper_px: int = 8) -> dict:
-    """FRC-AUC etc. of ``recon`` against ``truth`` inside the well-covered bounding box."""
+                  *, taper_px: int = 8, register: bool = True) -> dict:
+    """FRC-AUC etc. of ``recon`` against ``truth`` inside the well-covered bounding box.
+
+    ``register`` (default True) undoes a sub-pixel shift first, see
+    :func:`~bluesky_ptychopinn.metrics.compare_objects`.
+    """
     from .metrics import compare_objects
 
     box = (slice(None), slice(None))
@@ -51,7 +55,7 @@ def score_against(recon: np.ndarray, truth: np.ndarray, weight: np.ndarray | Non
         covered = weight > 0.3 * weight.max()
         rows, cols = np.nonzero(covered)
         box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
-    return compare_objects(recon[box], truth[box], taper_px=taper_px)
+    return compare_objects(recon[box], truth[box], taper_px=taper_px, register=register)
 
 
 def run_reconstruction(
@@ -80,6 +84,7 @@ def run_reconstruction(
         net, card = ModelRegistry().load(model, device=device or "cpu")
         snap = reconstruct_with_model(ds, net, device=device)
         obj, probe, weight = snap.object, ds.probe, snap.weight
+        positions = ds.positions_px
         extra = {"uncertainty": snap.uncertainty}
         label = f"model {model}"
     else:
@@ -89,20 +94,26 @@ def run_reconstruction(
             options=PIEOptions(engine=engine, n_epochs=epochs, probe_update=probe_update,
                                seed=seed, device=device),
         )
-        obj, probe = result.object, result.probe
+        # A re-centred probe goes with moved positions (the object stays in the input frame).
+        obj, probe, positions = result.object, result.probe, result.positions
         import torch
 
         from .physics import scatter_patches
 
         n = ds.frame_size
-        weight = scatter_patches(torch.ones(len(ds.positions_px), n, n),
-                                 torch.as_tensor(ds.positions_px, dtype=torch.float32),
+        weight = scatter_patches(torch.ones(len(positions), n, n),
+                                 torch.as_tensor(positions, dtype=torch.float32),
                                  obj.shape).numpy()
         extra = {}
         label = f"{engine}, {epochs} epochs"
     seconds = time.perf_counter() - start
     summary = {"input": str(file), "method": label, "seconds": round(seconds, 2),
                "frames": int(len(ds.positions_px)), "output": str(output)}
+    moved = np.asarray(ds.positions_px, dtype=np.float64) - np.asarray(positions, np.float64)
+    if np.any(moved):
+        # The probe was re-centred by this roll (dy, dx); the written positions, which go with
+        # the written probe, are the scan's minus it.
+        summary["probe_recentred_px"] = [float(v) for v in moved[0]]
     frc_curves, threshold = None, None
     if ds.object is not None and ds.object.shape == obj.shape:
         scores = score_against(obj, ds.object, weight)
@@ -112,7 +123,7 @@ def run_reconstruction(
         frc_curves = {"phase": (scores["frc_phase"].freq, scores["frc_phase"].frc),
                       "amplitude": (scores["frc_amplitude"].freq, scores["frc_amplitude"].frc)}
         threshold = (scores["frc_phase"].freq, scores["threshold"])
-    out_ds = PtychoDataset(ds.diffraction, ds.positions_px, probe, energy_ev=ds.energy_ev,
+    out_ds = PtychoDataset(ds.diffraction, positions, probe, energy_ev=ds.energy_ev,
                            detector_distance_m=ds.detector_distance_m,
                            detector_pixel_size_m=ds.detector_pixel_size_m, mask=ds.mask,
                            object=obj.astype(np.complex64),

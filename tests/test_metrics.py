@@ -9,6 +9,8 @@ from scipy import ndimage
 from bluesky_ptychopinn.errors import InvalidInputError
 from bluesky_ptychopinn.metrics import (
     HALF_BIT,
+    SUSTAINED_RINGS,
+    FRCResult,
     align_global_phase,
     apply_shift,
     compare_objects,
@@ -101,6 +103,68 @@ def test_resolution_is_the_first_threshold_crossing_of_a_band_limited_signal():
     assert res_half_bit == pytest.approx(0.4, abs=0.01)
     assert res_paper == pytest.approx(0.4, abs=0.01)
     assert frc_resolution(frc(signal, signal)) == 1.0  # never crosses
+
+
+def _synthetic_curve(values) -> FRCResult:
+    """An FRCResult with the given FRC per ring, rings of a 64-px image (n ~ 2 pi k pixels)."""
+    values = np.asarray(values, dtype=float)
+    k = np.arange(len(values))
+    return FRCResult(freq=k / (len(values) - 1), frc=values,
+                     n_pixels=np.maximum(np.round(2 * np.pi * k), 1).astype(int))
+
+
+def _falling_curve(n_rings=33, edge=0.5, width=0.05):
+    """A clean FRC: 1 at low frequency, a smooth fall through 0.5 at ``edge`` of Nyquist."""
+    freq = np.arange(n_rings) / (n_rings - 1)
+    return 1 / (1 + np.exp((freq - edge) / width))
+
+
+def test_resolution_skips_a_single_spurious_dip_near_zero_frequency():
+    clean = _falling_curve()
+    dipped = clean.copy()
+    dipped[2] = 0.0  # one ring near DC with no correlation (little power, noise)
+    clean_result, dipped_result = _synthetic_curve(clean), _synthetic_curve(dipped)
+    threshold = frc_threshold(dipped_result, HALF_BIT)
+    assert dipped[2] < threshold[2] and np.all(dipped[3:12] > threshold[3:12])
+    resolution = frc_resolution(dipped_result, HALF_BIT)
+    print(f"one dip at ring 2: resolution {resolution:.4f}, clean "
+          f"{frc_resolution(clean_result, HALF_BIT):.4f}, first crossing "
+          f"{frc_resolution(dipped_result, HALF_BIT, sustain=1):.4f}")
+    assert resolution == frc_resolution(clean_result, HALF_BIT)
+    assert 0.5 < resolution < 0.75  # where the smooth fall meets the threshold (~0.55-0.6)
+    # The old rule, any first crossing, reports the dip: ring 2 of 32, 1/16 of Nyquist.
+    assert frc_resolution(dipped_result, HALF_BIT, sustain=1) < 2 / 32
+    # A dip of SUSTAINED_RINGS - 1 rings is still skipped; SUSTAINED_RINGS rings set it.
+    assert SUSTAINED_RINGS == 3
+    two = clean.copy()
+    two[2:4] = 0.0
+    assert frc_resolution(_synthetic_curve(two), HALF_BIT) == resolution
+    three = clean.copy()
+    three[2:5] = 0.0
+    assert frc_resolution(_synthetic_curve(three), HALF_BIT) < 2 / 32
+
+
+def test_resolution_of_a_clean_curve_is_unchanged_by_the_sustained_rule():
+    result = _synthetic_curve(_falling_curve())
+    margin = result.frc - frc_threshold(result, HALF_BIT)
+    k = int(np.flatnonzero(margin[1:] < 0)[0]) + 1  # the first crossing, by hand
+    expected = result.freq[k - 1] + margin[k - 1] / (margin[k - 1] - margin[k]) * (
+        result.freq[k] - result.freq[k - 1])
+    for sustain in (1, 2, SUSTAINED_RINGS, 10):
+        assert frc_resolution(result, HALF_BIT, sustain=sustain) == pytest.approx(expected)
+
+
+def test_resolution_is_nyquist_for_a_curve_that_never_crosses():
+    assert frc_resolution(_synthetic_curve(np.full(33, 0.9)), HALF_BIT) == 1.0
+    # Dips shorter than the sustain count before Nyquist do not count either ...
+    curve = np.full(33, 0.9)
+    curve[[5, 6, 20]] = -0.1
+    assert frc_resolution(_synthetic_curve(curve), HALF_BIT) == 1.0
+    # ... but a fall in the last rings counts: fewer than 3 remain, all below.
+    curve[-2:] = -0.1
+    assert 30 / 32 < frc_resolution(_synthetic_curve(curve), HALF_BIT) < 31 / 32
+    with pytest.raises(InvalidInputError, match="sustain"):
+        frc_resolution(_synthetic_curve(curve), HALF_BIT, sustain=0)
 
 
 def test_threshold_curves_follow_van_heel_and_schatz():
@@ -270,8 +334,8 @@ def test_compare_objects_undoes_offset_ramp_and_shift():
     truth = _object((160, 160), seed=9, sigma=1.0)  # broad band: every ring carries signal
     yy, xx = np.indices(truth.shape)
     recon = apply_shift(truth, (2.43, -1.31)) * np.exp(1j * (1.1 + 0.02 * yy - 0.03 * xx))
-    scores = compare_objects(recon, truth, crop=8, taper_px=20, register=True)
-    unregistered = compare_objects(recon, truth, crop=8)
+    scores = compare_objects(recon, truth, crop=8, taper_px=20)  # registers by default
+    unregistered = compare_objects(recon, truth, crop=8, register=False)
     print("registered:", scores["shift"], {k: round(v, 4) for k, v in scores.items()
                                           if isinstance(v, float)})
     print("unregistered:", {k: round(v, 4) for k, v in unregistered.items()
@@ -284,6 +348,26 @@ def test_compare_objects_undoes_offset_ramp_and_shift():
     assert scores["recon"].shape == scores["truth"].shape == (144, 144)
     assert unregistered["frc_auc_0.5_phase"] < 0.3 and unregistered["nrmse"] > 0.5
     assert unregistered["shift"] == (0.0, 0.0)
+    # The result says whether it registered, and by how much.
+    assert scores["registered"] and scores["settings"]["registered"]
+    assert scores["settings"]["shift"] == scores["shift"]
+    assert scores["settings"]["crop_applied"] == 8  # the 2.4-px wrap is inside the 8-px crop
+    assert not unregistered["registered"] and unregistered["settings"]["shift"] == (0.0, 0.0)
+
+
+def test_compare_objects_crops_what_the_registration_wrapped():
+    truth = _object((128, 128), seed=13, sigma=1.5)
+    recon = np.roll(truth, (3, -5), axis=(0, 1))  # a whole-pixel shift, as blind PIE may leave
+    scores = compare_objects(recon, truth, taper_px=8)
+    assert scores["shift"] == pytest.approx((-3, 5), abs=0.01)
+    assert scores["settings"]["crop"] == 0 and scores["settings"]["crop_applied"] == 5
+    assert scores["recon"].shape == (118, 118)
+    # Nothing wrapped is scored: the registered, cropped recon is the truth.
+    assert scores["frc_auc_0.5_phase"] > 0.999 and scores["nrmse"] < 1e-6
+    unregistered = compare_objects(recon, truth, taper_px=8, register=False)
+    print(f"shifted by (3, -5) px: FRC-AUC(0.5) phase {scores['frc_auc_0.5_phase']:.3f} "
+          f"registered, {unregistered['frc_auc_0.5_phase']:.3f} not")
+    assert unregistered["frc_auc_0.5_phase"] < 0.5
 
 
 def test_compare_objects_scores_noise_and_reports_curves():

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from bluesky_ptychopinn import metrics, physics
 from bluesky_ptychopinn.errors import InvalidInputError
-from bluesky_ptychopinn.recon import PIEOptions, PIEResult, pie_reconstruct
+from bluesky_ptychopinn.recon import PIEOptions, PIEResult, pie_reconstruct, recentre_probe
 
 N = 64
 PHOTONS = 1e6
@@ -318,11 +318,122 @@ def _centre_of_mass(probe: np.ndarray) -> np.ndarray:
     return np.array([(power.sum(1) * grid).sum(), (power.sum(0) * grid).sum()]) / power.sum()
 
 
+def _padded(scan: Scan, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The scan's positions in an object ``margin`` px larger on every side: the same data,
+    with room for the positions to move when the probe is re-centred."""
+    shape = (scan.truth.shape[0] + 2 * margin, scan.truth.shape[1] + 2 * margin)
+    return scan.positions + margin, shape
+
+
+def _inside(positions: np.ndarray, shape) -> bool:
+    """Every patch at ``positions`` lies inside an object of ``shape``."""
+    return bool(np.all(positions >= N / 2) and np.all(positions <= np.asarray(shape) - N / 2))
+
+
 def test_probe_is_recentred_while_refined(scan):
+    # Updated for the positions correction: the object of _run is just large enough, so the
+    # positions could not move the 3 px needed; a few px of margin give them room.
     shifted = np.roll(scan.probe, (3, -2), axis=(-2, -1))
+    positions, shape = _padded(scan, 4)
     centre = np.array([N // 2, N // 2])
-    kwargs = {"n_epochs": 2, "batch_size": 16, "probe_update": True}
-    kept, _ = _run(scan, shifted, recenter_probe=True, **kwargs)
-    drifted, _ = _run(scan, shifted, recenter_probe=False, **kwargs)
+    opts = {"n_epochs": 2, "batch_size": 16, "probe_update": True, "device": "cpu",
+            "progress": False}
+    kept = pie_reconstruct(scan.counts, positions, shifted, object_shape=shape,
+                           options=PIEOptions(recenter_probe=True, **opts))
+    drifted = pie_reconstruct(scan.counts, positions, shifted, object_shape=shape,
+                              options=PIEOptions(recenter_probe=False, **opts))
     assert np.abs(_centre_of_mass(kept.probe) - centre).max() < 1.0
     assert np.abs(_centre_of_mass(drifted.probe) - centre).max() > 1.5
+    # The probe was rolled by d = (-3, 2); the positions moved by -d, the object did not.
+    np.testing.assert_allclose(kept.positions - positions, np.broadcast_to((3.0, -2.0),
+                                                                              positions.shape))
+    np.testing.assert_array_equal(drifted.positions, positions)
+    assert kept.positions.dtype == np.float64 and _inside(kept.positions, shape)
+
+
+def test_recentred_probe_at_moved_positions_gives_the_same_exit_waves():
+    """The sign: P'(r) = P(r - d) at p' = p - d is the old exit wave moved by d, so the far
+    field intensity is identical; p + d is not."""
+    rng = np.random.default_rng(5)
+    size = 32
+    obj = torch.from_numpy((rng.random((90, 90)) * np.exp(1j * rng.uniform(-1, 1, (90, 90))))
+                           .astype(np.complex64))
+    c = np.arange(size) - size // 2
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    # Off-centre by (+4, -3): centre of mass at (20, 13) of a 32-px window.
+    probe = torch.from_numpy(np.exp(-((yy - 4) ** 2 + (xx + 3) ** 2) / 18.0)
+                             .astype(np.complex64)).unsqueeze(0)
+    positions = torch.tensor([[30.0, 40.0], [45.0, 33.0], [52.5, 50.25]])
+    rolled, d = recentre_probe(probe)
+    assert d == (-4, 3)
+    assert np.abs(_centre_of_mass(rolled.numpy()) - size // 2).max() < 0.5
+    moved = positions - torch.tensor(d, dtype=positions.dtype)
+    old = physics.exit_waves(probe, physics.extract_patches(obj, positions, size))
+    new = physics.exit_waves(rolled, physics.extract_patches(obj, moved, size))
+    # The Gaussian is ~0 where the roll wraps, so the windows agree to rounding.
+    torch.testing.assert_close(new, torch.roll(old, d, dims=(-2, -1)), atol=1e-5, rtol=0)
+    intensity = physics.far_field(old).abs().square()
+    torch.testing.assert_close(physics.far_field(new).abs().square(), intensity,
+                               atol=1e-4 * float(intensity.max()), rtol=0)
+    wrong = positions + torch.tensor(d, dtype=positions.dtype)
+    wrong_waves = physics.exit_waves(rolled, physics.extract_patches(obj, wrong, size))
+    assert float((wrong_waves - torch.roll(old, d, dims=(-2, -1))).abs().max()) > 0.1
+    # A centred probe is left alone.
+    same, zero = recentre_probe(rolled)
+    assert zero == (0, 0) and same is rolled
+
+
+def test_recentring_is_clipped_so_that_patches_stay_inside(scan, caplog):
+    shifted = torch.from_numpy(np.roll(scan.probe, (3, -2), axis=(-2, -1)))
+    positions = torch.from_numpy(scan.positions.astype(np.float32))
+    shape = scan.truth.shape  # just large enough: 1 px below the scan, ~2 above
+    with caplog.at_level("DEBUG", logger="bluesky_ptychopinn.recon._pie"):
+        _, d = recentre_probe(shifted, positions=positions, object_shape=shape)
+    wanted = recentre_probe(shifted)[1]
+    assert wanted == (-3, 2)
+    assert d != wanted and all(abs(a) <= abs(b) for a, b in zip(d, wanted, strict=True))
+    assert _inside(scan.positions - np.asarray(d), shape)
+    assert "clipped" in caplog.text
+    with pytest.raises(InvalidInputError, match="together"):
+        recentre_probe(shifted, positions=positions)
+    # In the engine: no patch leaves the object, the probe is as centred as the room allows.
+    result, _ = _run(scan, shifted.numpy(), n_epochs=2, batch_size=16)
+    assert _inside(result.positions, shape)
+    step = result.positions - scan.positions
+    np.testing.assert_allclose(step, np.broadcast_to(np.round(step[0]), step.shape), atol=1e-9)
+    assert 0 < np.abs(step[0]).sum() < 5  # moved, but less than the (3, -2) asked for
+
+
+def test_blind_rpie_with_an_off_centre_probe_keeps_the_object_in_the_positions_frame(scan):
+    """The beam sits 3 px below and 2 px left of the frame's centre, and the blind guess (a
+    disc) with it. Re-centring the probe must move the positions, not roll the object: the
+    object stays registered to the truth and ``positions`` say where the centred probe was."""
+    offset = (3, -2)
+    positions, shape = _padded(scan, 5)
+    truth = _test_object(shape, seed=4)
+    beam = np.roll(scan.probe, offset, axis=(-2, -1))
+    counts = physics.simulate_diffraction(truth, beam, positions, photons=PHOTONS,
+                                          seed=6).counts.numpy()
+    c = np.arange(N) - N // 2
+    radius = np.hypot(*np.meshgrid(c - offset[0], c - offset[1], indexing="ij"))
+    disc = (radius <= scan.diameter_px / 2).astype(np.complex64)
+    opts = PIEOptions(engine="rpie", n_epochs=40, batch_size=4, device="cpu", progress=False)
+    start = time.perf_counter()
+    result = pie_reconstruct(counts, positions, disc, object_shape=shape, options=opts)
+    seconds = time.perf_counter() - start
+    lit = _illuminated(beam, positions, shape)
+    rows, cols = np.nonzero(lit)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    scores = metrics.compare_objects(result.object[box], truth[box], taper_px=8)
+    unregistered = metrics.compare_objects(result.object[box], truth[box], taper_px=8,
+                                           register=False)
+    _report("rPIE blind, beam off-centre by (3, -2)", result, seconds,
+            shift_y=scores["shift"][0], shift_x=scores["shift"][1],
+            frc_auc_registered=scores["frc_auc_0.5_phase"],
+            frc_auc_unregistered=unregistered["frc_auc_0.5_phase"])
+    assert np.abs(np.asarray(scores["shift"])).max() < 0.5
+    assert unregistered["frc_auc_0.5_phase"] > 0.8
+    # The probe came back centred; the positions moved by the accumulated roll, -d = offset.
+    assert np.abs(_centre_of_mass(result.probe) - N // 2).max() < 1.0
+    np.testing.assert_allclose(result.positions - positions,
+                                  np.broadcast_to(np.asarray(offset, float), positions.shape))

@@ -16,7 +16,16 @@ Examples
 """
 
 from ._compare import compare_objects
-from ._frc import HALF_BIT, FRCResult, frc, frc_auc, frc_auc_key, frc_resolution, frc_threshold
+from ._frc import (
+    HALF_BIT,
+    SUSTAINED_RINGS,
+    FRCResult,
+    frc,
+    frc_auc,
+    frc_auc_key,
+    frc_resolution,
+    frc_threshold,
+)
 from ._image import nrmse, psnr, ssim
 from ._preprocess import (
     align_global_phase,
@@ -30,6 +39,7 @@ from ._preprocess import (
 
 __all__ = [
     "HALF_BIT",
+    "SUSTAINED_RINGS",
     "FRCResult",
     "align_global_phase",
     "apply_shift",

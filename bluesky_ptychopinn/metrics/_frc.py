@@ -11,6 +11,7 @@ from ._validate import as_pair
 
 __all__ = [
     "HALF_BIT",
+    "SUSTAINED_RINGS",
     "FRCResult",
     "frc",
     "frc_threshold",
@@ -21,6 +22,16 @@ __all__ = [
 
 #: SNRt of the 1/2-bit criterion (van Heel & Schatz 2005). The PtychoPINN paper uses SNRt = 0.1.
 HALF_BIT = 0.2071
+
+#: Consecutive rings below the threshold that make a crossing in :func:`frc_resolution`.
+#: Why 3: ring k holds about 2 pi k Fourier pixels, half of them independent for a real image,
+#: so the first rings scatter by about 1/sqrt(pi k) (0.3-0.6 for k = 1-3) and one of them can
+#: dip below a threshold near 0.2-0.5 by chance, or because mean removal and the taper leave it
+#: little power; a taper also correlates neighbouring rings, so a dip can span two. Three rings
+#: in a row is a real fall-off, yet still only 0.09 of Nyquist on a 64-px image (33 rings). The
+#: price: an FRC that hovers at the threshold, dipping for one or two rings at a time, is
+#: reported where it finally stays below.
+SUSTAINED_RINGS = 3
 
 
 @dataclass(frozen=True)
@@ -139,11 +150,16 @@ def frc_threshold(result: FRCResult, snr: float = HALF_BIT) -> np.ndarray:
     return (s + (2 * np.sqrt(s) + 1) / np.sqrt(n)) / (s + 1 + 2 * np.sqrt(s) / np.sqrt(n))
 
 
-def frc_resolution(result: FRCResult, snr: float = HALF_BIT) -> float:
-    """First frequency (fraction of Nyquist) where the FRC falls below a threshold curve.
+def frc_resolution(
+    result: FRCResult, snr: float = HALF_BIT, *, sustain: int | None = None
+) -> float:
+    """First frequency (fraction of Nyquist) where the FRC falls, and stays, below a threshold.
 
-    The crossing is interpolated linearly between the last ring above and the first ring
-    below; DC is never a crossing.
+    The crossing is the first *sustained* one: the first ring below the threshold from which
+    the FRC stays below for ``sustain`` consecutive rings (or up to Nyquist, whichever comes
+    first). A shorter dip is skipped, so that one noisy ring near zero frequency, where a ring
+    holds a handful of Fourier pixels, cannot set the resolution. The crossing is interpolated
+    linearly between the last ring above and the first ring below; DC is never a crossing.
 
     Parameters
     ----------
@@ -151,12 +167,16 @@ def frc_resolution(result: FRCResult, snr: float = HALF_BIT) -> float:
         The FRC curve.
     snr : float
         SNRt of the threshold, see :func:`frc_threshold`.
+    sustain : int, optional
+        Consecutive rings that must lie below the threshold; default
+        :data:`SUSTAINED_RINGS` (3). 1 takes the first crossing of any kind.
 
     Returns
     -------
     float
         Crossing frequency as a fraction of Nyquist; 1.0 when the FRC stays above the
-        threshold up to Nyquist. The resolved half-period is ``1 / resolution`` pixels.
+        threshold up to Nyquist (or only dips for fewer than ``sustain`` rings). The resolved
+        half-period is ``1 / resolution`` pixels.
 
     Examples
     --------
@@ -165,14 +185,19 @@ def frc_resolution(result: FRCResult, snr: float = HALF_BIT) -> float:
     >>> frc_resolution(frc(img, img))
     1.0
     """
+    sustain = SUSTAINED_RINGS if sustain is None else sustain
+    if int(sustain) != sustain or sustain < 1:
+        raise InvalidInputError(f"sustain: expected an integer >= 1 (rings), got {sustain!r}")
     margin = result.frc - frc_threshold(result, snr)
-    below = np.flatnonzero(margin[1:] < 0) + 1
-    if len(below) == 0:
-        return 1.0
-    k = int(below[0])
-    above = max(float(margin[k - 1]), 0.0)
-    fraction = above / (above - float(margin[k]))
-    return float(result.freq[k - 1] + fraction * (result.freq[k] - result.freq[k - 1]))
+    below = margin < 0
+    below[0] = False  # DC carries no resolution
+    for k in np.flatnonzero(below):
+        # Near Nyquist fewer than ``sustain`` rings remain: all of them must be below.
+        if below[k : k + int(sustain)].all():
+            above = max(float(margin[k - 1]), 0.0)
+            fraction = above / (above - float(margin[k]))
+            return float(result.freq[k - 1] + fraction * (result.freq[k] - result.freq[k - 1]))
+    return 1.0
 
 
 def frc_auc(result: FRCResult, cutoff: float) -> float:

@@ -49,9 +49,15 @@ class PIEOptions:
         First epoch (0-based) in which the probe is refined; a few object-only epochs first
         stabilise blind reconstructions.
     recenter_probe : bool
-        While the probe is refined, shift probe and object together (whole pixels) after each
-        epoch so that the probe's centre of mass stays on pixel (N//2, N//2). The product P O is
-        unchanged; without it the probe can drift, dragging the object with it.
+        While the probe is refined, roll it by whole pixels after each epoch so that its
+        centre of mass stays on pixel (N//2, N//2), and move the positions the opposite way
+        (:func:`~bluesky_ptychopinn.recon.recentre_probe`): every exit wave, hence the data
+        fit, is unchanged, and the object stays in the frame of the input positions and probe
+        guess (a guess off by s from the real beam gives an object off by s: blind
+        ptychography cannot tell; ``PIEResult.positions`` then differ from the input by s).
+        Without it the probe, and the object with it, can drift. The roll is clipped so that
+        every patch stays inside the object; the default (tight) object shape leaves 1-2 px,
+        so give ``object_shape`` a few pixels of margin when the probe may be off-centre.
     photons_per_frame : float, optional
         Incident photons per frame when known (ion chamber, simulation): the probe guess is
         scaled to it. By default the scale is estimated from the data, assuming the initial
@@ -133,6 +139,11 @@ class PIEResult:
         The settings used (alphas resolved).
     device : str
         Where it ran.
+    positions : numpy.ndarray
+        float64 (n, 2) final probe centres (y, x) in object pixels, the convention of the input
+        positions: the input minus the whole pixels the probe was rolled by when re-centred
+        (``options.recenter_probe``), so ``probe`` at ``positions`` reproduces the data; equal
+        to the input otherwise. None only for a result built by hand.
     """
 
     object: np.ndarray
@@ -142,3 +153,4 @@ class PIEResult:
     timings: dict[str, float]
     options: PIEOptions
     device: str = "cpu"
+    positions: np.ndarray | None = None

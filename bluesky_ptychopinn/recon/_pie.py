@@ -13,6 +13,10 @@ Each batch of positions goes through the same four steps:
 
 With ``batch_size=1`` these are the classic sequential formulas (Maiden & Rodenburg 2009; Maiden,
 Johnson & Li 2017).
+
+While the probe is refined it is re-centred after each epoch by whole pixels and the positions
+move the opposite way (:func:`recentre_probe`); the object is never shifted, so it stays in the
+frame of the input positions.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ..physics import (
 )
 from ._options import PIEOptions, PIEResult
 
-__all__ = ["pie_reconstruct"]
+__all__ = ["pie_reconstruct", "recentre_probe"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,20 +248,93 @@ def _pie_batch(
     return probe, error
 
 
-def _recenter(probe: torch.Tensor, obj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Roll probe and object by the same whole pixels so that the probe's centre of mass sits on
-    (N//2, N//2); P(r + d) O(r + d + p) is the old product evaluated at r + d."""
+def _centre_shift(probe: torch.Tensor) -> tuple[int, int]:
+    """Whole pixels that move the mode-summed probe power's centre of mass onto (N//2, N//2)."""
     size = probe.shape[-1]
-    power = (probe.real.square() + probe.imag.square()).sum(dim=0).double()
+    power = (probe.real.square() + probe.imag.square()).reshape(-1, size, size).sum(dim=0)
+    power = power.double()
     grid = torch.arange(size, device=probe.device, dtype=torch.float64)
     total = power.sum()
+    if not float(total) > 0:
+        return 0, 0
     centre_y = float((power.sum(dim=1) * grid).sum() / total)
     centre_x = float((power.sum(dim=0) * grid).sum() / total)
-    shift = (round(size // 2 - centre_y), round(size // 2 - centre_x))
+    return round(size // 2 - centre_y), round(size // 2 - centre_x)
+
+
+def _allowed_shift(
+    shift: tuple[int, int], positions: torch.Tensor, size: int, object_shape: tuple[int, int]
+) -> tuple[int, int]:
+    """``shift`` clipped, axis by axis, so that every patch at ``positions - shift`` stays inside.
+
+    Patches need centres in [N/2, H - N/2] (see ``physics.extract_patches``); the current
+    positions satisfy that, so 0 is always allowed.
+    """
+    low = positions.min(dim=0).values.double().cpu()
+    high = positions.max(dim=0).values.double().cpu()
+    clipped = []
+    for axis, d in enumerate(shift):
+        # p - d >= N/2 for the smallest p, p - d <= H - N/2 for the largest.
+        most = math.floor(float(low[axis]) - size / 2 + 1e-9)
+        least = math.ceil(float(high[axis]) - (object_shape[axis] - size / 2) - 1e-9)
+        clipped.append(int(min(max(d, min(least, 0)), max(most, 0))))
+    return clipped[0], clipped[1]
+
+
+def recentre_probe(
+    probe: torch.Tensor,
+    *,
+    positions: torch.Tensor | None = None,
+    object_shape: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Roll the probe by whole pixels so that its centre of mass sits on pixel (N//2, N//2).
+
+    The object is left where it is; the caller moves the positions instead. With
+    ``P'(r) = P(r - d)`` (the probe rolled by ``d``) and positions ``p' = p - d``, every exit
+    wave ``P'(r) O(r + p' - N/2)`` is the old one moved by ``d`` in its own window, so the
+    diffracted intensities are unchanged while the object keeps the frame of the input
+    positions (rolling the object instead would shift it by whole pixels against them).
+
+    Parameters
+    ----------
+    probe : torch.Tensor
+        (N, N) or (M, N, N) probe; the modes' summed power sets the centre and all modes move.
+    positions, object_shape : optional
+        (n, 2) probe centres (y, x) and the object's (H, W). When given, ``d`` is clipped per
+        axis so that every patch at ``positions - d`` stays inside the object (the probe then
+        stays partly off-centre; a debug message says so). Give both or neither.
+
+    Returns
+    -------
+    probe : torch.Tensor
+        The rolled probe (the input itself when ``d == (0, 0)``).
+    shift : (int, int)
+        ``d`` (dy, dx) in pixels, (0, 0) when already centred: subtract it from the positions.
+
+    Examples
+    --------
+    >>> import torch
+    >>> probe = torch.zeros(8, 8, dtype=torch.complex64)
+    >>> probe[2, 5] = 1
+    >>> rolled, d = recentre_probe(probe)
+    >>> d, tuple(int(v) for v in torch.nonzero(rolled.abs())[0])
+    ((2, -1), (4, 4))
+    """
+    if (positions is None) != (object_shape is None):
+        raise InvalidInputError("recentre_probe: give positions and object_shape together")
+    shift = _centre_shift(probe)
+    if positions is not None and object_shape is not None and shift != (0, 0):
+        wanted = shift
+        shift = _allowed_shift(shift, positions, probe.shape[-1], tuple(object_shape))
+        if shift != wanted:
+            logger.debug(
+                "probe re-centring clipped from %s to %s pixels: the positions would leave the "
+                "object; give a larger object_shape for room", wanted, shift,
+            )
     if shift == (0, 0):
-        return probe, obj
-    logger.debug("recentring probe by %s pixels", shift)
-    return torch.roll(probe, shift, dims=(-2, -1)), torch.roll(obj, shift, dims=(-2, -1))
+        return probe, (0, 0)
+    logger.debug("recentring probe by %s pixels (positions move by the opposite)", shift)
+    return torch.roll(probe, shift, dims=(-2, -1)), shift
 
 
 def _progress_bar(enabled: bool) -> Progress:
@@ -305,7 +382,11 @@ def pie_reconstruct(
     Returns
     -------
     PIEResult
-        Object, unit-norm probe, photon scale, per-epoch error history and timings.
+        Object, unit-norm probe, final positions, photon scale, per-epoch error history and
+        timings. With ``options.recenter_probe`` the probe is rolled by whole pixels to keep
+        it centred and the positions move the opposite way (:func:`recentre_probe`): the
+        object stays in the frame of the input positions, and ``result.positions`` are the
+        probe centres that go with ``result.probe``.
 
     Raises
     ------
@@ -337,6 +418,8 @@ def pie_reconstruct(
     frames_t, mask_t = _check_frames(frames, mask)
     n_frames, size = frames_t.shape[0], frames_t.shape[-1]
     pos = _check_positions(positions, n_frames)
+    # float64 copy for the returned positions: the engine works on float32 ones.
+    input_positions = _as_tensor(positions, "positions", torch.float64).cpu().numpy()
     probe = _check_probe(probe_guess, size).to(device)
     obj = _initial_object(object_guess, object_shape, pos, size).to(device)
     pos, mask_t = pos.to(device), mask_t.to(device)
@@ -360,6 +443,8 @@ def pie_reconstruct(
     else:
         generator.manual_seed(int(options.seed))
     history: list[float] = []
+    shape = (obj.shape[0], obj.shape[1])
+    total_shift = (0, 0)  # whole pixels the probe was rolled by, summed over epochs
     setup_s = time.perf_counter() - start_time
 
     with _progress_bar(options.progress) as bar:
@@ -375,7 +460,11 @@ def pie_reconstruct(
                 )
                 error += batch_error
             if update_probe and options.recenter_probe:
-                probe, obj = _recenter(probe, obj)
+                probe, shift = recentre_probe(probe, positions=pos, object_shape=shape)
+                if shift != (0, 0):
+                    # The object stays put: the probe centres move against the probe's roll.
+                    pos = pos - torch.tensor(shift, dtype=pos.dtype, device=pos.device)
+                    total_shift = (total_shift[0] + shift[0], total_shift[1] + shift[1])
             history.append(float(error) / measured)
             if not math.isfinite(history[-1]):
                 raise FloatingPointError(
@@ -401,4 +490,6 @@ def pie_reconstruct(
         },
         options=resolved,
         device=str(device),
+        # Integer shifts, so the input's sub-pixel values are kept exactly.
+        positions=input_positions - np.asarray(total_shift, dtype=np.float64),
     )
