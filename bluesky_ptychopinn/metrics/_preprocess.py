@@ -163,8 +163,18 @@ def _ramp_frequency(field: np.ndarray, upsample: int = 50) -> tuple[float, float
     return float(ky[iy] / h), float(kx[ix] / w)
 
 
-def _signed_peak(values: np.ndarray) -> np.ndarray:
-    """Index of the maximum of an unshifted FFT-ordered array, as signed frequencies/lags."""
+def _signed_lags(n: int) -> np.ndarray:
+    lags = np.arange(n)
+    return np.where(lags > n // 2, lags - n, lags)
+
+
+def _signed_peak(values: np.ndarray, max_shift: float | None = None) -> np.ndarray:
+    """Index of the maximum of an unshifted FFT-ordered array, as signed frequencies/lags,
+    among lags of at most ``max_shift`` pixels per axis (all lags when None)."""
+    if max_shift is not None:
+        ly, lx = _signed_lags(values.shape[0]), _signed_lags(values.shape[1])
+        allowed = (np.abs(ly)[:, None] <= max_shift) & (np.abs(lx)[None, :] <= max_shift)
+        values = np.where(allowed, values, -np.inf)
     peak = np.array(np.unravel_index(np.argmax(values), values.shape), dtype=float)
     shape = np.array(values.shape)
     wrap = peak > shape // 2
@@ -172,8 +182,8 @@ def _signed_peak(values: np.ndarray) -> np.ndarray:
     return peak
 
 
-def register_shift(reference: np.ndarray, moving: np.ndarray, upsample: int = 100
-                   ) -> tuple[float, float]:
+def register_shift(reference: np.ndarray, moving: np.ndarray, upsample: int = 100,
+                   max_shift: float | None = None) -> tuple[float, float]:
     """Sub-pixel shift (dy, dx) such that ``apply_shift(moving, (dy, dx))`` matches ``reference``.
 
     Peak of the cross-correlation (means removed, periodic boundaries), refined by a locally
@@ -186,6 +196,10 @@ def register_shift(reference: np.ndarray, moving: np.ndarray, upsample: int = 10
         2-D images of one shape, real or complex.
     upsample : int
         Precision is 1/``upsample`` pixel; 1 gives whole pixels.
+    max_shift : float, optional
+        Largest shift (pixels, per axis) considered. A reconstruction with unreconstructed
+        (zero) borders correlates with the truth at large spurious lags; bounding the search
+        keeps such a peak from being taken for a shift.
 
     Returns
     -------
@@ -213,7 +227,7 @@ def register_shift(reference: np.ndarray, moving: np.ndarray, upsample: int = 10
     fa = np.fft.fft2(reference - reference.mean())
     fb = np.fft.fft2(moving - moving.mean())
     product = fa * np.conj(fb)
-    peak = _signed_peak(np.abs(np.fft.ifft2(product)))
+    peak = _signed_peak(np.abs(np.fft.ifft2(product)), max_shift)
     if upsample == 1:
         return float(peak[0]), float(peak[1])
     region = int(np.ceil(1.5 * upsample))
