@@ -10,7 +10,51 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["run_reconstruction", "reconstruct_with_model", "score_against"]
+__all__ = ["run_reconstruction", "reconstruct_with_model", "refine_after_model",
+           "score_against"]
+
+
+def frames_for_model(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dataset's frames and positions at a model's frame size ``n``.
+
+    Frames larger than ``n`` are centre-cropped and positions re-expressed at the coarser
+    object pixel (the same boundary code as training); smaller frames are refused.
+    """
+    from .physics import crop_frames, rescale_positions
+
+    frames = np.asarray(ds.diffraction, dtype=np.float32)
+    positions = np.asarray(ds.positions_px, dtype=np.float64)
+    if frames.shape[-1] < n:
+        raise InvalidInputError(f"frames are {frames.shape[-1]} px; the model needs {n}")
+    if frames.shape[-1] > n:
+        positions = rescale_positions(positions, 1.0, frames.shape[-1] / n)
+        frames = crop_frames(frames, n)
+    return frames, positions
+
+
+def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | None = None,
+                       device: str | None = None, seed: int = 0, probe_update: bool = True):
+    """The hybrid on a file: rPIE from the start the data prefers (flat, the network's object
+    or its high-pass), on the network's canvas, with the dataset's probe at the model's
+    sampling. Returns the final :class:`~bluesky_ptychopinn.recon.RefinedSnapshot` (with the
+    residuals of both estimates)."""
+    from .physics import resample_probe
+    from .recon import PIEOptions, RefinerThread, StreamingRefiner
+
+    frames, positions = frames_for_model(ds, n)
+    probe = ds.probe if ds.probe.shape[-1] == n else resample_probe(ds.probe, n)
+    refiner = StreamingRefiner(probe, object_shape=snap.object.shape, origin_px=snap.origin_px,
+                               options=PIEOptions(device=device, seed=seed, progress=False,
+                                                  probe_update=probe_update))
+    refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
+    refiner.add(frames, positions)
+    thread = RefinerThread(refiner, duty=1.0)
+    thread.start()
+    thread.finish(max_epochs=epochs, time_s=seconds, tol=None)
+    thread.join()
+    if thread.failed:
+        raise RuntimeError(f"refinement failed: {thread.failed}")
+    return thread.final
 
 
 def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | None = None,
@@ -23,17 +67,10 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
     agree. ``crop``: the stitched central square of each predicted patch (default: the
     :class:`~bluesky_ptychopinn.recon.StreamingReconstructor` default).
     """
-    from .physics import crop_frames, rescale_positions
     from .recon import StreamingReconstructor
 
     n = model.config.frame_size
-    frames = np.asarray(ds.diffraction, dtype=np.float32)
-    positions = np.asarray(ds.positions_px, dtype=np.float64)
-    if frames.shape[-1] < n:
-        raise InvalidInputError(f"frames are {frames.shape[-1]} px; the model needs {n}")
-    if frames.shape[-1] > n:
-        positions = rescale_positions(positions, 1.0, frames.shape[-1] / n)
-        frames = crop_frames(frames, n)
+    frames, positions = frames_for_model(ds, n)
     shape = ds.object.shape if ds.object is not None and frames.shape[-1] == n else None
     recon = StreamingReconstructor(model, object_shape=shape, batch_size=batch_size,
                                    device=device, crop=crop)
@@ -68,8 +105,15 @@ def run_reconstruction(
     device: str = "auto",
     seed: int = 0,
     model: str | None = None,
+    refine: bool = False,
+    refine_seconds: float | None = None,
 ) -> dict:
-    """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary."""
+    """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary.
+
+    With ``model`` and ``refine``, the network's image is refined by ``engine`` for ``epochs``
+    passes (or ``refine_seconds``) from the start the data prefers, and the estimate with the
+    lower Fourier-magnitude residual is written; the summary scores both.
+    """
     from .figures import reconstruction_figure
     from .io import PtychoDataset, read_dataset, write_dataset
     from .recon import PIEOptions, pie_reconstruct
@@ -78,6 +122,7 @@ def run_reconstruction(
     device = None if device == "auto" else device
     output = Path(output) if output else file.with_name(f"{file.stem}_recon.cxi")
     start = time.perf_counter()
+    refinement = network_obj = None
     if model:
         from .models import ModelRegistry
 
@@ -87,6 +132,21 @@ def run_reconstruction(
         positions = ds.positions_px
         extra = {"uncertainty": snap.uncertainty}
         label = f"model {model}"
+        if refine:
+            n = net.config.frame_size
+            network_obj = obj
+            refined = refine_after_model(ds, snap, n, epochs=epochs, seconds=refine_seconds,
+                                         device=device, seed=seed, probe_update=probe_update)
+            refinement = {"engine": "rpie", "epochs": round(refined.epochs, 2),
+                          "start": refined.start, "residual": refined.residual,
+                          "network_residual": refined.network_residual, "best": refined.best,
+                          "seconds": round(refined.busy_s, 2)}
+            if refined.best == "refined":
+                obj = refined.object
+                if n == ds.frame_size:
+                    probe = refined.probe
+            extra["network phase"] = np.angle(network_obj)
+            label = f"model {model} + rpie ({refined.epochs:.0f} epochs, shown: {refined.best})"
     else:
         result = pie_reconstruct(
             ds.diffraction, ds.positions_px, ds.probe,
@@ -114,6 +174,12 @@ def run_reconstruction(
         # The probe was re-centred by this roll (dy, dx); the written positions, which go with
         # the written probe, are the scan's minus it.
         summary["probe_recentred_px"] = [float(v) for v in moved[0]]
+    if refinement is not None:
+        summary["refinement"] = refinement
+        if ds.object is not None and ds.object.shape == obj.shape:
+            network_scores = score_against(network_obj, ds.object, weight)
+            summary["network_frc_auc_0.5_phase"] = round(
+                float(network_scores["frc_auc_0.5_phase"]), 4)
     frc_curves, threshold = None, None
     if ds.object is not None and ds.object.shape == obj.shape:
         scores = score_against(obj, ds.object, weight)

@@ -89,6 +89,11 @@ def reconstruct(
     seed: int = typer.Option(0, help="Random seed."),
     model: str = typer.Option(None, help="Reconstruct with a trained network (name or "
                               "directory) instead of an iterative engine."),
+    refine: bool = typer.Option(False, help="With --model: refine the network's image with "
+                                "rPIE for --epochs (or --refine-seconds) and keep the estimate "
+                                "that explains the frames better."),
+    refine_seconds: float = typer.Option(None, "--refine-seconds",
+                                         help="With --refine: stop refining after this long."),
 ) -> None:
     """Reconstruct a dataset (ePIE/rPIE, or a network with --model); write the result, a PNG
     with amplitude, phase, probe and FRC curves when the file holds a ground truth."""
@@ -97,7 +102,8 @@ def reconstruct(
     try:
         summary = run_reconstruction(
             file, engine=engine, epochs=epochs, probe_update=probe_update, output=output,
-            device=device, seed=seed, model=model,
+            device=device, seed=seed, model=model, refine=refine,
+            refine_seconds=refine_seconds,
         )
     except PtychoError as exc:
         _fail(exc)
@@ -421,6 +427,10 @@ def replay(
     tiled: str = typer.Option(None, "--tiled", envvar="TILED_URI",
                               help="Tiled URI (default: $TILED_URI, else the embedded catalog)."),
     data_dir: Path = typer.Option(None, help="Embedded catalog directory when no --tiled."),
+    refine: bool = typer.Option(True, help="Also refine iteratively (rPIE) beside the network; "
+                                "the derived run gets 'refined' and 'final' streams."),
+    refine_budget_s: float = typer.Option(5.0, "--refine-budget-s",
+                                          help="Seconds of refinement after the last frame."),
 ) -> None:
     """Re-stream an archived raw run through the live callback with a (newer) model."""
     from .catalog import EmbeddedTiled, connect, replay_run
@@ -434,14 +444,15 @@ def replay(
             readable = [data.parent / "detector"] if data is not None else []
             server = EmbeddedTiled(data, readable=readable).start()
             client = server.client()
-        state = replay_run(client, uid, model=model, torch_threads=1)
+        state = replay_run(client, uid, model=model, torch_threads=1,
+                           refine="rpie" if refine else None, refine_budget_s=refine_budget_s)
     except PtychoError as exc:
         _fail(exc)
     finally:
         if server is not None:
             server.stop()
     print(json.dumps({"raw_uid": state.raw_uid, "derived_uid": state.derived_uid,
-                      "frames": state.frames_done, "failed": state.failed,
+                      "frames": state.frames_done, "failed": state.failed, "best": state.best,
                       **{k: v for k, v in state.stats.items() if k != "device"}}, indent=2))
 
 

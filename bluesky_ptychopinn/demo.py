@@ -73,6 +73,7 @@ def run_demo(
                       f"{dx * 1e9:.1f} nm pixels); scanning {region[0] * 1e6:.2f} x "
                       f"{region[1] * 1e6:.2f} um, budget {budget} frames, strategy {strategy}")
         t_scan = time.perf_counter()
+        t_scan_wall = time.time()
         with console.status("scanning with live reconstruction and feedback"):
             result = RE(ptycho_scan_with_feedback(
                 bl.detector, bl.stage, live, geometry=bl.ptycho_metadata(),
@@ -110,8 +111,22 @@ def run_demo(
         truth[np.ix_(inside, inside_c)] = bl.sample[np.ix_(ri[inside], ci[inside_c])]
         covered = weight > 0.3 * weight.max()
         box = _bounding_box(covered)
+
+        def phase_auc(image: np.ndarray) -> float:
+            return float(compare_objects(image[box], truth[box], taper_px=8)
+                         ["frc_auc_0.5_phase"])
+
         scores = compare_objects(recon[box], truth[box], taper_px=8)
+        refined = probe = None
+        quality = {"network": _quality_vs_time(derived, "snapshots", phase_auc, t_scan_wall)}
+        if "final" in derived:
+            final = derived["final"]
+            refined = final["object_amplitude"][-1] * np.exp(1j * final["object_phase"][-1])
+            probe = final["probe_amplitude"][-1] * np.exp(1j * final["probe_phase"][-1])
+            quality["refined (rPIE)"] = _quality_vs_time(derived, "refined", phase_auc,
+                                                         t_scan_wall)
         stats = derived.stop.get("ptychopinn", {})
+        refinement = stats.get("refinement", {})
         frames = int(len(ys))
         summary = {
             "raw_uid": raw_uid,
@@ -123,23 +138,41 @@ def run_demo(
             "batch_latency_p99_s": round(float(stats.get("batch_latency_p99_s", 0.0)), 4),
             "frc_auc_0.5_phase": round(float(scores["frc_auc_0.5_phase"]), 3),
             "frc_auc_0.5_amplitude": round(float(scores["frc_auc_0.5_amplitude"]), 3),
+            "refined_frc_auc_0.5_phase": (round(phase_auc(refined), 3) if refined is not None
+                                          else None),
+            "refinement": {k: refinement.get(k) for k in
+                           ("epochs", "start", "best", "seconds_after_stop", "residual",
+                            "network_residual")},
             "feedback": {k: v for k, v in summary_plan.items() if k != "uid"},
             "frames_per_iteration": {int(k): int((iterations == k).sum())
                                      for k in np.unique(iterations)},
             "derived_exit_status": derived.stop["exit_status"],
             "total_seconds": round(time.perf_counter() - t_start, 1),
         }
+        title = (f"{sample}: {frames} frames; phase FRC-AUC(0-0.5) network "
+                 f"{summary['frc_auc_0.5_phase']:.2f}")
+        if refined is not None:
+            title += f", refined {summary['refined_frc_auc_0.5_phase']:.2f}"
         png = demo_figure(
             out / "demo.png", recon=recon, truth=truth, uncertainty=unc,
             scan_px=_stage_to_canvas(ys, xs, dx, state.canvas_origin_px), iterations=iterations,
-            title=f"{sample}: {frames} frames, FRC-AUC(0-0.5) phase "
-                  f"{summary['frc_auc_0.5_phase']:.2f}",
+            refined=refined, probe=probe, quality=quality, last_frame_s=scan_seconds,
+            title=title,
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         _print_summary(console, summary, png, tiled, out)
         return summary
     finally:
         tiled.stop()
+
+
+def _quality_vs_time(derived, stream: str, score, t0: float) -> tuple[list, list]:
+    """(seconds since ``t0``, score) of every event of a derived-run image stream."""
+    node = derived[stream]
+    times = np.asarray(node["time"].read(), dtype=float)
+    amplitude, phase = node["object_amplitude"].read(), node["object_phase"].read()
+    scores = [score(amplitude[i] * np.exp(1j * phase[i])) for i in range(len(times))]
+    return (times - t0).tolist(), scores
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
@@ -162,8 +195,14 @@ def _print_summary(console: Console, summary: dict, png: Path, tiled, out: Path)
         ("batch latency p50 / p99",
          f"{summary['batch_latency_p50_s'] * 1e3:.0f} / "
          f"{summary['batch_latency_p99_s'] * 1e3:.0f} ms"),
-        ("FRC-AUC (0-0.5 Nyquist) vs hidden truth",
+        ("network FRC-AUC (0-0.5 Nyquist) vs hidden truth",
          f"phase {summary['frc_auc_0.5_phase']}, amplitude {summary['frc_auc_0.5_amplitude']}"),
+        ("refined (rPIE) FRC-AUC, phase",
+         f"{summary['refined_frc_auc_0.5_phase']} after "
+         f"{(summary['refinement'].get('epochs') or 0):.1f} epochs, start "
+         f"{summary['refinement'].get('start')}, "
+         f"{(summary['refinement'].get('seconds_after_stop') or 0):.1f} s after the last frame"),
+        ("shown (lower Fourier residual)", summary["refinement"].get("best") or "network"),
         ("feedback", f"{summary['feedback']['decisions']} decisions, stop: "
                      f"{summary['feedback']['stop_reason']}"),
         ("frames per iteration (0 = overview)", summary["frames_per_iteration"]),

@@ -131,6 +131,17 @@ def reconstruction_figure(
     return Path(path)
 
 
+def _phase_on_truth(recon: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Phase of ``recon`` on the truth's constant offset (ptychography fixes the phase only up
+    to a constant), zero where nothing was reconstructed; and that coverage mask."""
+    covered = np.abs(recon) > 0
+    phase = np.angle(recon)
+    if covered.any() and truth.shape == recon.shape:
+        offset = np.angle(np.sum(truth[covered] * np.conj(recon[covered])))
+        phase = np.where(covered, np.angle(recon * np.exp(1j * offset)), 0.0)
+    return phase, covered
+
+
 def demo_figure(
     path: str | Path,
     *,
@@ -139,25 +150,37 @@ def demo_figure(
     uncertainty: np.ndarray,
     scan_px: np.ndarray,
     iterations: np.ndarray,
+    refined: np.ndarray | None = None,
+    probe: np.ndarray | None = None,
+    quality: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    last_frame_s: float | None = None,
     title: str = "",
 ) -> Path:
-    """Live-reconstruction summary: phase, amplitude, truth, uncertainty, and the scan path
-    coloured by feedback iteration (0 = coarse overview)."""
+    """Live-reconstruction summary.
+
+    Top row: the network's live phase, the refined (rPIE) phase, the hidden truth, the
+    network's uncertainty. Bottom row: the scan path coloured by feedback iteration
+    (0 = coarse overview), FRC-AUC against the truth versus time for each engine
+    (``quality``: label -> (seconds, FRC-AUC)), the refined probe, the refined amplitude.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 5, figsize=(19, 4.0))
-    covered = np.abs(recon) > 0
-    phase = np.angle(recon)
-    if covered.any() and truth.shape == recon.shape:
-        # ptychography fixes the phase only up to a constant: show it on the truth's offset
-        offset = np.angle(np.sum(truth[covered] * np.conj(recon[covered])))
-        phase = np.where(covered, np.angle(recon * np.exp(1j * offset)), 0.0)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8.2))
+    phase, covered = _phase_on_truth(recon, truth)
     phase_limits = _robust_limits(phase, covered)
-    _show(axes[0], phase, "live reconstruction: phase (rad)", "cividis", phase_limits)
-    _show(axes[1], np.abs(recon), "amplitude", "gray", _robust_limits(np.abs(recon), covered))
-    _show(axes[2], np.angle(truth), "hidden truth: phase", "cividis")
-    _show(axes[3], uncertainty, "uncertainty (overlap variance)", "viridis",
+    _show(axes[0, 0], phase, "network (live preview): phase (rad)", "cividis", phase_limits)
+    if refined is not None:
+        refined_phase, _ = _phase_on_truth(np.where(covered, refined, 0), truth)
+        _show(axes[0, 1], refined_phase, "refined (rPIE): phase (rad)", "cividis", phase_limits)
+        _show(axes[1, 3], np.abs(refined), "refined: amplitude", "gray",
+              _robust_limits(np.abs(refined), covered))
+    else:
+        _show(axes[0, 1], np.abs(recon), "network: amplitude", "gray",
+              _robust_limits(np.abs(recon), covered))
+        axes[1, 3].axis("off")
+    _show(axes[0, 2], np.angle(truth), "hidden truth: phase", "cividis", phase_limits)
+    _show(axes[0, 3], uncertainty, "network uncertainty (overlap variance)", "viridis",
           _robust_limits(uncertainty, covered))
-    ax = axes[4]
+    ax = axes[1, 0]
     ax.imshow(phase, cmap="gray", interpolation="nearest", vmin=phase_limits[0],
               vmax=phase_limits[1])
     sc = ax.scatter(scan_px[:, 1], scan_px[:, 0], c=iterations, s=6, cmap="plasma")
@@ -165,10 +188,27 @@ def demo_figure(
     ax.set_xticks([])
     ax.set_yticks([])
     fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+    ax = axes[1, 1]
+    for label, (seconds, auc) in (quality or {}).items():
+        ax.plot(seconds, auc, marker="o", ms=3, label=label)
+    if last_frame_s is not None:
+        ax.axvline(last_frame_s, color="k", lw=0.8, ls=":", label="last frame")
+    ax.set_xlabel("seconds since the scan started")
+    ax.set_ylabel("phase FRC-AUC (0-0.5) vs truth")
+    ax.set_ylim(0, 1)
+    ax.set_title("image quality while scanning", fontsize=9)
+    if quality:
+        ax.legend(fontsize=7, loc="lower right")
+    if probe is not None:
+        modes = np.atleast_3d(probe) if probe.ndim == 3 else probe[None]
+        _show(axes[1, 2], np.sqrt((np.abs(modes) ** 2).sum(axis=0)),
+              f"refined probe: amplitude ({modes.shape[0]} mode(s))", "magma")
+    else:
+        axes[1, 2].axis("off")
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return Path(path)
 

@@ -352,6 +352,7 @@ class _ChildRun:
     next_idle: float = 0.0
     mirrored: dict = field(default_factory=dict)
     snapshot: object = None
+    refined: object = None
 
 
 def _mirror(send, uid: str, run: _ChildRun) -> None:
@@ -364,6 +365,8 @@ def _mirror(send, uid: str, run: _ChildRun) -> None:
             changed[key] = run.mirrored[key] = value
     if state.snapshot is not run.snapshot:
         changed["snapshot"] = run.snapshot = state.snapshot
+    if state.refined is not run.refined:
+        changed["refined"] = run.refined = state.refined
     if changed:
         send(("state", uid, changed))
 

@@ -30,7 +30,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..errors import InvalidInputError
 from ._options import PIEOptions
-from ._pie import _check_probe, _pie_batch, _resolve_device
+from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe
 from ._residual import amplitude_residual, place_on_canvas
 
 __all__ = ["RefinedSnapshot", "RefinerThread", "StreamingRefiner", "START_CHOICES",
@@ -450,29 +450,15 @@ class StreamingRefiner:
         return self.options.probe_update and self.passes >= self.options.probe_update_start_epoch
 
     def _recentre(self) -> None:
-        """Keep the probe's centre of mass on (N//2, N//2) by rolling it and shifting the
-        positions the other way (P'(r) O(r + p - d) = P(r - d) O(r - d + p)): the object stays
-        where it is, so it is never left shifted against the truth."""
-        size = self.frame_size
-        power = (self.probe.real.square() + self.probe.imag.square()).sum(dim=0).double()
-        grid = torch.arange(size, dtype=torch.float64, device=power.device)
-        total = power.sum()
-        cy = float((power.sum(dim=1) * grid).sum() / total)
-        cx = float((power.sum(dim=0) * grid).sum() / total)
-        shift = (round(size // 2 - cy), round(size // 2 - cx))
-        if shift == (0, 0):
-            return
-        moved = self._pos_t - torch.tensor(shift, dtype=torch.float32, device=self.device)
-        half = size / 2
-        inside = bool((moved - half >= 0).all()) and bool(
-            (moved[:, 0] + half + 1 <= self.obj.shape[0]).all()
-            and (moved[:, 1] + half + 1 <= self.obj.shape[1]).all())
-        if not inside:
-            logger.debug("probe re-centring by %s skipped: a patch would leave the canvas", shift)
-            return
-        self.probe = torch.roll(self.probe, shift, dims=(-2, -1))
-        self._pos_t = moved
-        self._positions = self._positions - np.asarray(shift, dtype=np.float64)
+        """Keep the probe centred; the positions move instead of the object
+        (:func:`~bluesky_ptychopinn.recon.recentre_probe`), so the object is never left shifted
+        against the scan's coordinates."""
+        self.probe, shift = recentre_probe(self.probe, positions=self._pos_t,
+                                           object_shape=tuple(self.obj.shape))
+        if shift != (0, 0):
+            self._pos_t = self._pos_t - torch.tensor(shift, dtype=torch.float32,
+                                                     device=self.device)
+            self._positions = self._positions - np.asarray(shift, dtype=np.float64)
 
     def step(self, budget_s: float = 0.1, max_updates: int | None = None) -> float:
         """Refine for about ``budget_s`` seconds (at least one batch) or until ``max_updates``
@@ -698,7 +684,10 @@ class RefinerThread(threading.Thread):
                 piece = min(piece, time_s - (time.perf_counter() - t0))
                 if piece <= 0:
                     break
-            refiner.run(time_s=piece, slice_s=min(0.1, piece))
+            left = None if max_epochs is None else max_epochs - (refiner.epochs - epochs0)
+            if left is not None and left <= 1e-9:
+                break
+            refiner.run(time_s=piece, max_epochs=left, slice_s=min(0.1, piece))
             self._publish()
             if max_epochs is not None and refiner.epochs - epochs0 >= max_epochs:
                 break
