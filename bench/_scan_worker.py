@@ -1,6 +1,10 @@
 """One RunEngine in its own process for ``bench/live.py``'s slow-down measurement.
 
-    python bench/_scan_worker.py --isolation {none,thread,process} --points 400 --exposure 0.005
+    python bench/_scan_worker.py --isolation {none,thread,process,process-network} --points 400 \
+        --exposure 0.005
+
+``thread`` and ``process`` run the network and the refinement tier (the default);
+``process-network`` the network alone (``refine=None``), for comparison.
 
 Sets up once (imports, the callback and its reconstruction process), prints ``ready``, then for
 every ``scan`` line on stdin runs one timed step scan and prints one JSON line: the scan's wall
@@ -25,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--isolation", choices=("none", "thread", "process"), required=True)
+    parser.add_argument("--isolation", required=True,
+                        choices=("none", "thread", "process", "process-network"))
     parser.add_argument("--points", type=int, default=400)
     parser.add_argument("--exposure", type=float, default=0.0)
     args = parser.parse_args()
@@ -41,8 +46,9 @@ def main() -> None:
     torch.set_num_threads(1)  # the simulated detector's, the same in every configuration
     live = None
     if args.isolation != "none":
+        isolation, _, only = args.isolation.partition("-")
         live = LiveReconstruction("default", batch_size=32, torch_threads=1,
-                                  isolation=args.isolation)
+                                  isolation=isolation, refine=None if only else "rpie")
     side = int(np.sqrt(args.points))
     print("ready", flush=True)
     for line in sys.stdin:

@@ -90,7 +90,9 @@ def feed(live, bl, frames, pos_m, rate: float, page: int = 16) -> dict:
             "followed": state.frames_skipped == 0 and lag < 1.0 and not state.failed}
 
 
-ISOLATION_MODES = ("thread", "process")
+#: Callback configurations: thread / process run the network and the refinement tier (the
+#: default); process-network the network alone.
+ISOLATION_MODES = ("thread", "process", "process-network")
 #: A control: no callback, but another process keeps one core busy (nice +5, like the
 #: reconstruction process): the floor of any reconstruction on the RunEngine's machine.
 BUSY_LOOP = "import os\nos.nice(5)\nwhile True:\n    pass"

@@ -57,9 +57,11 @@ def section() -> str:
         "core: what any computation beside the RunEngine on these 2 cores costs.", "",
         "Slow-down = median over the repeats of (scan time / the scan without the callback in the "
         "same repeat); in brackets the 25th-75th percentiles of that ratio.", "",
+        "*thread* and *process* run the network and the refinement tier (rPIE beside it, the "
+        "default); *process, network only* is `refine=None`.", "",
         "| detector | points | repeats | without (s, median) | slow-down: busy core | thread "
-        "| process |",
-        "|---|---|---|---|---|---|---|",
+        "| process | process, network only |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(r: dict, label: str, bold: bool = False) -> str:
@@ -72,7 +74,9 @@ def section() -> str:
                 else f"{r['exposure_s'] * 1e3:.0f} ms exposure")
         lines.append(f"| {kind} | {r['points']} | {r['repeats']} | "
                      f"{r['seconds_median']['without']:.3f} | {pct(r, 'busy_core')} | "
-                     f"{pct(r, 'thread')} | {pct(r, 'process', bold=True)} |")
+                     f"{pct(r, 'thread')} | {pct(r, 'process', bold=True)} | "
+                     + (f"{pct(r, 'process-network')} |"
+                        if "process-network" in r["slowdown_percent"] else "- |"))
     exposed = [r for r in live["runengine"] if r["exposure_s"] > 0]
     cpu_bound = [r for r in live["runengine"] if r["exposure_s"] == 0]
     lat = live["latency"]
