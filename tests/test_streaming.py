@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,13 @@ import torch
 from bluesky_ptychopinn import physics
 from bluesky_ptychopinn.errors import InvalidInputError
 from bluesky_ptychopinn.models import ptychopinn
-from bluesky_ptychopinn.recon._streaming import StreamingReconstructor, stitch_window
+from bluesky_ptychopinn.recon._neighbours import FrameStore, QuadrantIndex
+from bluesky_ptychopinn.recon._streaming import (
+    StreamingReconstructor,
+    _FullHistoryReconstructor,
+    stitch_window,
+)
+from bluesky_ptychopinn.training import quadrant_groups_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +140,185 @@ def test_stitch_window_is_a_tent_inside_the_crop():
     w = stitch_window(64, 32)
     assert w[32, 32] > 0.9 and w[0, 0] == 0 and w[31, 5] == 0
     assert torch.allclose(w, w.T) and torch.allclose(w, w.flip(0).flip(1))
+
+
+# -- the grid-hash grouping against the full-history reference ------------------------------
+RADIUS = 64.0  # the engine's neighbour radius for 64-pixel frames
+
+
+def _reference_groups(pos: np.ndarray, batch: int) -> np.ndarray:
+    """Today's path before the index: each batch grouped against every position so far."""
+    out = []
+    for lo in range(0, len(pos), batch):
+        hi = min(lo + batch, len(pos))
+        out.append(quadrant_groups_for_inference(pos[lo:hi], pos[:hi],
+                                                 anchor_index=np.arange(lo, hi)))
+    return np.concatenate(out)
+
+
+def _index_groups(pos: np.ndarray, cuts, keep: int = 4) -> tuple[np.ndarray, QuadrantIndex]:
+    index = QuadrantIndex(RADIUS, keep=keep)
+    edges = [0, *cuts, len(pos)]
+    groups = [index.add(pos[lo:hi]).members for lo, hi in itertools.pairwise(edges)]
+    return np.concatenate(groups), index
+
+
+def _cuts(n: int, batch: int) -> list[int]:
+    return list(range(batch, n, batch))
+
+
+SCANS = {
+    "raster": lambda: physics.raster_scan((150.0, 150.0), 5.0) + 100,
+    "fermat": lambda: physics.fermat_spiral_scan((150.0, 150.0), 5.0) + 100,
+    "jittered": lambda: physics.jittered_raster_scan((150.0, 150.0), 5.0, seed=1) + 100,
+    "irregular": lambda: np.random.default_rng(2).uniform(0.0, 200.0, (1200, 2)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_grid_hash_groups_equal_the_full_history_reference(name):
+    """Same indices as quadrant_groups_for_inference, streamed in several batch sizes.
+
+    Two documented exceptions (recon/_neighbours.py), both where the reference itself is
+    questionable: it may reach for a member farther than one frame width (no shared object
+    pixels; only at scan edges / the sparse first frames), and its 64 nearest are taken from the
+    history up to the end of the batch, so frames later in the same batch can change an earlier
+    anchor's group. Raster and Fermat scans have neither: the groups are identical."""
+    pos = SCANS[name]()
+    one = _reference_groups(pos, 1)  # the reference's own causal rule, one frame at a time
+    far = (np.linalg.norm(pos[one] - pos[:, None], axis=-1) > RADIUS).any(axis=1)
+    rng = np.random.default_rng(0)
+    irregular_cuts = sorted(rng.choice(np.arange(1, len(pos)), 40, replace=False).tolist())
+    new, _ = _index_groups(pos, irregular_cuts)
+    # Exactly the reference's rule wherever it stays within one frame width ...
+    np.testing.assert_array_equal((new != one).any(axis=1), far)
+    assert far.mean() < 0.04
+    if name in ("raster", "fermat"):
+        assert not far.any()
+    for batch in (1, 7, 64, 256):
+        # ... whichever way the stream is cut (edge fallbacks included) ...
+        cut, _ = _index_groups(pos, _cuts(len(pos), batch))
+        np.testing.assert_array_equal(cut, new)
+        # ... and the reference streamed in the same batches, except where it depends on them.
+        ref = _reference_groups(pos, batch)
+        batch_dependent = (ref != one).any(axis=1)
+        differ = (ref != new).any(axis=1)
+        assert not (differ & ~far & ~batch_dependent).any()
+        if name in ("raster", "fermat"):
+            np.testing.assert_array_equal(ref, new)
+
+
+def test_exact_revisits_keep_the_index_and_the_frames_bounded():
+    """A raster repeated on the same setpoints: older copies of a position are retired (a group
+    never uses more than its newest 4), so memory follows the scanned area; retiring them
+    changes no group."""
+    base = physics.raster_scan((40.0, 40.0), 5.0) + 100
+    pos = np.concatenate([base] * 25)
+    kept, index = _index_groups(pos, _cuts(len(pos), 37))
+    everything, full = _index_groups(pos, _cuts(len(pos), 37), keep=10**9)
+    np.testing.assert_array_equal(kept, everything)
+    assert full.n_entries == len(pos) and full.n_retired == 0
+    assert index.n_entries <= 5 * len(base)  # 4 copies + 1 ghost per position
+    assert index.n_retired == len(pos) - 4 * len(base)
+    # The same scan through the engine: the frame store stays at 4 frames per position.
+    torch.manual_seed(1)
+    model = ptychopinn(frame_size=64, channels=4, base_width=4).eval()
+    recon = StreamingReconstructor(model, object_shape=(160, 160), device="cpu",
+                                   input_scale=0.1, batch_size=64)
+    small = physics.raster_scan((20.0, 20.0), 5.0) + 100
+    frames = torch.rand(len(small), 64, 64) * 100 + 1
+    sizes = []
+    for _ in range(10):
+        recon.add(frames, small)
+        sizes.append((len(recon._store), recon._store.nbytes, recon._index.n_entries))
+    assert recon.n_frames == 10 * len(small)
+    assert sizes[-1] == sizes[4]  # nothing grows after the fifth pass
+    assert sizes[-1][0] == 4 * len(small)
+
+
+def test_the_search_per_batch_does_not_grow_with_the_scan():
+    """Work per add() is the entries of the cells around the batch: the same at the end of a
+    long raster as near its start."""
+    pos = physics.raster_scan((600.0, 600.0), 5.0)
+    index = QuadrantIndex(RADIUS)
+    searched = []
+    for lo in range(0, len(pos), 64):
+        index.add(pos[lo : lo + 64])
+        searched.append(index.last_searched)
+    rows = len(physics.raster_scan((600.0, 0.0), 5.0))
+    assert len(pos) > 14_000 and rows > 100
+    early, late = max(searched[30:60]), max(searched[-30:])
+    assert late <= early * 1.1 and late < 0.25 * len(pos)
+
+
+def test_frame_store_appends_in_chunks_and_reuses_freed_slots():
+    store = FrameStore((4, 4), chunk_frames=8)
+    frames = torch.arange(20 * 16, dtype=torch.float32).reshape(20, 4, 4)
+    np.testing.assert_array_equal(store.append(frames[:13]), np.arange(13))
+    assert store.nbytes == 16 * 16 * 4  # two chunks of 8
+    store.discard([0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(store.append(frames[13:18]), np.arange(13, 18))
+    assert store.nbytes == 16 * 16 * 4 and len(store) == 13  # freed slots reused, no new chunk
+    picked = np.array([[17, 5], [12, 13]])
+    assert torch.equal(store.gather(picked), frames[picked.ravel()])
+
+
+@pytest.mark.parametrize("pattern", ["fermat", "jittered_raster"])
+def test_snapshots_match_the_full_history_engine(pattern):
+    """The stitched result of the grid-hash engine equals the old full-history engine's, and
+    does not depend on how the stream is cut. The old engine's does on the jittered raster
+    (one call with every frame: its 64 nearest include frames after the anchor), so there it is
+    compared where it is causal: one or nine frames per call."""
+    rng = np.random.default_rng(3)
+    obj = np.exp(1j * rng.uniform(-0.3, 0.3, (200, 200))).astype(np.complex64)
+    probe = physics.make_probe("zone_plate", 64, 40e-9, 8_800)
+    pos = physics.scan_pattern(pattern, (66.0, 66.0), step=6.0, seed=0) + 100
+    counts = physics.simulate_diffraction(obj, probe, pos, photons=1e5, seed=0).counts
+    torch.manual_seed(1)
+    model = ptychopinn(channels=4, base_width=4).eval()
+    assert not (np.linalg.norm(pos[_reference_groups(pos, 1)] - pos[:, None], axis=-1)
+                > RADIUS).any()
+
+    def run(engine, batch):
+        recon = engine(model, object_shape=(200, 200), device="cpu", batch_size=32)
+        for lo in range(0, len(pos), batch):
+            recon.add(counts[lo : lo + batch], pos[lo : lo + batch])
+        return recon.finish()
+
+    def assert_same(a, b):
+        assert a.n_frames == b.n_frames == len(pos)
+        assert a.origin_px == b.origin_px and a.object.shape == b.object.shape
+        np.testing.assert_allclose(a.object, b.object, atol=1e-5)
+        np.testing.assert_allclose(a.weight, b.weight, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.uncertainty, b.uncertainty, atol=1e-5)
+
+    new = {batch: run(StreamingReconstructor, batch) for batch in (1, 9, len(pos))}
+    for batch in (9, len(pos)):
+        assert_same(new[batch], new[1])
+    causal = (1, 9) if pattern == "jittered_raster" else (1, 9, len(pos))
+    for batch in causal:
+        assert_same(run(_FullHistoryReconstructor, batch), new[batch])
+    if pattern == "jittered_raster":
+        old_one_call = run(_FullHistoryReconstructor, len(pos))
+        assert np.abs(old_one_call.object - new[1].object).max() > 1e-3
+
+
+def test_public_api_of_the_reconstructor_is_unchanged():
+    """Callbacks, the file CLI and remote workers use add, flush, snapshot, finish, stats,
+    pending and n_frames; the grid hash changed none of them."""
+    cls = StreamingReconstructor
+    assert list(inspect.signature(cls.add).parameters) == ["self", "frames", "positions"]
+    for name in ("flush", "snapshot", "finish", "stats"):
+        assert list(inspect.signature(getattr(cls, name)).parameters) == ["self"]
+    assert isinstance(cls.pending, property)
+    assert list(inspect.signature(cls.__init__).parameters) == [
+        "self", "model", "object_shape", "origin_px", "crop", "input_scale", "batch_size",
+        "device", "scale_frames"]
+    torch.manual_seed(0)
+    recon = cls(ptychopinn(channels=4, base_width=4).eval(), object_shape=(96, 96),
+                device="cpu")
+    assert recon.add(torch.rand(20, 64, 64) * 100 + 1, torch.full((20, 2), 48.0)) == 20
+    assert recon.n_frames == 20 and recon.pending == 0 and recon.flush() == 20
+    assert set(recon.stats()) == {"frames", "busy_s", "frames_per_s", "batch_latency_p50_s",
+                                  "batch_latency_p99_s", "device"}
+    assert recon.finish().n_frames == 20

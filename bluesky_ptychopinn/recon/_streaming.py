@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..physics import scatter_patches
+from ._neighbours import FrameStore, QuadrantIndex
 
 __all__ = ["Snapshot", "StreamingReconstructor", "stitch_window"]
 
@@ -151,8 +152,10 @@ class StreamingReconstructor:
         self.n_frames = 0
         self._busy_s = 0.0
         self._latencies: list[float] = []
-        self._positions: list[np.ndarray] = []
-        self._frames: list[torch.Tensor] = []
+        # C = 4 groups: the frames they may still draw on, and a grid hash of positions, so a
+        # batch costs the same whether it is the scan's first or its millionth (_neighbours).
+        self._store = FrameStore((self.frame_size, self.frame_size))
+        self._index = QuadrantIndex(radius=float(self.frame_size))
         self.scale_frames = int(scale_frames)
         self._held: list[tuple[torch.Tensor, np.ndarray]] = []
 
@@ -287,22 +290,22 @@ class StreamingReconstructor:
         self._latencies.append(elapsed)
 
     def _add_grouped(self, frames: torch.Tensor, pos: np.ndarray) -> None:
-        """C = 4 models: every new frame anchors a 4-quadrant group of its nearest neighbours
-        among all frames seen so far; all four predicted patches are stitched."""
-        from ..training import quadrant_groups_for_inference
+        """C = 4 models: every new frame anchors a 4-quadrant group of its nearest earlier
+        neighbours (:mod:`._neighbours` has the rule); all four predicted patches are stitched.
 
-        first = sum(len(p) for p in self._positions)
-        self._frames.append(frames)
-        self._positions.append(pos)
-        all_frames = torch.cat(self._frames)
-        all_pos = np.concatenate(self._positions)
-        self._frames, self._positions = [all_frames], [all_pos]
-        own = np.arange(first, first + len(pos))
-        groups = quadrant_groups_for_inference(pos, all_pos, anchor_index=own)
-        step = max(self.batch_size // 4, 1)
-        for lo in range(0, len(groups), step):
-            members = groups[lo : lo + step]
-            self._infer_and_stitch(all_frames[torch.from_numpy(members)], all_pos[members])
+        Work and memory per batch depend on the scan density around the batch only: groups
+        come from a grid hash, frames from a chunked store that drops frames no later group
+        can use.
+        """
+        n = self.frame_size
+        step = max(self.batch_size // 4, 1)  # groups per network call, as before
+        for lo in range(0, len(pos), step):
+            hi = min(lo + step, len(pos))
+            self._store.append(frames[lo:hi])
+            groups = self._index.add(pos[lo:hi])
+            batch = self._store.gather(groups.members).reshape(-1, 4, n, n)
+            self._store.discard(groups.retired)
+            self._infer_and_stitch(batch, groups.positions)
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -366,3 +369,31 @@ class StreamingReconstructor:
 
     def _closed(self, *args, **kwargs):
         raise InvalidInputError("this StreamingReconstructor is finished; create a new one")
+
+
+class _FullHistoryReconstructor(StreamingReconstructor):
+    """The C = 4 path as it was before the grid hash: every batch re-concatenates all frames
+    seen so far and groups against all positions with
+    :func:`~bluesky_ptychopinn.training.quadrant_groups_for_inference`. Kept only as the
+    reference that tests/test_streaming.py and ``bench/inference.py --scaling`` compare with."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._positions: list[np.ndarray] = []
+        self._frames: list[torch.Tensor] = []
+
+    def _add_grouped(self, frames: torch.Tensor, pos: np.ndarray) -> None:
+        from ..training import quadrant_groups_for_inference
+
+        first = sum(len(p) for p in self._positions)
+        self._frames.append(frames)
+        self._positions.append(pos)
+        all_frames = torch.cat(self._frames)
+        all_pos = np.concatenate(self._positions)
+        self._frames, self._positions = [all_frames], [all_pos]
+        own = np.arange(first, first + len(pos))
+        groups = quadrant_groups_for_inference(pos, all_pos, anchor_index=own)
+        step = max(self.batch_size // 4, 1)
+        for lo in range(0, len(groups), step):
+            members = groups[lo : lo + step]
+            self._infer_and_stitch(all_frames[torch.from_numpy(members)], all_pos[members])
