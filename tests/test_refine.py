@@ -18,8 +18,13 @@ from bluesky_ptychopinn.errors import InvalidInputError
 from bluesky_ptychopinn.io import ProbeLibrary
 from bluesky_ptychopinn.metrics import compare_objects
 from bluesky_ptychopinn.plans import ptycho_scan
-from bluesky_ptychopinn.recon import PIEOptions, amplitude_residual, pie_reconstruct
-from bluesky_ptychopinn.recon._refiner import RefinerThread, StreamingRefiner
+from bluesky_ptychopinn.recon import (
+    PIEOptions,
+    RefinerThread,
+    StreamingRefiner,
+    amplitude_residual,
+    pie_reconstruct,
+)
 from bluesky_ptychopinn.synthetic import make_object
 
 SIZE = 32

@@ -23,8 +23,7 @@ from event_model import compose_run
 
 from ..errors import InvalidInputError
 from ..physics import crop_frames, object_pixel_size_m, stage_to_pixels
-from ..recon import PIEOptions
-from ..recon._refiner import RefinedSnapshot, RefinerThread, StreamingRefiner
+from ..recon import PIEOptions, RefinedSnapshot, RefinerThread, StreamingRefiner
 from ..recon._residual import place_on_canvas
 from ..recon._streaming import Snapshot, StreamingReconstructor
 from ._frames import FramePairer

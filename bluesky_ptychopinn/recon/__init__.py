@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ._options import PIE_ENGINES, PIEOptions, PIEResult
 from ._pie import pie_reconstruct, recentre_probe
-from ._refiner import RefinedSnapshot, RefinerThread, StreamingRefiner, probe_from_frames
+from ._refiner import RefinedSnapshot, StreamingRefiner, probe_from_frames
+from ._refiner_thread import RefinerThread
 from ._residual import amplitude_residual
 from ._streaming import Snapshot, StreamingReconstructor, stitch_window
 

@@ -3,8 +3,8 @@
 The network gives an image from the first frames at a constant cost per frame; iterative
 ptychography gives a better one once frames overlap. :class:`StreamingRefiner` keeps every
 frame's amplitude and runs batched rPIE (or ePIE) passes over them while more arrive, refining
-object and probe; :class:`RefinerThread` runs it on a time budget in the background and keeps the
-latest :class:`RefinedSnapshot` for whoever publishes it.
+object and probe; :class:`~bluesky_ptychopinn.recon.RefinerThread` runs it on a time budget in
+the background and keeps the latest :class:`RefinedSnapshot` for whoever publishes it.
 
 Where to start is decided per run from the data: the flat object, the network's stitched
 object, or the network's object with its low spatial frequencies removed. Each candidate gets
@@ -12,7 +12,7 @@ one trial pass over the frames so far and the one with the lowest Fourier-magnit
 (:func:`~bluesky_ptychopinn.recon.amplitude_residual`, no ground truth needed) is continued.
 Why not always the network: its stitched object carries low-frequency errors (a phase offset
 between regions, a slow amplitude ramp) that rPIE's local updates remove only slowly, so a seed
-that looks better can converge to a worse image (docs/performance.md, "Where to start").
+that looks better can converge to a worse image (docs/refinement.md, ``scripts/seed_study.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from ._options import PIEOptions
 from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe
 from ._residual import amplitude_residual, place_on_canvas
 
-__all__ = ["RefinedSnapshot", "RefinerThread", "StreamingRefiner", "START_CHOICES",
-           "probe_from_frames"]
+__all__ = ["RefinedSnapshot", "StreamingRefiner", "START_CHOICES", "probe_from_frames"]
 
 logger = logging.getLogger(__name__)
 
@@ -577,121 +576,3 @@ class StreamingRefiner:
     def nbytes(self) -> int:
         """Bytes held for frames (the part that grows with the scan, up to ``max_frames``)."""
         return self._store.nbytes
-
-
-class RefinerThread(threading.Thread):
-    """Run a :class:`StreamingRefiner` in the background; keep its latest snapshot.
-
-    While frames arrive it refines in slices of ``slice_s`` and rests ``(1 - duty) / duty``
-    times as long after each (so the network and the RunEngine keep their share of the cores);
-    after :meth:`finish` it refines at full duty until the stop rule holds.
-
-    Parameters
-    ----------
-    refiner : StreamingRefiner
-        What to run.
-    snapshot_interval_s : float
-        How often :attr:`latest` is refreshed during the scan.
-    slice_s : float
-        Refinement per slice, seconds.
-    duty : float
-        Fraction of wall time spent refining during the scan, (0, 1].
-    """
-
-    def __init__(self, refiner: StreamingRefiner, *, snapshot_interval_s: float = 0.5,
-                 slice_s: float = 0.05, duty: float = 0.5, name: str = "ptychopinn-refiner"):
-        super().__init__(name=name, daemon=True)
-        if not 0 < duty <= 1:
-            raise InvalidInputError(f"duty: expected a fraction in (0, 1], got {duty!r}")
-        self.refiner = refiner
-        self.snapshot_interval_s, self.slice_s, self.duty = snapshot_interval_s, slice_s, duty
-        self.latest: RefinedSnapshot | None = None
-        self.last_frame_at = time.monotonic()
-        self.failed: str | None = None
-        self.final: RefinedSnapshot | None = None
-        self._wake = threading.Event()
-        self._finish: dict | None = None
-        self._cancel = threading.Event()
-        self.done = threading.Event()
-
-    def add(self, frames, positions_px) -> None:
-        """Hand new frames over (any thread; returns at once)."""
-        self.refiner.add(frames, positions_px)
-        self.last_frame_at = time.monotonic()
-        self._wake.set()
-
-    def offer_seed(self, obj, weight, origin_px) -> None:
-        self.refiner.offer_seed(obj, weight, origin_px)
-
-    def finish(self, *, max_epochs: float | None = None, time_s: float | None = 5.0,
-               tol: float | None = 1e-3) -> None:
-        """No more frames: refine until a rule holds, then set :attr:`final` and :attr:`done`."""
-        self._finish = {"max_epochs": max_epochs, "time_s": time_s, "tol": tol}
-        self._wake.set()
-
-    def cancel(self) -> None:
-        """Stop as soon as the current slice ends (no final snapshot beyond the latest)."""
-        self._cancel.set()
-        self._wake.set()
-
-    def _publish(self) -> None:
-        refiner = self.refiner
-        snap = refiner.snapshot()
-        if snap.n_frames:
-            snap.residual = refiner.own_residual()
-            with refiner._lock:
-                seed = refiner._seed
-            if seed is not None:
-                snap.network_residual = refiner.residual_of(seed[0], seed[2])
-        self.latest = snap
-
-    def run(self) -> None:
-        refiner = self.refiner
-        last_snapshot = time.monotonic()
-        try:
-            while not self._cancel.is_set() and self._finish is None:
-                if not refiner.ready:
-                    self._wake.wait(0.2)
-                    self._wake.clear()
-                    continue
-                t0 = time.perf_counter()
-                refiner.step(self.slice_s)
-                if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
-                    self._publish()
-                    last_snapshot = time.monotonic()
-                rest = (time.perf_counter() - t0) * (1 - self.duty) / self.duty
-                if rest > 0:
-                    self._cancel.wait(rest)
-            if self._finish is not None and not self._cancel.is_set():
-                self._refine_to_rule(**self._finish)
-            self._publish()
-            self.final = self.latest
-        except Exception as exc:  # recorded; the owner fails only the refined part
-            logger.exception("refinement failed")
-            self.failed = f"{type(exc).__name__}: {exc}"
-        finally:
-            self.done.set()
-
-    def _refine_to_rule(self, max_epochs: float | None, time_s: float | None,
-                        tol: float | None) -> None:
-        """After the scan: full duty until the epochs, time or convergence rule holds,
-        refreshing :attr:`latest` every ``snapshot_interval_s``."""
-        refiner = self.refiner
-        t0, epochs0, passes0 = time.perf_counter(), refiner.epochs, refiner.passes
-        while not self._cancel.is_set() and refiner.ready:
-            piece = self.snapshot_interval_s
-            if time_s is not None:
-                piece = min(piece, time_s - (time.perf_counter() - t0))
-                if piece <= 0:
-                    break
-            left = None if max_epochs is None else max_epochs - (refiner.epochs - epochs0)
-            if left is not None and left <= 1e-9:
-                break
-            refiner.run(time_s=piece, max_epochs=left, slice_s=min(0.1, piece))
-            self._publish()
-            if max_epochs is not None and refiner.epochs - epochs0 >= max_epochs:
-                break
-            history = refiner.error_history
-            if (tol is not None and refiner.passes - passes0 >= 2
-                    and history[-2] - history[-1] < tol * history[-2]):
-                break
