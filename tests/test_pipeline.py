@@ -77,12 +77,15 @@ def test_raw_run_to_derived_run_read_back_from_tiled(tiled, model, inline):
 
 
 def test_replay_with_the_same_model_reproduces_the_reconstruction(tiled, model):
-    live = LiveReconstruction(model, batch_size=16, snapshot_every=1000, torch_threads=1)
+    # The crop is pinned: crop="auto" follows the refined image, whose progress depends on
+    # wall time (the chosen crop is recorded in each snapshot event and the stop document).
+    live = LiveReconstruction(model, batch_size=16, snapshot_every=1000, torch_threads=1,
+                              crop=24)
     RE, client = _engine(tiled, live)
     bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=2)
     raw_uid = _scan(bl, RE, n_side=7).run_start_uids[0]
     first = live.wait(timeout=120)
-    again = replay_run(client, raw_uid, model="default", batch_size=50)
+    again = replay_run(client, raw_uid, model="default", batch_size=50, crop=24)
     assert again.derived_uid != first.derived_uid
     derived = list(client.search(Key("start.original_run_uid") == raw_uid))
     assert set(derived) == {first.derived_uid, again.derived_uid}

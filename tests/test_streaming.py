@@ -308,12 +308,17 @@ def test_public_api_of_the_reconstructor_is_unchanged():
     pending and n_frames; the grid hash changed none of them."""
     cls = StreamingReconstructor
     assert list(inspect.signature(cls.add).parameters) == ["self", "frames", "positions"]
-    for name in ("flush", "snapshot", "finish", "stats"):
+    for name in ("flush", "finish", "stats"):
         assert list(inspect.signature(getattr(cls, name)).parameters) == ["self"]
+    # snapshot() may take an optional crop (crop="auto"); every call without one still works
+    snapshot = inspect.signature(cls.snapshot).parameters
+    assert all(p.default is not inspect.Parameter.empty for k, p in snapshot.items()
+               if k != "self")
     assert isinstance(cls.pending, property)
-    assert list(inspect.signature(cls.__init__).parameters) == [
-        "self", "model", "object_shape", "origin_px", "crop", "input_scale", "batch_size",
-        "device", "scale_frames"]
+    init = list(inspect.signature(cls.__init__).parameters)
+    old = ["self", "model", "object_shape", "origin_px", "crop", "input_scale", "batch_size",
+           "device", "scale_frames"]
+    assert [name for name in init if name in old] == old  # added keywords only
     torch.manual_seed(0)
     recon = cls(ptychopinn(channels=4, base_width=4).eval(), object_shape=(96, 96),
                 device="cpu")

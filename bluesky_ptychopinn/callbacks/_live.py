@@ -108,6 +108,10 @@ class LiveReconstruction:
         so the network and the RunEngine keep their share of the cores); 1 after the stop.
     refine_batch_size : int
         Positions per rPIE update.
+    crop : int or "auto"
+        Stitching crop of the network's patches (pixels). ``"auto"`` (default): every
+        candidate is stitched and the scan itself chooses: agreement with the refined image
+        once there is one, else the Fourier residual with the run's probe (docs/stitching.md).
 
     Examples
     --------
@@ -140,6 +144,7 @@ class LiveReconstruction:
         refine_tol: float | None = 1e-3,
         refine_duty: float = 0.5,
         refine_batch_size: int = 16,
+        crop: int | str = "auto",
     ) -> None:
         from ..models import ModelRegistry, file_sha256
         from ..models._checkpoint import WEIGHTS_NAME
@@ -176,7 +181,7 @@ class LiveReconstruction:
             publish_interval_s=float(publish_interval_s), refine=refine,
             refine_budget_s=float(refine_budget_s), refine_epochs=refine_epochs,
             refine_tol=refine_tol, refine_duty=float(refine_duty),
-            refine_batch_size=int(refine_batch_size))
+            refine_batch_size=int(refine_batch_size), crop=crop)
         self.image_key = image_key
         self.positioner_keys = positioner_keys
         self.max_queue = int(max_queue)

@@ -24,6 +24,7 @@ from event_model import compose_run
 from ..errors import InvalidInputError
 from ..physics import crop_frames, object_pixel_size_m, stage_to_pixels
 from ..recon import PIEOptions, RefinedSnapshot, RefinerThread, StreamingRefiner
+from ..recon._crop_choice import CropChooser
 from ..recon._residual import place_on_canvas
 from ..recon._streaming import Snapshot, StreamingReconstructor
 from ._frames import FramePairer
@@ -103,6 +104,7 @@ class WorkerSettings:
     refine_tol: float | None = 1e-3
     refine_duty: float = 0.5
     refine_batch_size: int = 16
+    crop: int | str = "auto"
 
 
 def derived_start_metadata(start: dict, md: dict, model_info: dict) -> dict:
@@ -162,6 +164,7 @@ class RunWorker:
         self.published_refined: RefinedSnapshot | None = None
         self.probe, self.probe_info = None, None
         self.refine_after_stop_s = 0.0
+        self.crop_chooser = CropChooser()
 
     # -- entry points ------------------------------------------------------------------------
     def handle(self, name: str, doc: dict) -> bool:
@@ -259,6 +262,7 @@ class RunWorker:
         return StreamingReconstructor(
             self.model, object_shape=self.canvas_shape, origin_px=tuple(origin),
             batch_size=self.settings.batch_size, device=self.settings.device,
+            crop=self.settings.crop,
         )
 
     def _start_refiner(self, origin: np.ndarray) -> None:
@@ -320,6 +324,8 @@ class RunWorker:
             latency = time.perf_counter() - t0
             if self.refiner is not None:
                 self.refiner.add(frames[good].astype(np.float32), positions_px[good])
+            if len(self.recon.crop_candidates) > 1:
+                self.crop_chooser.observe(frames[good], positions_px[good])
             with self.state.lock:
                 self.state.frames_done += int(good.sum())
             self._emit_metrics(int(good.sum()), latency)
@@ -356,6 +362,8 @@ class RunWorker:
                          "dims": ["object_y", "object_x"]}
         keys["frames"] = {"source": "ptychopinn", "dtype": "integer", "shape": [],
                           "dtype_numpy": np.dtype(np.int64).str}
+        keys["crop"] = {"source": "ptychopinn", "dtype": "integer", "shape": [],
+                        "dtype_numpy": np.dtype(np.int64).str, "units": "px"}
         return keys
 
     def _snapshot(self, force: bool = False) -> None:
@@ -370,6 +378,7 @@ class RunWorker:
             return
         snap = self.state.snapshot
         if force or snap is None or snap.n_frames != self.recon.n_frames:
+            self._choose_crop(force)
             snap = self.recon.snapshot()
             with self.state.lock:
                 self.state.snapshot = snap
@@ -390,6 +399,7 @@ class RunWorker:
             "uncertainty": snap.uncertainty[window].astype(np.float32),
             "weight": snap.weight[window].astype(np.float32),
             "frames": snap.n_frames,
+            "crop": int(snap.stats.get("crop", self.recon.crop)),
         }
         if self.snapshot_bundle is None:
             self.snapshot_bundle = self.bundle.compose_descriptor(
@@ -400,6 +410,18 @@ class RunWorker:
         self.emit("event", event)
         self.last_snapshot_at = now
         self.since_snapshot = 0
+
+    def _choose_crop(self, force: bool) -> None:
+        """``crop="auto"``: the stitching crop the scan itself prefers (recon/_crop_choice.py):
+        agreement with the refined image once there is one, else the Fourier residual with the
+        run's probe; at most every few seconds, and at the end."""
+        reference = probe = None
+        latest = self.refiner.latest if self.refiner is not None else None
+        if latest is not None and latest.epochs >= 1:
+            reference = (latest.object, latest.origin_px)
+        elif self.probe is not None:
+            probe = self.probe
+        self.crop_chooser.maybe_choose(self.recon, probe, reference, force=force)
 
     # -- the refinement tier ------------------------------------------------------------------
     def _refined_keys(self, shape, probe_shape) -> dict:
@@ -564,6 +586,12 @@ class RunWorker:
             summary.update({k: v for k, v in self.recon.stats().items()
                             if isinstance(v, (int, float)) and math.isfinite(v)})
         summary["refinement"] = self._refinement_summary()
+        if self.recon is not None:
+            summary["stitching"] = {"crop": self.recon.crop,
+                                    "candidates": list(self.recon.crop_candidates),
+                                    "scores": {str(k): v for k, v in
+                                               self.recon.crop_scores.items()
+                                               if math.isfinite(v)}}
         return summary
 
     def _close_derived_run(self, raw_stop: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from ..physics import scatter_patches
+from ._canvas import StitchCanvas
 from ._neighbours import FrameStore, QuadrantIndex
 
 __all__ = ["Snapshot", "StreamingReconstructor", "stitch_window"]
@@ -95,10 +96,14 @@ class StreamingReconstructor:
         Canvas size; grown automatically when a position falls outside.
     origin_px : (float, float)
         Object-pixel coordinate of canvas pixel (0, 0).
-    crop : int, optional
+    crop : int or "auto", optional
         Side of the trusted central region of each patch (default 3N/8, i.e. 24 of 64: on
-        held-out experiments it beat the paper's N/2 for every model measured; the table is
-        in docs/models.md).
+        held-out simulated experiments it beat the paper's N/2 for every model measured; the
+        table is in docs/models.md). ``"auto"``: stitch every size in ``crop_candidates`` at
+        once (one canvas each; the network runs once) and let :meth:`choose_crop` pick the one
+        the data prefers; until then 3N/8 is shown.
+    crop_candidates : sequence of int, optional
+        The sizes ``"auto"`` chooses among (default N/4, 5N/16, 3N/8, N/2, 5N/8).
     input_scale : float, optional
         The experiment's input scale. When omitted it is estimated from the first
         ``scale_frames`` frames, which are held back until they have all arrived (or
@@ -127,7 +132,8 @@ class StreamingReconstructor:
         *,
         object_shape: tuple[int, int] | None = None,
         origin_px: tuple[float, float] = (0.0, 0.0),
-        crop: int | None = None,
+        crop: int | str | None = None,
+        crop_candidates: tuple[int, ...] | None = None,
         input_scale: float | None = None,
         batch_size: int = 256,
         device: str | torch.device | None = None,
@@ -142,8 +148,18 @@ class StreamingReconstructor:
         config = model.config
         self.frame_size: int = config.frame_size
         self.channels: int = config.channels
-        self.crop = crop or default_crop(self.frame_size)
-        self.window = stitch_window(self.frame_size, self.crop, self.device)
+        n = self.frame_size
+        if crop == "auto":
+            candidates = crop_candidates or tuple(sorted({max(1, (k * n) // 16)
+                                                           for k in (4, 5, 6, 8, 10)}))
+            self.crop = default_crop(n) if default_crop(n) in candidates else candidates[0]
+        elif crop is None or isinstance(crop, (int, np.integer)):
+            self.crop = int(crop or default_crop(n))
+            candidates = (self.crop,)
+        else:
+            raise InvalidInputError(f"crop: an integer 1..{n} or 'auto', got {crop!r}")
+        self.crop_candidates = tuple(int(c) for c in candidates)
+        self.crop_scores: dict[int, float] = {}
         self.batch_size = int(batch_size)
         self.input_scale = input_scale
         self.origin = np.asarray(origin_px, dtype=np.float64)
@@ -161,10 +177,13 @@ class StreamingReconstructor:
 
     # -- canvas ---------------------------------------------------------------------------
     def _allocate(self, shape: tuple[int, int]) -> None:
-        kw = {"device": self.device}
-        self._num = torch.zeros(shape, dtype=torch.complex64, **kw)
-        self._den = torch.zeros(shape, dtype=torch.float32, **kw)
-        self._sq = torch.zeros(shape, dtype=torch.float32, **kw)
+        self._canvases = {c: StitchCanvas(shape, stitch_window(self.frame_size, c, self.device))
+                          for c in self.crop_candidates}
+
+    @property
+    def window(self) -> torch.Tensor:
+        """Stitching weights of the crop in use."""
+        return self._canvases[self.crop].window
 
     def _ensure_fits(self, positions: np.ndarray) -> np.ndarray:
         """Canvas coordinates of ``positions``, growing the canvas (by padding) if needed."""
@@ -172,7 +191,7 @@ class StreamingReconstructor:
         local = positions - self.origin
         lo = np.floor(local.min(axis=0) - half - 1)
         hi = np.ceil(local.max(axis=0) + half + 2)
-        height, width = self._den.shape
+        height, width = self._canvases[self.crop].shape
         pad_lo = np.maximum(-lo, 0).astype(int)
         pad_hi = np.maximum(hi - np.array([height, width]), 0).astype(int)
         if pad_lo.any() or pad_hi.any():
@@ -180,9 +199,8 @@ class StreamingReconstructor:
             pad_lo = np.where(pad_lo > 0, pad_lo + self.frame_size, 0)
             pad_hi = np.where(pad_hi > 0, pad_hi + self.frame_size, 0)
             pads = (int(pad_lo[1]), int(pad_hi[1]), int(pad_lo[0]), int(pad_hi[0]))
-            self._num = torch.nn.functional.pad(self._num, pads)
-            self._den = torch.nn.functional.pad(self._den, pads)
-            self._sq = torch.nn.functional.pad(self._sq, pads)
+            for canvas in self._canvases.values():
+                canvas.pad(pads)
             self.origin = self.origin - pad_lo
             local = positions - self.origin
         return local
@@ -323,30 +341,43 @@ class StreamingReconstructor:
         patches = torch.polar(amplitude.float(), phase.float()).reshape(-1, n, n)
         local = positions.reshape(-1, 2) - self.origin
         where = torch.as_tensor(local, dtype=torch.float32, device=self.device)
-        w = self.window
-        count = patches.shape[0]
-        scatter_patches(patches * w, where, tuple(self._num.shape), out=self._num)
-        scatter_patches(w.expand(count, n, n).contiguous(), where, tuple(self._den.shape),
-                        out=self._den)
-        scatter_patches((patches.abs() ** 2) * w, where, tuple(self._sq.shape), out=self._sq)
+        for canvas in self._canvases.values():  # one network pass, every candidate crop
+            canvas.deposit(patches, where)
 
     # -- output ---------------------------------------------------------------------------
-    def snapshot(self) -> Snapshot:
-        """The stitched object, coverage and uncertainty so far (copies, on the CPU)."""
-        den = self._den
-        covered = den > 1e-3 * float(den.max()) if self.n_frames else den > 0
-        safe = den.clamp_min(1e-12)
-        obj = torch.where(covered, self._num / safe, torch.zeros_like(self._num))
-        mean_sq = torch.where(covered, self._sq / safe, torch.zeros_like(self._sq))
-        variance = (mean_sq - obj.abs() ** 2).clamp_min(0)
+    def snapshot(self, crop: int | None = None) -> Snapshot:
+        """The stitched object, coverage and uncertainty so far (copies, on the CPU), with the
+        crop in use or, given ``crop``, with that one of :attr:`crop_candidates`."""
+        crop = self.crop if crop is None else int(crop)
+        if crop not in self._canvases:
+            raise InvalidInputError(f"crop {crop}: not stitched; have {self.crop_candidates}")
+        obj, den, variance = self._canvases[crop].read(bool(self.n_frames))
         return Snapshot(
             object=obj.cpu().numpy(),
             weight=den.cpu().numpy(),
             uncertainty=variance.cpu().numpy(),
             n_frames=self.n_frames,
             origin_px=(float(self.origin[0]), float(self.origin[1])),
-            stats=self.stats(),
+            stats={**self.stats(), "crop": crop},
         )
+
+    def choose_crop(self, score: Callable[[Snapshot], float]) -> dict[int, float]:
+        """Use the candidate crop whose snapshot has the lowest ``score``.
+
+        ``score`` needs no ground truth: e.g. the Fourier-magnitude residual of the stitched
+        object against measured frames
+        (:func:`~bluesky_ptychopinn.recon.amplitude_residual`), which is how the live engine
+        chooses. Returns every candidate's score (also in :attr:`crop_scores`); non-finite
+        scores never win, and with none finite the crop stays.
+        """
+        if len(self.crop_candidates) < 2 or not self.n_frames:
+            return {}
+        scores = {c: float(score(self.snapshot(c))) for c in self.crop_candidates}
+        finite = {c: v for c, v in scores.items() if math.isfinite(v)}
+        if finite:
+            self.crop = min(finite, key=finite.get)
+        self.crop_scores = scores
+        return scores
 
     def stats(self) -> dict:
         """Frames, busy time, throughput (frames/s of reconstruction time) and latencies."""
