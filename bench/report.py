@@ -1,5 +1,6 @@
 """Append the inference and live-pipeline sections of docs/performance.md from
-bench/results/{inference,live}.json (written by bench/inference.py and bench/live.py).
+bench/results/{inference,live}.json (written by bench/inference.py and bench/live.py), and the
+time-to-quality section from bench/results/quality.json (bench/quality.py) when it exists.
 
     .venv/bin/python bench/report.py
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- pipeline-bench -->"
+QUALITY_MARKER = "<!-- quality-bench -->"
 
 
 def section() -> str:
@@ -132,15 +134,196 @@ def section() -> str:
     return "\n".join(lines)
 
 
+def _fmt(value, digits: int = 2, none: str = "-") -> str:
+    return none if value is None else f"{value:.{digits}f}"
+
+
+def _runs(values, digits: int = 2, none: str = "not reached") -> str:
+    """One value per repeat, ``a / b``."""
+    return " / ".join(_fmt(v, digits, none) for v in values)
+
+
+QUALITY_LABELS = {
+    "network": "(a) network alone", "rpie_flat": "(b) rPIE, flat start",
+    "hybrid": "(c) hybrid", "ptychi_lsqml": "(d) pty-chi LSQML", "ptychi_rpie": "(d) pty-chi rPIE",
+}
+
+
+def quality_section() -> str:
+    q = json.loads((ROOT / "bench/results/quality.json").read_text())
+    metric, level = q["metric"], q["target_auc"]
+    load = q.get("load_average_before") or []
+    load_after = q.get("load_average_after") or []
+    check = q.get("thread_check") or {}
+    lines = [
+        QUALITY_MARKER, "## Time to quality (`bench/quality.py`)", "",
+        f"Machine: {q['machine']}; {q['threads']} torch thread(s) per method, one method at a "
+        f"time; {q['repeats']} repeat(s) of (a)-(c) per scan in rotated order"
+        f"{', pty-chi between the first two' if q['repeats'] > 1 else ''}; measured "
+        f"{q['date']} (`.venv/bin/python {q['command']}`, {q['wall_s'] / 60:.1f} min in all).",
+        "",
+    ]
+    if load:
+        lines += [
+            f"The machine was shared while this ran (1-minute load average {load[0]:.1f} before, "
+            f"{load_after[0] if load_after else float('nan'):.1f} after, on 2 cores), so every "
+            "time below is stretched by the other users' load, differently from one method to "
+            "the next; the repeats show by how much."
+            + (f" One thread per method because 2-thread torch regions stall when the other "
+               f"core is taken: in this run 3 rPIE passes over scan A took "
+               f"{check['threads_1_s']:.2f} s on 1 thread and {check['threads_2_s']:.2f} s on "
+               "2." if check else ""), "",
+        ]
+    lines += [
+        "FRC-AUC (0-0.5 of Nyquist) of the **complex** object against the truth (global phase "
+        "and phase plane removed, sub-pixel registration, 8-px Tukey taper, inside the scanned "
+        "box; `compare_objects` scores amplitude and phase, the complex FRC is computed on the "
+        "aligned complex arrays it returns; phase and amplitude scores are in the JSON) against "
+        "wall time from *all frames in memory* (what pty-chi needs). Only computation is timed, "
+        "never scoring. A curve holds a method's latest image until its next one; before its "
+        "first image a method shows nothing (FRC-AUC 0 in the margins).", "",
+        "Scans (simulated, known truth):", "",
+    ]
+    for scan in q["scans"]:
+        info = scan["info"]
+        lines.append(f"- **{scan['label']}**: sample {info['sample']}, probe {info['probe']}, "
+                     f"frames {info['frame_px']} px, step {info['step_px']:.1f} px, object "
+                     f"{info['object_px']} px" + (
+                         f", background {info['background_counts_per_px']} counts/px"
+                         if info.get("background_counts_per_px") else "") + ".")
+    lines += [
+        "", "Methods, on the same frames, positions and probe start: (a) the shipped `default` "
+        "network through `StreamingReconstructor` (one image, when the scan has been through "
+        "it); (b) `StreamingRefiner(start=\"flat\")`, rPIE batch 16, probe refined only where "
+        "unknown; (c) the hybrid: (a), then the same refiner with `start=\"auto\"` seeded with "
+        "(a)'s object (one object-only trial pass each of flat, network, network high-pass; the "
+        "lowest Fourier residual continues), in the same thread; at each time point it shows "
+        "whichever of network and refined image has the lower Fourier-magnitude residual (the "
+        "live engine's `best`; those evaluations count in its time); (d) pty-chi 2.2.0 LSQML "
+        "(batch 64) and rPIE (batch 16) epoch by epoch in `.venv-bench`, task set-up counted.",
+        "", "![FRC-AUC vs wall time](figures/quality.png)", "",
+        f"Per method ({'one value per repeat, ' if q['repeats'] > 1 else ''}pty-chi once): "
+        "time of the first and last image shown, "
+        f"epochs at the last, FRC-AUC complex of the last image and the best reached, seconds "
+        f"to FRC-AUC {level}.", "",
+        "| scan | method | first image (s) | last image (s) | epochs | FRC-AUC last | best "
+        f"| to {level} (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scan in q["scans"]:
+        for key, label in QUALITY_LABELS.items():
+            method = scan["methods"].get(key, {})
+            runs = method.get("runs")
+            if not runs:
+                why = method.get("skipped") or (method.get("error") or "")[-120:]
+                lines.append(f"| {scan['name']} | {label} | not run: {why} | | | | | |")
+                continue
+            first = [r["points"][0]["t"] for r in runs]
+            last = [r["points"][-1]["t"] for r in runs]
+            epochs = [r["points"][-1].get("epochs") for r in runs]
+            final = [r["points"][-1][metric] for r in runs]
+            best = [max(p[metric] for p in r["points"]) for r in runs]
+            start = (f" (start: {', '.join(r['start'] for r in runs)})"
+                     if key == "hybrid" else "")
+            lines.append(
+                f"| {scan['name']} | {label}{start} | {_runs(first)} | {_runs(last)} | "
+                f"{_runs(epochs, 1, '-')} | {_runs(final, 3)} | {_runs(best, 3)} | "
+                f"{_runs(scan['time_to_target_s'].get(key, []))} |")
+    lines += ["", "Where the hybrid's time goes (per repeat): its network image, its first refined "
+              "image (after the start trial: one object-only pass, probe held at its start, "
+              "for each candidate), the start chosen, and what (b) showed at that moment:", ""]
+    for scan in q["scans"]:
+        parts = []
+        flat_runs = scan["methods"]["rpie_flat"]["runs"]
+        hybrid_runs = scan["methods"]["hybrid"]["runs"]
+        for k, (run, flat) in enumerate(zip(hybrid_runs, flat_runs, strict=True)):
+            pts = run["points"]
+            refined = next((p for p in pts if p.get("shown") == "refined"), None)
+            shown = [p[metric] for p in pts if p.get("shown") == "refined"]
+            at = refined["t"] if refined else pts[-1]["t"]
+            flat_then = ([p[metric] for p in flat["points"] if p["t"] <= at] or [0.0])[-1]
+            residuals = ", ".join(f"{k} {v:.3g}" for k, v in run["start_residuals"].items())
+            parts.append(
+                (f"repeat {k + 1}: " if len(hybrid_runs) > 1 else "")
+                + f"network {pts[0]['t']:.2f} s, first refined "
+                + (f"{refined['t']:.2f} s" if refined else "never") + f", start {run['start']} "
+                f"({residuals}), refined FRC-AUC up to {_fmt(max(shown) if shown else None, 3)}; "
+                f"(b) at {at:.2f} s: {flat_then:.3f}")
+        lines.append(f"- {scan['name']}: " + "; ".join(parts) + ".")
+    targets = q["targets"]
+    lines += ["", "### Targets", ""]
+    ok = targets["hybrid_at_or_above_network_and_rpie"]
+    lines.append(
+        f"- The hybrid's curve at or above (a) and (b) at every time point: "
+        f"**{'met' if ok else 'not met'}** (worst margin {targets['hybrid_worst_margin']:+.3f}). "
+        "Per scan, worst (hybrid - other) over the repeats, where, and for how long the hybrid "
+        "was behind:")
+    for scan in q["scans"]:
+        parts = []
+        for other, label in (("network", "(a)"), ("rpie_flat", "(b)")):
+            worst = min(scan["hybrid_margins"], key=lambda c, o=other: c[o]["worst_margin"])
+            c = worst[other]
+            parts.append(
+                f"vs {label} {c['worst_margin']:+.3f} at {c['at_s']:.2f} s (from the hybrid's "
+                f"first image on: {_fmt(c['worst_margin_from_first_hybrid_image'], 3)}), behind "
+                f"for {c['seconds_behind']:.1f} of {c['compared_up_to_s']:.1f} s")
+        lines.append(f"  - {scan['name']}: " + "; ".join(parts) + ".")
+    ok = targets["speedup_vs_lsqml_ge_20"]
+    lines.append(f"- Time to FRC-AUC {level} (complex) at least 20x shorter for the hybrid than "
+                 f"for pty-chi LSQML on the same data and threads: **{'met' if ok else 'not met'}"
+                 "** (the hybrid's slower repeat counts):")
+    for scan in q["scans"]:
+        r = scan["speedup_vs_lsqml"]
+        hyb, lsq = r["hybrid_s_worst_repeat"], r["lsqml_s"]
+        lsqml = scan["methods"].get("ptychi_lsqml", {})
+        if not lsqml.get("runs"):
+            why = lsqml.get("skipped") or "failed, see quality.json"
+            text = f"hybrid {_fmt(hyb, 2, 'not reached')} s; LSQML not run ({why})"
+        elif hyb and lsq:
+            text = f"hybrid {hyb:.2f} s, LSQML {lsq:.2f} s: **{r['ratio']:.1f}x**"
+        elif hyb and r.get("ratio_at_least"):
+            text = (f"hybrid {hyb:.2f} s, LSQML not within its {r['lsqml_ran_s']:.0f} s: "
+                    f"**>= {r['ratio_at_least']:.1f}x**")
+        elif lsq:
+            text = f"LSQML {lsq:.2f} s, the hybrid did not reach {level} within its budget"
+        else:
+            text = f"neither the hybrid nor LSQML reached {level} within its budget"
+        if r.get("rpie_flat_ratio"):
+            text += f" ((b) rPIE flat: {r['rpie_flat_ratio']:.1f}x)"
+        lines.append(f"  - {scan['name']}: {text}.")
+    live = q["live_latency"]
+    ok = targets["final_image_within_5s"]
+    scores = live.get("final_scores") or {}
+    lines.append(
+        f"- Final refined image within 5 s of the last frame of the {live['frames']}-frame scan "
+        f"A: **{'met' if ok else 'not met'}**: {live['final_refined_after_last_frame_s']:.2f} s "
+        f"(frames at {live['rate_frames_per_s']:.0f} frames/s in pages of {live['page']} into "
+        "the network, batch 64, and a `RefinerThread`, duty 0.5, start auto, seeded every 128 "
+        f"frames; then `finish(time_s={live['finish_time_s']:g}, tol=1e-3)`; the network's "
+        f"final image {live['network_final_after_last_frame_s']:.2f} s after the last frame). "
+        f"The final image: {_fmt(live.get('final_epochs'), 1)} epochs, start "
+        f"{live.get('start')}, FRC-AUC {_fmt(scores.get(metric), 3)} (network "
+        f"{_fmt((live.get('network_scores') or {}).get(metric), 3)}); the refiner made its "
+        f"first update after {live.get('refiner_started_after_frames')} frames, and "
+        f"{live.get('seeds_offered')} network seeds were offered during the scan.")
+    lines += [QUALITY_MARKER]
+    return "\n".join(lines)
+
+
+def _put(text: str, marker: str, block: str) -> str:
+    """Replace the block between two ``marker`` lines, or append it."""
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        _, _, tail = rest.partition(marker)
+        return head + block + tail
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
 def main() -> None:
     path = ROOT / "docs" / "performance.md"
-    text = path.read_text()
-    if MARKER in text:
-        head, _, rest = text.partition(MARKER)
-        _, _, tail = rest.partition(MARKER)
-        text = head + section() + tail
-    else:
-        text = text.rstrip() + "\n\n" + section() + "\n"
+    text = _put(path.read_text(), MARKER, section())
+    if (ROOT / "bench/results/quality.json").exists():
+        text = _put(text, QUALITY_MARKER, quality_section())
     path.write_text(text)
 
 

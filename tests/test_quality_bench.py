@@ -1,0 +1,67 @@
+"""bench/quality.py (time to quality, docs/performance.md) runs end to end at toy sizes.
+
+``--quick`` simulates three ~100-frame scans, runs (a) the network alone, (b) rPIE from a flat
+start and (c) the hybrid, skips pty-chi, and must write quality.json with finite curves for
+(a)-(c), the target checks and the live-latency measurement, plus the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "quality.py"
+METRIC = "frc_auc_0.5_complex"
+
+
+def _finite(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def test_quick_run_writes_curves_and_target_checks(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "quality.json").read_text())
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert results["quick"] is True and results["metric"] == METRIC
+    assert len(results["scans"]) >= 3
+    for scan in results["scans"]:
+        methods = scan["methods"]
+        for name in ("network", "rpie_flat", "hybrid"):
+            runs = methods[name]["runs"]
+            assert runs, f"{scan['name']}: no run of {name}"
+            for run in runs:
+                points = run["points"]
+                assert points, f"{scan['name']}: {name} has an empty curve"
+                times = [p["t"] for p in points]
+                assert all(_finite(t) and t > 0 for t in times)
+                assert times == sorted(times)
+                for p in points:
+                    for key in (METRIC, "frc_auc_0.5_phase"):
+                        assert _finite(p[key]) and -1 <= p[key] <= 1, (scan["name"], name, p)
+        assert len(methods["rpie_flat"]["runs"][0]["points"]) >= 2
+        assert methods["hybrid"]["runs"][0]["start"] in ("flat", "network", "network_highpass")
+        # pty-chi is skipped in a quick run, and says so.
+        for engine in ("ptychi_lsqml", "ptychi_rpie"):
+            assert methods[engine]["skipped"] == "--quick"
+        # the target checks: hybrid vs (a) and (b), time to the target, ratio vs LSQML
+        for check in scan["hybrid_margins"]:
+            for other in ("network", "rpie_flat"):
+                assert _finite(check[other]["worst_margin"])
+                assert isinstance(check[other]["met"], bool)
+        assert set(scan["hybrid_worst_margin"]) == {"network", "rpie_flat"}
+        assert set(scan["time_to_target_s"]) >= {"network", "rpie_flat", "hybrid"}
+        assert {"ratio", "met", "target"} <= set(scan["speedup_vs_lsqml"])
+    live = results["live_latency"]
+    assert _finite(live["final_refined_after_last_frame_s"]) and live["failed"] is None
+    assert _finite(live["final_scores"][METRIC])
+    targets = results["targets"]
+    assert set(targets) == {"hybrid_at_or_above_network_and_rpie", "hybrid_worst_margin",
+                            "speedup_vs_lsqml_ge_20", "final_image_within_5s"}
+    assert _finite(targets["hybrid_worst_margin"])
