@@ -53,7 +53,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 __all__ = ["FrameStore", "QuadrantIndex", "GroupBatch"]
 
@@ -63,7 +62,9 @@ CAP = 64
 _SELF = 1e-9
 """Distances at or below this are the anchor's own position: no quadrant neighbour."""
 
-_NEIGHBOURHOOD = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=np.int64)
+_REACHES = (3, 4)
+"""Search blocks, in cells either side of the anchor's cell; the last covers the radius."""
+
 
 
 class FrameStore:
@@ -144,38 +145,34 @@ class FrameStore:
                 self._free.append(slot)
 
 
+_ID, _Y, _X, _WEIGHT, _LIVE = range(5)
+"""Columns of a cell's entries (float64; stream indices are exact up to 2**53)."""
+
+
 class _Cell:
-    """Entries of one grid cell: stream index, position, weight (frames it stands for) and
-    whether its frame is still stored (``live``; a ghost only counts towards the cap)."""
+    """Entries of one grid cell, one row each: stream index, y, x, weight (frames the entry
+    stands for) and live (1 while its frame is stored; a ghost only counts towards the cap)."""
 
-    __slots__ = ("ids", "pos", "weight", "live", "n")
+    __slots__ = ("data", "n")
 
-    def __init__(self, capacity: int = 16) -> None:
-        self.ids = np.empty(capacity, dtype=np.int64)
-        self.pos = np.empty((capacity, 2), dtype=np.float64)
-        self.weight = np.empty(capacity, dtype=np.int64)
-        self.live = np.empty(capacity, dtype=bool)
+    def __init__(self, capacity: int = 8) -> None:
+        self.data = np.empty((capacity, 5), dtype=np.float64)
         self.n = 0
 
     def append(self, ids: np.ndarray, pos: np.ndarray) -> None:
         k = len(ids)
-        if self.n + k > len(self.ids):
-            capacity = max(2 * len(self.ids), self.n + k)
-            for name in ("ids", "pos", "weight", "live"):
-                old = getattr(self, name)
-                new = np.empty((capacity, *old.shape[1:]), dtype=old.dtype)
-                new[: self.n] = old[: self.n]
-                setattr(self, name, new)
-        sl = slice(self.n, self.n + k)
-        self.ids[sl], self.pos[sl], self.weight[sl], self.live[sl] = ids, pos, 1, True
+        if self.n + k > len(self.data):
+            grown = np.empty((max(2 * len(self.data), self.n + k), 5), dtype=np.float64)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        rows = self.data[self.n : self.n + k]
+        rows[:, _ID], rows[:, _Y : _X + 1], rows[:, _WEIGHT], rows[:, _LIVE] = ids, pos, 1, 1
         self.n += k
 
     def keep(self, mask: np.ndarray) -> None:
         """Drop the entries where ``mask`` is False (order preserved)."""
         n = int(mask.sum())
-        for name in ("ids", "pos", "weight", "live"):
-            arr = getattr(self, name)
-            arr[:n] = arr[: self.n][mask]
+        self.data[:n] = self.data[: self.n][mask]
         self.n = n
 
 
@@ -216,8 +213,8 @@ class QuadrantIndex:
     ----------
     radius : float
         Farthest neighbour (same unit as the positions; the engine uses the frame size in
-        object pixels). Also the cell side, so the 3 x 3 cells around an anchor's cell hold
-        every frame within ``radius`` of it.
+        object pixels). Cells are ``radius / 4`` wide; the groups do not depend on that, only
+        the work does.
     cap : int
         Nearest frames considered per anchor (64, as in the reference).
     keep : int
@@ -236,12 +233,19 @@ class QuadrantIndex:
         if not radius > 0:
             raise ValueError(f"radius: expected > 0, got {radius!r}")
         self.radius = float(radius)
+        # Cells a quarter of the radius: the first search block (7 x 7 cells) covers 3/4 of
+        # the radius around the anchor, the second (9 x 9) all of it.
+        self.cell = self.radius / 4
+        self._reaches = _REACHES
+        self._offsets = {k: np.array([(dy, dx) for dy in range(-k, k + 1)
+                                      for dx in range(-k, k + 1)], dtype=np.int64)
+                         for k in self._reaches}
         self.cap = int(cap)
         self.keep = int(keep)
         self._cells: dict[int, _Cell] = {}  # by _code(cell)
         self.n_points = 0
         self.n_retired = 0
-        self.last_searched = 0  # entries the last add() searched (its cost; tests watch it)
+        self.last_searched = 0  # (anchor, entry) pairs the last add() compared: its cost
 
     @property
     def n_entries(self) -> int:
@@ -251,12 +255,11 @@ class QuadrantIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the cells' arrays."""
-        return sum(c.ids.nbytes + c.pos.nbytes + c.weight.nbytes + c.live.nbytes
-                   for c in self._cells.values())
+        return sum(c.data.nbytes for c in self._cells.values())
 
     def _cell_of(self, positions: np.ndarray) -> np.ndarray:
         """(n, 2) integer cell coordinates."""
-        return np.floor(positions / self.radius).astype(np.int64)
+        return np.floor(positions / self.cell).astype(np.int64)
 
     def add(self, positions: np.ndarray) -> GroupBatch:
         """Insert ``positions`` (the next frames of the stream) and group each of them.
@@ -278,57 +281,52 @@ class QuadrantIndex:
             empty = np.zeros((0, 4), dtype=np.int64)
             return GroupBatch(empty, np.zeros((0, 4, 2)), np.zeros(0, dtype=np.int64))
         cells = self._cell_of(pos)
-        dirty = self._insert(ids, pos, _code(cells))
-        members, member_pos = self._group(ids, pos, cells)
+        codes = _code(cells)
+        self._insert(ids, pos, codes)
+        members, member_pos, repeated = self._group(ids, pos, cells)
         # Retire only after grouping: an anchor earlier in this call may still use a copy
         # that a later copy in the same call supersedes.
-        retired = self._retire(dirty)
+        retired = self._retire(np.unique(codes[repeated]))
         return GroupBatch(members, member_pos, retired)
 
     # -- insertion and retirement ----------------------------------------------------------
-    def _insert(self, ids: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> list:
-        """Append to the cells; returns the cells where a position now occurs twice."""
-        dirty = []
-        uniq, inverse = np.unique(codes, return_inverse=True)
+    def _insert(self, ids: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> None:
+        order = np.argsort(codes, kind="stable")
+        uniq, start = np.unique(codes[order], return_index=True)
+        bounds = [*start.tolist(), len(codes)]
         for u, key in enumerate(uniq.tolist()):
-            sel = np.flatnonzero(inverse == u)
+            sel = order[bounds[u] : bounds[u + 1]]
             cell = self._cells.get(key)
             if cell is None:
                 cell = self._cells[key] = _Cell()
-            new = pos[sel]
-            points = _as_points(new)
-            repeated = len(np.unique(points)) < len(points)
-            if not repeated and cell.n:
-                repeated = bool(np.isin(points, _as_points(cell.pos[: cell.n])).any())
-            cell.append(ids[sel], new)
-            if repeated:
-                dirty.append(cell)
-        return dirty
+            cell.append(ids[sel], pos[sel])
 
-    def _retire(self, cells: list) -> np.ndarray:
-        """Retire all but the newest ``keep`` copies of each exactly repeated position, folding
-        them into that position's ghost entry."""
+    def _retire(self, codes: np.ndarray) -> np.ndarray:
+        """Retire all but the newest ``keep`` copies of each exactly repeated position in
+        these cells, folding them into that position's ghost entry."""
         retired = []
-        for cell in cells:
+        for key in codes.tolist():
+            cell = self._cells[key]
             n = cell.n
-            _, site, counts = np.unique(_as_points(cell.pos[:n]), return_inverse=True,
+            data = cell.data[:n]
+            _, site, counts = np.unique(_as_points(data[:, _Y : _X + 1]), return_inverse=True,
                                         return_counts=True)
             keep = np.ones(n, dtype=bool)
             for s in np.flatnonzero(counts > self.keep).tolist():
                 members = np.flatnonzero(site == s)
-                live = members[cell.live[members]]
+                alive = data[members, _LIVE] > 0
+                live = members[alive]
                 if len(live) <= self.keep:
                     continue
-                order = live[np.argsort(cell.ids[live])]
+                order = live[np.argsort(data[live, _ID])]
                 old = order[: len(order) - self.keep]
-                retired.append(cell.ids[old].copy())
-                ghosts = members[~cell.live[members]]  # at most one per position
+                retired.append(data[old, _ID].astype(np.int64))
+                ghosts = members[~alive]  # at most one per position
                 ghost = ghosts[0] if len(ghosts) else old[-1]
-                cell.weight[ghost] = int(cell.weight[ghosts].sum()) + len(old)
-                cell.ids[ghost] = max(int(cell.ids[ghost]), int(cell.ids[old].max()))
-                cell.live[ghost] = False
-                drop = np.setdiff1d(np.concatenate([old, ghosts]), [ghost])
-                keep[drop] = False
+                data[ghost, _WEIGHT] = data[ghosts, _WEIGHT].sum() + len(old)
+                data[ghost, _ID] = max(data[ghost, _ID], data[old, _ID].max())
+                data[ghost, _LIVE] = 0
+                keep[np.setdiff1d(np.concatenate([old, ghosts]), [ghost])] = False
             if not keep.all():
                 cell.keep(keep)
         if not retired:
@@ -338,63 +336,90 @@ class QuadrantIndex:
         return out
 
     # -- the query ------------------------------------------------------------------------
-    def _local(self, cells: np.ndarray):
-        """Entries of the 3 x 3 cells around each anchor's cell, concatenated."""
-        near = np.unique(_code(cells[:, None, :] + _NEIGHBOURHOOD[None]))
-        cells = [c for c in map(self._cells.get, near.tolist()) if c is not None and c.n]
-        return (np.concatenate([c.ids[: c.n] for c in cells]),
-                np.concatenate([c.pos[: c.n] for c in cells]),
-                np.concatenate([c.weight[: c.n] for c in cells]),
-                np.concatenate([c.live[: c.n] for c in cells]))
+    def _rows(self, cells: np.ndarray, reach: int) -> tuple[np.ndarray, np.ndarray]:
+        """Entries of the (2 reach + 1)^2 cells around each anchor's cell: (n, L, 5) rows,
+        padded, and (n, L) which of them are real.
+
+        Each distinct cell is looked up once; the ragged rows are then built with array
+        arithmetic, so scattered anchors (consecutive points of a spiral lie all around it)
+        cost no more Python work than clustered ones."""
+        block = _code(cells[:, None, :] + self._offsets[reach][None])  # (n, K)
+        uniq, inverse = np.unique(block, return_inverse=True)
+        found = list(map(self._cells.get, uniq.tolist()))
+        length = np.fromiter((0 if c is None else c.n for c in found), dtype=np.int64,
+                             count=len(found))
+        start = np.cumsum(length) - length
+        flat = np.concatenate([c.data[: c.n] for c in found if c is not None and c.n])
+        # row r holds the entries of its K cells back to back
+        lens = length[inverse.reshape(block.shape)].ravel()
+        starts = start[inverse.reshape(block.shape)].ravel()
+        row_len = lens.reshape(block.shape).sum(axis=1)
+        total = int(row_len.sum())
+        source = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(total)
+        row = np.repeat(np.arange(len(cells)), row_len)
+        column = np.arange(total) - np.repeat(np.cumsum(row_len) - row_len, row_len)
+        index = np.zeros((len(cells), max(int(row_len.max()), 1)), dtype=np.int64)
+        valid = np.zeros(index.shape, dtype=bool)
+        index[row, column] = source
+        valid[row, column] = True
+        return flat[index], valid
 
     def _group(self, ids: np.ndarray, pos: np.ndarray, cells: np.ndarray):
-        loc_ids, loc_pos, loc_weight, loc_live = self._local(cells)
-        self.last_searched = len(loc_ids)
-        tree = cKDTree(loc_pos)
+        """Groups of the anchors ``ids`` at ``pos``, searched in widening blocks of cells.
+
+        The first block holds every frame within ``3 * cell`` of the anchor; on a scan with a
+        step under ~radius / 8 that already contains its 64 nearest, even at the scan's
+        front. Anchors whose 64th nearest lies farther (sparse scans, the first frames) are
+        answered from the block covering the whole radius. Also returns which anchors share
+        their exact position with another stored frame (their cell has copies to retire).
+        """
         m = len(ids)
         members = np.empty((m, 4), dtype=np.int64)
         member_pos = np.empty((m, 4, 2), dtype=np.float64)
-        # cap + m nearest always hold the cap nearest frames <= the anchor: at most m - 1 of
-        # them come after it. Rows whose cut might split a tie at d_cap are asked again.
+        repeated = np.zeros(m, dtype=bool)
+        self.last_searched = 0
         todo = np.arange(m)
-        k = self.cap + m
-        while len(todo):
-            k = min(k, len(loc_ids))
-            d, j = tree.query(pos[todo], k=k, distance_upper_bound=self.radius * (1 + 1e-12))
-            d, j = d.reshape(len(todo), -1), j.reshape(len(todo), -1)
-            done = self._select(todo, ids, pos, d, j, loc_ids, loc_pos, loc_weight, loc_live,
-                                complete=k >= len(loc_ids), members=members,
-                                member_pos=member_pos)
-            todo = todo[~done]
-            k *= 2
-        return members, member_pos
+        for reach in self._reaches:
+            entries, valid = self._rows(cells[todo], reach)
+            self.last_searched += valid.size
+            decided = self._select(todo, ids, pos, entries, valid,
+                                   coverage=reach * self.cell, members=members,
+                                   member_pos=member_pos, repeated=repeated)
+            todo = todo[~decided]
+            if not len(todo):
+                break
+        return members, member_pos, repeated
 
-    def _select(self, rows, ids, pos, d, j, loc_ids, loc_pos, loc_weight, loc_live, *,
-                complete, members, member_pos) -> np.ndarray:
-        """Groups for anchors ``rows`` from their k nearest local entries; returns which rows
-        were decided (the others need a larger k)."""
-        n_loc = len(loc_ids)
-        found_any = j < n_loc
-        js = np.where(found_any, j, 0)
+    def _select(self, rows, ids, pos, entries, valid, *, coverage, members, member_pos,
+                repeated) -> np.ndarray:
+        """Groups for anchors ``rows`` from the entries in their rows; returns which rows were
+        decided: those whose candidates all lie within ``coverage`` of the anchor, the
+        distance up to which a row holds every stored entry."""
         anchor_id = ids[rows]
-        cid = np.where(found_any, loc_ids[js], np.iinfo(np.int64).max)
+        anchor_pos = pos[rows]
+        delta = entries[..., _Y : _X + 1] - anchor_pos[:, None, :]
+        same_place = valid & (delta == 0).all(axis=-1)
+        repeated[rows] |= (same_place & (entries[..., _ID] != anchor_id[:, None])).any(axis=1)
+        # the reference's distance (cKDTree: root of the summed squares), so ties tie alike
+        d = np.where(valid, np.sqrt(delta[..., 0] ** 2 + delta[..., 1] ** 2), np.inf)
         # Nearest first, the newer frame first among equal distances.
-        order = np.lexsort((-cid, d), axis=1)
+        order = np.lexsort((-entries[..., _ID], d), axis=1)
         d = np.take_along_axis(d, order, axis=1)
-        js = np.take_along_axis(js, order, axis=1)
-        cid = np.take_along_axis(cid, order, axis=1)
-        ok = np.take_along_axis(found_any, order, axis=1) & (d <= self.radius)
-        allowed = ok & (cid <= anchor_id[:, None])
-        cum = np.cumsum(np.where(allowed, loc_weight[js], 0), axis=1)
+        entries = np.take_along_axis(entries, order[..., None], axis=1)
+        delta = np.take_along_axis(delta, order[..., None], axis=1)
+        cid = entries[..., _ID]
+        allowed = (d <= self.radius) & (cid <= anchor_id[:, None])
+        cum = np.cumsum(np.where(allowed, entries[..., _WEIGHT], 0), axis=1)
         reach = cum >= self.cap
         has_cap = reach.any(axis=1)
         n = len(rows)
         r = np.arange(n)
         d_cap = np.where(has_cap, d[r, reach.argmax(axis=1)], np.inf)
-        full = found_any.all(axis=1)
-        decided = complete | ~full | (has_cap & (d_cap < d[:, -1]))
-        cand = allowed & loc_live[js] & (d <= d_cap[:, None])
-        delta = loc_pos[js] - pos[rows][:, None, :]
+        # (a hair inside the block: a frame exactly at its edge may round into the next cell)
+        decided = np.minimum(d_cap, self.radius) <= coverage * (1 - 1e-12)
+        if coverage >= self.radius:
+            decided[:] = True
+        cand = allowed & (entries[..., _LIVE] > 0) & (d <= d_cap[:, None])
         quadrant = 2 * (delta[..., 0] >= 0) + (delta[..., 1] >= 0)  # TL, TR, BL, BR = 0..3
         usable = cand & (d > _SELF)
         col = np.full((n, 4), -1, dtype=np.int64)
@@ -420,10 +445,9 @@ class QuadrantIndex:
                 first = hit.argmax(axis=1)
                 col[need, slot] = np.where(hit[np.arange(len(need)), first], first, -1)
         own = col < 0
-        safe = np.where(own, 0, col)
-        out_ids = np.where(own, anchor_id[:, None], np.take_along_axis(cid, safe, axis=1))
-        out_pos = np.where(own[..., None], pos[rows][:, None, :],
-                           loc_pos[np.take_along_axis(js, safe, axis=1)])
+        picked = np.take_along_axis(entries, np.where(own, 0, col)[..., None], axis=1)
+        out_ids = np.where(own, anchor_id[:, None], picked[..., _ID].astype(np.int64))
+        out_pos = np.where(own[..., None], anchor_pos[:, None, :], picked[..., _Y : _X + 1])
         done_rows = rows[decided]
         members[done_rows] = out_ids[decided]
         member_pos[done_rows] = out_pos[decided]
