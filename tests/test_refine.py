@@ -227,3 +227,31 @@ def test_live_derived_run_carries_network_and_refined_streams(tiled, isolation):
     assert final["refined_is_best"].read()[-1] == 1
     snapshots = derived["snapshots"]
     assert snapshots["object_phase"].read().shape[1:] == final["object_phase"].read().shape[1:]
+
+
+def test_epochs_never_go_backwards_and_a_pass_is_one_update_per_frame(scan):
+    obj, probe, pos, counts = scan
+    refiner = StreamingRefiner(probe, object_shape=obj.shape, start="flat",
+                               options=PIEOptions(device="cpu", progress=False))
+    refiner.add(counts, pos)
+    seen = []
+    for _ in range(3 * len(pos) // 16 + 2):
+        refiner.step(10.0, max_updates=16)
+        seen.append(refiner.epochs)
+    assert all(b >= a for a, b in zip(seen, seen[1:], strict=False)), seen
+    assert refiner.passes == len(refiner.error_history) >= 3
+
+
+def test_blind_auto_start_trials_on_copies(scan):
+    """A trial pass with a wrong probe must not leave its object behind (it once did, and a
+    blind run then never recovered)."""
+    obj, _, pos, counts = scan
+    yy, xx = np.mgrid[: obj.shape[0], : obj.shape[1]]
+    seed = (obj * np.exp(1j * np.sin(yy / 30.0))).astype(np.complex64)
+    options = PIEOptions(device="cpu", progress=False, batch_size=8)
+    refiner = StreamingRefiner(None, frame_size=SIZE, object_shape=obj.shape, options=options)
+    refiner.offer_seed(seed, np.ones(obj.shape), (0.0, 0.0))
+    refiner.add(counts, pos)
+    final = refiner.run(max_epochs=15)
+    assert set(final.start_residuals) == {"flat", "network", "network_highpass"}
+    assert _phase_auc(final.object, obj) > 0.5

@@ -273,7 +273,8 @@ class RunWorker:
                              device=settings.device, progress=False, seed=0)
         refiner = StreamingRefiner(self.probe, object_shape=self.canvas_shape,
                                    origin_px=tuple(origin), options=options,
-                                   frame_size=self.model.config.frame_size)
+                                   frame_size=self.model.config.frame_size,
+                                   wait_for_seed_frames=128)
         self.refiner = RefinerThread(refiner, snapshot_interval_s=settings.publish_interval_s,
                                      duty=settings.refine_duty,
                                      name=f"ptychopinn-refine-{self.state.raw_uid[:8]}")
@@ -323,6 +324,11 @@ class RunWorker:
             self.recon.add(frames[good].astype(np.float32), positions_px[good])
             latency = time.perf_counter() - t0
             if self.refiner is not None:
+                if self.refiner.refiner.start is None and self.recon.n_frames:
+                    # Until the refiner has chosen its start, every new network image is a
+                    # candidate (the regular snapshots come only every snapshot_every frames).
+                    snap = self.recon.snapshot()
+                    self.refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
                 self.refiner.add(frames[good].astype(np.float32), positions_px[good])
             if len(self.recon.crop_candidates) > 1:
                 self.crop_chooser.observe(frames[good], positions_px[good])

@@ -175,6 +175,13 @@ class StreamingRefiner:
         :meth:`offer_seed` was called) and continue with the lowest residual.
     min_frames : int
         Frames needed before the first update (fewer do not overlap enough to refine).
+    trial_frames : int
+        Frames each candidate start is tried on (a fixed random sample: the trial costs the
+        same at any scan length).
+    wait_for_seed_frames : int
+        With ``start="auto"``, wait for :meth:`offer_seed` (the network's first image) until
+        this many frames have arrived, so that the network's start is really tried (0: start
+        as soon as ``min_frames`` frames are in).
     max_frames : int
         Frames held at most (4 bytes per detector pixel each: 16 KB at 64 px). Later frames are
         counted in :attr:`frames_dropped` and not refined, so no scan can exhaust memory.
@@ -210,6 +217,8 @@ class StreamingRefiner:
         min_frames: int = 16,
         max_frames: int = 65_536,
         frame_size: int | None = None,
+        trial_frames: int = 256,
+        wait_for_seed_frames: int = 0,
     ) -> None:
         self.options = PIEOptions(progress=False) if options is None else options
         self.options.validate()
@@ -231,6 +240,7 @@ class StreamingRefiner:
         self.start: str | None = None
         self.start_residuals: dict[str, float] = {}
         self.min_frames, self.max_frames = int(min_frames), int(max_frames)
+        self.trial_frames, self.wait_for_seed_frames = int(trial_frames), int(wait_for_seed_frames)
         self.origin = np.asarray(origin_px, dtype=np.float64)
         self.obj = torch.ones(tuple(int(s) for s in object_shape), dtype=torch.complex64,
                               device=self.device)
@@ -299,6 +309,15 @@ class StreamingRefiner:
     def epochs(self) -> float:
         """Completed passes plus the fraction of the current one."""
         return self.passes + (self._visited / self._store.n if self._store.n else 0.0)
+
+    @property
+    def _waiting_for_seed(self) -> bool:
+        if self.start is not None or self.start_choice not in ("auto", "network",
+                                                                "network_highpass"):
+            return False
+        with self._lock:
+            seeded = self._seed is not None
+        return not seeded and self._store.n < self.wait_for_seed_frames
 
     @property
     def ready(self) -> bool:
@@ -389,27 +408,32 @@ class StreamingRefiner:
         return candidates
 
     def _choose_start(self) -> None:
+        """Trial each candidate start on copies, one pass over a fixed sample of frames with
+        the updates the real run would make (probe included), and continue from the untouched
+        candidate with the lowest residual. Copies, because a trial with a wrong probe leaves
+        an object that has absorbed the probe's error (a blind run then never recovers)."""
         candidates = self._candidates()
+        if len(candidates) == 1:
+            self.start, self.obj = next(iter(candidates.items()))
+            return
         probe = self.probe * math.sqrt(self.photon_scale)
-        index = torch.arange(self._store.n, device=self.device)
-        amplitudes = self._store.gather(index)
-        positions = self._pos_t
-        best, best_obj = None, None
+        count = min(self._store.n, self.trial_frames)
+        index = torch.randperm(self._store.n, generator=self._generator)[:count].to(self.device)
+        amplitudes, positions = self._store.gather(index), self._pos_t[index]
         for name, obj in candidates.items():
-            if len(candidates) > 1:
-                # One trial pass, object only, in a fixed order: the candidates differ only in
-                # where they start.
-                for batch in torch.split(index, self.options.batch_size):
-                    _pie_batch(obj, probe, amplitudes[batch], positions[batch],
-                               self._mask, engine=self.options.engine, alphas=self.alphas,
-                               update_probe=False)
-                self.start_residuals[name] = amplitude_residual(
-                    obj, probe, amplitudes, positions, fit_scale=False)
-            if best is None or self.start_residuals.get(name, 0.0) < self.start_residuals[best]:
-                best, best_obj = name, obj
-        self.start, self.obj = best, best_obj
-        logger.info("refinement starts from %s (residuals after one trial pass: %s)", best,
-                    {k: round(v, 4) for k, v in self.start_residuals.items()})
+            trial_obj, trial_probe = obj.clone(), probe.clone()
+            for batch in torch.split(torch.arange(count, device=self.device),
+                                     self.options.batch_size):
+                trial_probe, _ = _pie_batch(
+                    trial_obj, trial_probe, amplitudes[batch], positions[batch], self._mask,
+                    engine=self.options.engine, alphas=self.alphas,
+                    update_probe=self._probe_updating)
+            self.start_residuals[name] = amplitude_residual(trial_obj, trial_probe, amplitudes,
+                                                            positions)
+        best = min(self.start_residuals, key=self.start_residuals.get)
+        self.start, self.obj = best, candidates[best]
+        logger.info("refinement starts from %s (residuals after one trial pass over %d frames: "
+                    "%s)", best, count, {k: round(v, 5) for k, v in self.start_residuals.items()})
 
     @property
     def _mask(self) -> torch.Tensor:
@@ -420,14 +444,17 @@ class StreamingRefiner:
 
     # -- iterate -----------------------------------------------------------------------------
     def _next_batch(self, limit: int | None = None) -> torch.Tensor:
-        """New frames first (they have never been used), then the current random pass."""
+        """New frames first (they have never been used), then a random order over all frames.
+
+        A pass ends after as many frame updates as there are frames, whichever order they came
+        in, so :attr:`epochs` only grows while the frame count stays.
+        """
         size = self.options.batch_size if limit is None else min(limit, self.options.batch_size)
+        size = min(size, max(self._store.n - self._visited, 1))
         if self._unseen:
             take = [self._unseen.popleft() for _ in range(min(size, len(self._unseen)))]
             return torch.as_tensor(take, dtype=torch.int64)
         if self._cursor >= len(self._order):
-            if len(self._order):
-                self._finish_pass()
             self._order = torch.randperm(self._store.n, generator=self._generator)
             self._cursor = 0
         batch = self._order[self._cursor : self._cursor + size]
@@ -437,6 +464,7 @@ class StreamingRefiner:
     def _finish_pass(self) -> None:
         self.passes += 1
         self._visited = 0
+        self._order, self._cursor = self._order[:0], 0  # the next pass draws a new order
         if self._pass_measured > 0:
             self.error = self._pass_error / self._pass_measured
             self.error_history.append(self.error)
@@ -465,13 +493,18 @@ class StreamingRefiner:
         """
         t0 = time.perf_counter()
         self._ingest()
-        if self._store.n < self.min_frames:
+        if self._store.n < self.min_frames or self._waiting_for_seed:
             return self.error
         if self.start is None:
             self._choose_start()
         probe = self.probe * math.sqrt(self.photon_scale)
         updates = 0
         while max_updates is None or updates < max_updates:
+            if self._visited >= self._store.n:
+                # A pass is complete: hand the probe back before re-centring moves it.
+                self._keep_probe(probe)
+                self._finish_pass()
+                probe = self.probe * math.sqrt(self.photon_scale)
             batch = self._next_batch(None if max_updates is None else max_updates - updates)
             if not len(batch):
                 break
@@ -490,14 +523,19 @@ class StreamingRefiner:
                     "lower alpha_object / alpha_probe")
             if time.perf_counter() - t0 >= budget_s:
                 break
-        # Keep the probe unit norm and its photons in the scale (CONVENTIONS.md).
-        power = float(probe.abs().square().sum())
-        self.photon_scale = power
-        self.probe = probe / math.sqrt(power)
+        self._keep_probe(probe)
+        if self._visited >= self._store.n:
+            self._finish_pass()  # now, so that error and error_history are never a pass late
         if math.isnan(self.error) and self._pass_measured > 0:
             self.error = self._pass_error / self._pass_measured  # before the first full pass
         self.busy_s += time.perf_counter() - t0
         return self.error
+
+    def _keep_probe(self, probe: torch.Tensor) -> None:
+        """Store a photon-scaled probe as unit norm + scale (CONVENTIONS.md)."""
+        power = float(probe.abs().square().sum())
+        self.photon_scale = power
+        self.probe = probe / math.sqrt(power)
 
     def run(self, *, max_epochs: float | None = None, time_s: float | None = None,
             tol: float | None = None, slice_s: float = 0.25) -> RefinedSnapshot:
@@ -553,7 +591,7 @@ class StreamingRefiner:
         )
 
     def residual_of(self, obj: np.ndarray, origin_px: tuple[float, float],
-                    max_frames: int = 256) -> float:
+                    max_frames: int = 128) -> float:
         """Residual of another estimate (e.g. the network's stitched object) against the frames
         held, with this refiner's current probe and a fitted scale; ``nan`` before any frame.
 
@@ -567,7 +605,7 @@ class StreamingRefiner:
         return amplitude_residual(placed, self.probe, self._store.gather(index),
                                   self._pos_t[index])
 
-    def own_residual(self, max_frames: int = 256) -> float:
+    def own_residual(self, max_frames: int = 128) -> float:
         """:meth:`residual_of` the refined object itself, on the same frames (comparable)."""
         snap_obj = self.obj.cpu().numpy()
         return self.residual_of(snap_obj, tuple(self.origin), max_frames)
