@@ -190,7 +190,8 @@ def latency(bl, frames, pos_m, rate: float, isolation: str = "process") -> dict:
 
         def timed_writer(name, doc):
             writer(name, doc)
-            if name == "event" and "object_amplitude" in doc["data"]:
+            # network snapshots only (the refined streams carry object images too)
+            if name == "event" and "uncertainty" in doc["data"]:
                 n_in = int(doc["data"]["frames"])
                 stamps.append(time.time() - acquired.get(n_in, time.time()))
 
@@ -270,15 +271,17 @@ def main() -> None:
     frames, pos_m = _frames(bl, args.frames)
     sweep = []
     for rate in (float(r) for r in args.rates.split(",")):
+        # The network's follow rate: refinement off, since a run with it on completes only
+        # after its post-scan refinement (bench/quality.py times that separately).
         live = LiveReconstruction("default", batch_size=64, snapshot_every=256,
-                                  torch_threads=1, max_queue=400)
+                                  torch_threads=1, max_queue=400, refine=None)
         sweep.append(feed(live, bl, frames, pos_m, rate))
         live.close()
         print(sweep[-1], flush=True)
     followed = [r["rate"] for r in sweep if r["followed"]]
     # the same in a thread of this process, for comparison (one rate, and the latency)
     live = LiveReconstruction("default", batch_size=64, snapshot_every=256, torch_threads=1,
-                              max_queue=400, isolation="thread")
+                              max_queue=400, isolation="thread", refine=None)
     thread_sweep = feed(live, bl, frames, pos_m, 1000.0)
     result.update({
         "isolation": "process",
