@@ -2,12 +2,21 @@
 engine, the path every live frame takes, plus the bare network for reference.
 
     .venv/bin/python bench/inference.py [--threads 2] [--batch 256] [--frames 4096]
+    .venv/bin/python bench/inference.py --scaling [--points 1000 10000 100000]
+
+``--scaling`` instead measures how the engine's cost per frame evolves along one long scan:
+frames/s over a window of batches and the process RSS at each point (1k, 10k, 100k frames), for
+the engine and, up to ``--old-up-to`` frames, for the full-history path it replaced. Each engine
+streams in its own process, so one's memory does not show in the other's RSS. The result goes
+into the ``scaling`` entry of bench/results/inference.json; the other entries are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +44,30 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--device", default="cpu",
                         help="cpu or cuda (bf16 autocast, channels_last)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="frames/s and RSS at --points frames along one long scan")
+    parser.add_argument("--points", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--window", type=int, default=2048,
+                        help="frames timed at each point (--scaling)")
+    parser.add_argument("--unique", type=int, default=4096,
+                        help="distinct simulated frames, reused along the scan (--scaling)")
+    parser.add_argument("--old-up-to", type=int, default=10_000,
+                        help="largest point measured for the full-history path (--scaling)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per engine, alternating; the fastest counts (--scaling)")
+    parser.add_argument("--full", action="store_true",
+                        help="run every frame through the network, not only the timed "
+                        "windows (--scaling; slow)")
+    parser.add_argument("--engine", choices=["new", "old"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.engine:  # one engine's scaling run, in a process of its own
+        print(json.dumps(scaling_run(args, device)))
+        return
+    if args.scaling:
+        scaling(args, device)
+        return
     model, card = ModelRegistry().load(args.model)
     n = model.config.frame_size
     obj = make_object("cells", (512, 512), seed=0)
@@ -96,11 +126,162 @@ def main() -> None:
         "batch_latency_p50_s": stats["batch_latency_p50_s"],
         "date": time.strftime("%Y-%m-%d"),
     }
+    path = _result_path(device)
+    if path.exists():  # keep the --scaling entry of an earlier run
+        previous = json.loads(path.read_text())
+        if "scaling" in previous:
+            result["scaling"] = previous["scaling"]
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def _result_path(device: torch.device) -> Path:
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    name = "inference_cuda.json" if cuda else "inference.json"
-    (out / name).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    return out / ("inference_cuda.json" if device.type == "cuda" else "inference.json")
+
+
+def rss_mib() -> float:
+    """Resident set size of this process (psutil when installed, else /proc/self/status)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**10
+    return float("nan")
+
+
+def scaling_run(args, device: torch.device) -> dict:
+    """Stream one long scan through one engine; frames/s and RSS at each point.
+
+    ``--unique`` frames are simulated once and reused in turn; the positions come from one
+    Fermat spiral large enough for the last point, so every frame has a position of its own
+    (the grouping and the frame store see a real 100k-point scan). Only the ``add`` calls of
+    the ``--window`` frames after each point are timed, through the whole path. Between
+    windows the scan is fast-forwarded (unless ``--full``): frames go into the engine's state
+    (grid hash and frame store; the old engine's frame and position lists) exactly as ``add``
+    would put them, without the network and the stitching, whose cost per frame does not
+    depend on the scan length. The state at each point, and so its cost and memory, is
+    then what a full run would have; the canvas is the same size either way.
+    """
+    from bluesky_ptychopinn.recon._streaming import _FullHistoryReconstructor
+
+    model, _ = ModelRegistry().load(args.model)
+    n = model.config.frame_size
+    step = 400 / np.sqrt(args.unique)  # the spacing of the default benchmark
+    obj = make_object("cells", (512, 512), seed=0)
+    probe = physics.make_probe("zone_plate", n, 44e-9, 8_800)
+    sim_pos = physics.fermat_spiral_scan((400.0, 400.0), step)[: args.unique] + 256
+    frames = physics.simulate_diffraction(obj, probe, sim_pos, photons=1e6, seed=0).counts
+    unique = len(frames)  # the 400 x 400 spiral holds ~pi/4 of --unique points
+    points = sorted(p for p in args.points
+                    if args.engine == "new" or p <= args.old_up_to)
+    total = points[-1] + args.window
+    radius = step * np.sqrt(total / np.pi) * 1.01 + step
+    pos = physics.fermat_spiral_scan((2 * radius, 2 * radius), step)[:total]
+    assert len(pos) == total, (len(pos), total)
+    pos = pos - pos.min(axis=0) + n  # canvas coordinates, a frame's margin on every side
+    shape = tuple(int(np.ceil(v)) + n for v in pos.max(axis=0))
+    engine = StreamingReconstructor if args.engine == "new" else _FullHistoryReconstructor
+    recon = engine(model, object_shape=shape, batch_size=args.batch, device=device)
+    rss_start = rss_mib()
+    rows, seen, start = [], 0, time.perf_counter()
+
+    def forward(batch, where) -> None:
+        """What add() leaves behind for later batches, without network and stitching."""
+        if args.full or recon.input_scale is None:
+            recon.add(batch, where)
+        elif args.engine == "new":
+            recon._store.append(batch)
+            recon._store.discard(recon._index.add(where).retired)
+            recon.n_frames += len(where)
+        else:
+            recon._frames.append(batch)
+            recon._positions.append(where)
+            recon.n_frames += len(where)
+
+    for point in points:
+        while seen < point:  # untimed: the scan up to this point
+            hi = min(seen + args.batch, point)
+            forward(frames[np.arange(seen, hi) % unique], pos[seen:hi])
+            seen = hi
+        busy, latencies = 0.0, []
+        while seen < point + args.window:
+            hi = min(seen + args.batch, point + args.window)
+            batch = frames[np.arange(seen, hi) % unique]
+            t = time.perf_counter()
+            recon.add(batch, pos[seen:hi])
+            latencies.append(time.perf_counter() - t)
+            busy += latencies[-1]
+            seen = hi
+        row = {"frames": point, "frames_per_s": args.window / busy,
+               "batch_latency_p50_s": float(np.median(latencies)), "rss_mib": rss_mib()}
+        if args.engine == "new":
+            row["stored_frames"] = len(recon._store)
+            row["index_entries"] = recon._index.n_entries
+        rows.append(row)
+        print(f"  {args.engine} {point:>7} frames: {row['frames_per_s']:7.0f} frames/s, "
+              f"RSS {row['rss_mib']:7.0f} MiB", file=sys.stderr, flush=True)
+    return {"engine": args.engine, "unique_frames": unique, "rss_start_mib": rss_start,
+            "points": rows,
+            "canvas": list(shape), "seconds": time.perf_counter() - start}
+
+
+def _fastest(runs: list[dict]) -> list[dict]:
+    """Per point, the row of the run with the most frames/s."""
+    by_point: dict[int, dict] = {}
+    for run in runs:
+        for row in run["points"]:
+            if row["frames_per_s"] > by_point.get(row["frames"], {}).get("frames_per_s", -1):
+                by_point[row["frames"]] = row
+    return [by_point[k] for k in sorted(by_point)]
+
+
+def scaling(args, device: torch.device) -> None:
+    """Both engines, each in its own process, ``--repeats`` times alternating (the machine may
+    be shared: the fastest run per point is the one least disturbed); the table, and the JSON
+    entry."""
+    load_before = os.getloadavg()
+    runs: dict[str, list] = {"new": [], "old": []}
+    for _, engine in ((r, e) for r in range(args.repeats) for e in ("new", "old")):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", engine,
+               "--threads", str(args.threads), "--batch", str(args.batch),
+               "--model", args.model, "--device", str(device), "--window", str(args.window),
+               "--unique", str(args.unique), "--old-up-to", str(args.old_up_to),
+               "--points", *map(str, args.points), *(["--full"] if args.full else [])]
+        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+        runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    best = {engine: _fastest(r) for engine, r in runs.items()}
+    old = {row["frames"]: row for row in best["old"]}
+    print(f"\n{'frames':>8} | {'new frames/s':>12} {'new RSS MiB':>11} | "
+          f"{'old frames/s':>12} {'old RSS MiB':>11}")
+    for row in best["new"]:
+        o = old.get(row["frames"])
+        tail = (f"{o['frames_per_s']:12.0f} {o['rss_mib']:11.0f}" if o
+                else f"{'-':>12} {'-':>11}")
+        print(f"{row['frames']:8d} | {row['frames_per_s']:12.0f} {row['rss_mib']:11.0f} | "
+              + tail)
+    entry = {
+        "machine": machine(), "threads": args.threads, "device": str(device),
+        "batch": args.batch, "model": args.model, "window_frames": args.window,
+        "unique_frames": runs["new"][0]["unique_frames"], "repeats": args.repeats,
+        "scan": f"Fermat spiral, step 400/sqrt({args.unique}) px, one position per frame; "
+                "the simulated frames reused in turn",
+        "between_windows": "every frame through the network" if args.full else
+        "fast-forwarded: grouping and frame store only (see scaling_run)",
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "note": "points: per point, the fastest of the runs (its RSS with it); runs: all",
+        "new": {"points": best["new"], "runs": runs["new"]},
+        "old_full_history": {"points": best["old"], "runs": runs["old"]},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    path = _result_path(device)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["scaling"] = entry
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
