@@ -6,6 +6,7 @@ handful of steps so the script, its tables and figures cannot silently rot.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -83,3 +84,34 @@ def test_long_section_takes_its_models_from_the_command_line(tmp_path):
     for row in rows:
         values = [float(v) for v in re.findall(r"-?\d\.\d{3}", row)]
         assert len(values) == 6 and all(-1 <= v <= 1 for v in values)
+
+
+def test_regimes_section_compares_networks_with_rpie_at_equal_time(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "experiments" / "run.py"), "--scale", "smoke",
+         "--section", "regimes", "--workers", "1", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    report = (tmp_path / "experiments" / "regimes.md").read_text()
+    assert report.startswith("## 9. Where the network wins")
+    for heading in ("### Overlap sweep", "### Dose sweep", "### Sparse and dim at once",
+                    "### Amplitude FRC-AUC", "### Network minus rPIE"):
+        assert heading in report
+    # smoke scale: overlaps (0.75, 0) at 1e6, doses (1e3, 1e6) at 0.75, one corner (0, 1e3)
+    overlap_table = report.split("### Overlap sweep")[1].split("###")[0]
+    rows = [line for line in overlap_table.splitlines() if re.match(r"\| \d", line)]
+    assert [r.split("|")[1].strip() for r in rows] == ["0.75", "0"]
+    for row in rows:  # 3 networks and rPIE at each one's time, 1 epoch, converged
+        values = [float(v) for v in row.split("|")[5:-1]]
+        assert len(values) == 8 and all(-1 <= v <= 1 for v in values)
+    (result,) = json.loads((tmp_path / "experiments" / "regimes.json").read_text())
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        # The overlap defines the step: 1 - step / probe diameter.
+        assert math.isclose(row["step_px"], row["diameter_px"] * (1 - row["overlap"]))
+        for net in ("C = 4 (default)", "C = 1", "C = 4 low-dose"):
+            # rPIE got (at least) the network's wall time, and did some work in it.
+            assert row["seconds"][f"rPIE @ {net}"] >= row["seconds"][net]
+            assert row["epochs"][f"rPIE @ {net}"] > 0
+        assert row["epochs"]["rPIE 1 epoch"] == 1
+        assert math.isclose(row["epochs"]["rPIE converged"], 3)  # smoke: at most 3 epochs
