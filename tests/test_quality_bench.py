@@ -1,8 +1,9 @@
 """bench/quality.py (time to quality, docs/performance.md) runs end to end at toy sizes.
 
 ``--quick`` simulates three ~100-frame scans, runs (a) the network alone, (b) rPIE from a flat
-start and (c) the hybrid, skips pty-chi, and must write quality.json with finite curves for
-(a)-(c), the target checks and the live-latency measurement, plus the figure.
+start, (c) the hybrid (sequential) and (c2) the hybrid with network and refiner in two threads,
+skips pty-chi, and must write quality.json with finite curves for (a)-(c2), the target checks
+of both hybrids and the live-latency measurement, plus the figure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def test_quick_run_writes_curves_and_target_checks(tmp_path):
     assert len(results["scans"]) >= 3
     for scan in results["scans"]:
         methods = scan["methods"]
-        for name in ("network", "rpie_flat", "hybrid"):
+        for name in ("network", "rpie_flat", "hybrid", "hybrid_concurrent"):
             runs = methods[name]["runs"]
             assert runs, f"{scan['name']}: no run of {name}"
             for run in runs:
@@ -47,21 +48,31 @@ def test_quick_run_writes_curves_and_target_checks(tmp_path):
                         assert _finite(p[key]) and -1 <= p[key] <= 1, (scan["name"], name, p)
         assert len(methods["rpie_flat"]["runs"][0]["points"]) >= 2
         assert methods["hybrid"]["runs"][0]["start"] in ("flat", "network", "network_highpass")
+        concurrent = methods["hybrid_concurrent"]["runs"][0]
+        assert concurrent["failed"] is None
+        assert {p["shown"] for p in concurrent["points"]} <= {"network", "refined"}
+        assert _finite(concurrent["network_done_s"]) and concurrent["network_done_s"] > 0
         # pty-chi is skipped in a quick run, and says so.
         for engine in ("ptychi_lsqml", "ptychi_rpie"):
             assert methods[engine]["skipped"] == "--quick"
-        # the target checks: hybrid vs (a) and (b), time to the target, ratio vs LSQML
-        for check in scan["hybrid_margins"]:
-            for other in ("network", "rpie_flat"):
-                assert _finite(check[other]["worst_margin"])
-                assert isinstance(check[other]["met"], bool)
-        assert set(scan["hybrid_worst_margin"]) == {"network", "rpie_flat"}
-        assert set(scan["time_to_target_s"]) >= {"network", "rpie_flat", "hybrid"}
-        assert {"ratio", "met", "target"} <= set(scan["speedup_vs_lsqml"])
+        # the target checks: each hybrid vs (a) and (b), time to the target, ratio vs LSQML
+        for prefix in ("hybrid", "hybrid_concurrent"):
+            for check in scan[f"{prefix}_margins"]:
+                for other in ("network", "rpie_flat"):
+                    assert _finite(check[other]["worst_margin"])
+                    assert isinstance(check[other]["met"], bool)
+            assert set(scan[f"{prefix}_worst_margin"]) == {"network", "rpie_flat"}
+        assert set(scan["time_to_target_s"]) >= {"network", "rpie_flat", "hybrid",
+                                                 "hybrid_concurrent"}
+        for key in ("speedup_vs_lsqml", "speedup_concurrent_vs_lsqml"):
+            assert {"ratio", "met", "target"} <= set(scan[key])
     live = results["live_latency"]
     assert _finite(live["final_refined_after_last_frame_s"]) and live["failed"] is None
     assert _finite(live["final_scores"][METRIC])
     targets = results["targets"]
     assert set(targets) == {"hybrid_at_or_above_network_and_rpie", "hybrid_worst_margin",
-                            "speedup_vs_lsqml_ge_20", "final_image_within_5s"}
+                            "hybrid_concurrent_at_or_above_network_and_rpie",
+                            "hybrid_concurrent_worst_margin", "speedup_vs_lsqml_ge_20",
+                            "speedup_concurrent_vs_lsqml_ge_20", "final_image_within_5s"}
     assert _finite(targets["hybrid_worst_margin"])
+    assert _finite(targets["hybrid_concurrent_worst_margin"])
