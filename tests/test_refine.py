@@ -3,6 +3,8 @@ derived run's ``refined`` and ``final`` streams (real RunEngine, HDF5, Tiled ove
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -255,3 +257,24 @@ def test_blind_auto_start_trials_on_copies(scan):
     final = refiner.run(max_epochs=15)
     assert set(final.start_residuals) == {"flat", "network", "network_highpass"}
     assert _phase_auc(final.object, obj) > 0.5
+
+
+def test_a_refiner_waiting_for_the_network_image_idles_and_publishes_nothing(scan):
+    obj, probe, pos, counts = scan
+    refiner = StreamingRefiner(probe, object_shape=obj.shape, wait_for_seed_frames=10_000,
+                               options=PIEOptions(device="cpu", progress=False))
+    calls = {"n": 0}
+    original = refiner.step
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    refiner.step = counted
+    thread = RefinerThread(refiner, snapshot_interval_s=0.05, duty=1.0)
+    thread.start()
+    thread.add(counts, pos)
+    time.sleep(0.5)
+    assert calls["n"] < 10 and thread.latest is None  # no spinning, no blank "refined" image
+    thread.finish(max_epochs=1, time_s=10.0)  # no more frames: it stops waiting and refines
+    assert thread.done.wait(30) and thread.final is not None and thread.final.epochs >= 1

@@ -77,6 +77,9 @@ class FramePairer:
     unresolved: dict[str, int] = field(default_factory=dict)
     frames_per_point: dict[str, int] = field(default_factory=dict)
     descriptors: set[str] = field(default_factory=set)
+    #: sequence numbers already handed out by pop_ready, and repeats of them dropped
+    done: set[int] = field(default_factory=set)
+    repeated: int = 0
 
     def descriptor(self, doc: dict) -> bool:
         """Track descriptors that carry both the image and the positions."""
@@ -159,11 +162,26 @@ class FramePairer:
             self.frames[seq] = block[0] if len(block) == 1 else block.sum(axis=0)
             del self.pending_refs[seq]
         ready = sorted(set(self.frames) & set(self.positions))
+        # A RunEngine that rewinds (a pause without defer, a suspender) re-takes points under
+        # sequence numbers it has already used: each point is reconstructed once, from its
+        # first measurement, and the repeats are counted.
+        for s in [s for s in ready if s in self.done]:
+            del self.frames[s], self.positions[s]
+            self.repeated += 1
+        ready = [s for s in ready if s not in self.done]
+        self.done.update(ready)
         if not ready:
             return np.empty((0,)), np.empty((0, 2)), []
         frames = np.stack([self.frames.pop(s) for s in ready])
         positions = np.array([self.positions.pop(s) for s in ready], dtype=np.float64)
         return frames, positions, ready
+
+    def put_back(self, frames: np.ndarray, positions: np.ndarray, seqs: list[int]) -> None:
+        """Return pairs from :meth:`pop_ready` unused (waiting for a fuller batch)."""
+        for k, s in enumerate(seqs):
+            self.frames[s] = frames[k]
+            self.positions[s] = tuple(positions[k])
+            self.done.discard(s)
 
     @property
     def unpaired(self) -> int:

@@ -289,9 +289,7 @@ class RunWorker:
                 break
             if len(seqs) < self.settings.batch_size and not (final or force):
                 # put them back until a full batch has gathered (latency vs throughput)
-                for k, s in enumerate(seqs):
-                    self.pairer.frames[s] = frames[k]
-                    self.pairer.positions[s] = tuple(positions_m[k])
+                self.pairer.put_back(frames, positions_m, seqs)
                 break
             self._reconstruct(frames, positions_m)
         if final:
@@ -586,6 +584,7 @@ class RunWorker:
             "frames_skipped": self.state.frames_skipped,
             "frames_rejected": self.state.frames_rejected,
             "frames_unpaired": self.pairer.unpaired,
+            "frames_repeated": self.pairer.repeated,
             "seconds": time.time() - self.started_at,
         }
         if self.recon is not None:

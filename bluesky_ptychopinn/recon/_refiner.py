@@ -310,20 +310,25 @@ class StreamingRefiner:
         """Completed passes plus the fraction of the current one."""
         return self.passes + (self._visited / self._store.n if self._store.n else 0.0)
 
-    @property
-    def _waiting_for_seed(self) -> bool:
+    def _waits_for_seed(self, frames: int) -> bool:
         if self.start is not None or self.start_choice not in ("auto", "network",
                                                                 "network_highpass"):
             return False
         with self._lock:
             seeded = self._seed is not None
-        return not seeded and self._store.n < self.wait_for_seed_frames
+        return not seeded and frames < self.wait_for_seed_frames
+
+    @property
+    def _waiting_for_seed(self) -> bool:
+        return self._waits_for_seed(self._store.n)
 
     @property
     def ready(self) -> bool:
-        """Enough frames (held or queued) for an update."""
+        """Enough frames (held or queued) for an update, and not waiting for the network's
+        image (``wait_for_seed_frames``)."""
         with self._lock:
-            return self._store.n + sum(len(p) for _, p in self._pending) >= self.min_frames
+            frames = self._store.n + sum(len(p) for _, p in self._pending)
+        return frames >= self.min_frames and not self._waits_for_seed(frames)
 
     # -- canvas ------------------------------------------------------------------------------
     def _canvas(self, positions: np.ndarray) -> np.ndarray:

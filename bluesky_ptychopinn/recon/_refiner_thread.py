@@ -67,6 +67,7 @@ class RefinerThread(threading.Thread):
     def finish(self, *, max_epochs: float | None = None, time_s: float | None = 5.0,
                tol: float | None = 1e-3) -> None:
         """No more frames: refine until a rule holds, then set :attr:`final` and :attr:`done`."""
+        self.refiner.wait_for_seed_frames = 0  # no more frames: stop waiting for a network image
         self._finish = {"max_epochs": max_epochs, "time_s": time_s, "tol": tol}
         self._wake.set()
 
@@ -84,6 +85,8 @@ class RefinerThread(threading.Thread):
         """
         t0 = time.perf_counter()
         refiner = self.refiner
+        if refiner.start is None:
+            return  # nothing refined yet: an untouched start is no refined image
         snap = refiner.snapshot()
         if snap.n_frames:
             snap.residual = refiner.own_residual(max_frames=self.residual_frames)
