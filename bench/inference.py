@@ -14,6 +14,7 @@ into the ``scaling`` entry of bench/results/inference.json; the other entries ar
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="frames/s and RSS at --points frames along one long scan")
     parser.add_argument("--points", type=int, nargs="+", default=[1_000, 10_000, 100_000])
-    parser.add_argument("--window", type=int, default=2048,
+    parser.add_argument("--window", type=int, default=1536,
                         help="frames timed at each point (--scaling)")
     parser.add_argument("--unique", type=int, default=4096,
                         help="distinct simulated frames, reused along the scan (--scaling)")
@@ -154,6 +155,15 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def _trimmed_rss() -> float:
+    """RSS after handing glibc's free heap memory back (NaN without glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        return float("nan")
+    return rss_mib()
+
+
 def scaling_run(args, device: torch.device) -> dict:
     """Stream one long scan through one engine; frames/s and RSS at each point.
 
@@ -161,11 +171,16 @@ def scaling_run(args, device: torch.device) -> dict:
     Fermat spiral large enough for the last point, so every frame has a position of its own
     (the grouping and the frame store see a real 100k-point scan). Only the ``add`` calls of
     the ``--window`` frames after each point are timed, through the whole path. Between
-    windows the scan is fast-forwarded (unless ``--full``): frames go into the engine's state
-    (grid hash and frame store; the old engine's frame and position lists) exactly as ``add``
-    would put them, without the network and the stitching, whose cost per frame does not
-    depend on the scan length. The state at each point, and so its cost and memory, is
-    then what a full run would have; the canvas is the same size either way.
+    windows the scan is fast-forwarded (unless ``--full``): ``add`` runs with the network and
+    the stitching switched off (their cost per frame does not depend on the scan length), so
+    the engine's state at each point (grid hash and frame store; the old engine's lists) and
+    hence its cost and memory are what a full run would have; the canvas is allocated for
+    the whole scan either way.
+
+    RSS is read twice after each window: as is, and after glibc's ``malloc_trim(0)``. The
+    difference is freed memory glibc keeps in its heap (its mmap threshold adapts upwards, and
+    the engine's short-lived arrays then come from the heap); the second figure is what the
+    process holds.
     """
     from bluesky_ptychopinn.recon._streaming import _FullHistoryReconstructor
 
@@ -191,17 +206,16 @@ def scaling_run(args, device: torch.device) -> dict:
     rows, seen, start = [], 0, time.perf_counter()
 
     def forward(batch, where) -> None:
-        """What add() leaves behind for later batches, without network and stitching."""
+        """add() without the network and the stitching (unless --full): the grouping, the
+        frame store (the old engine's concatenation) and everything they keep run as usual."""
         if args.full or recon.input_scale is None:
             recon.add(batch, where)
-        elif args.engine == "new":
-            recon._store.append(batch)
-            recon._store.discard(recon._index.add(where).retired)
-            recon.n_frames += len(where)
-        else:
-            recon._frames.append(batch)
-            recon._positions.append(where)
-            recon.n_frames += len(where)
+            return
+        recon._infer_and_stitch = lambda members, positions: None
+        try:
+            recon.add(batch, where)
+        finally:
+            del recon._infer_and_stitch  # the class's method again
 
     for point in points:
         while seen < point:  # untimed: the scan up to this point
@@ -218,13 +232,15 @@ def scaling_run(args, device: torch.device) -> dict:
             busy += latencies[-1]
             seen = hi
         row = {"frames": point, "frames_per_s": args.window / busy,
-               "batch_latency_p50_s": float(np.median(latencies)), "rss_mib": rss_mib()}
+               "batch_latency_p50_s": float(np.median(latencies)), "rss_mib": rss_mib(),
+               "rss_trimmed_mib": _trimmed_rss()}
         if args.engine == "new":
             row["stored_frames"] = len(recon._store)
             row["index_entries"] = recon._index.n_entries
         rows.append(row)
         print(f"  {args.engine} {point:>7} frames: {row['frames_per_s']:7.0f} frames/s, "
-              f"RSS {row['rss_mib']:7.0f} MiB", file=sys.stderr, flush=True)
+              f"RSS {row['rss_mib']:7.0f} MiB ({row['rss_trimmed_mib']:.0f} trimmed)",
+              file=sys.stderr, flush=True)
     return {"engine": args.engine, "unique_frames": unique, "rss_start_mib": rss_start,
             "points": rows,
             "canvas": list(shape), "seconds": time.perf_counter() - start}
@@ -256,14 +272,14 @@ def scaling(args, device: torch.device) -> None:
         runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
     best = {engine: _fastest(r) for engine, r in runs.items()}
     old = {row["frames"]: row for row in best["old"]}
-    print(f"\n{'frames':>8} | {'new frames/s':>12} {'new RSS MiB':>11} | "
-          f"{'old frames/s':>12} {'old RSS MiB':>11}")
+    print(f"\n{'frames':>8} | {'new frames/s':>12} {'RSS MiB':>8} {'trimmed':>8} | "
+          f"{'old frames/s':>12} {'RSS MiB':>8} {'trimmed':>8}")
     for row in best["new"]:
         o = old.get(row["frames"])
-        tail = (f"{o['frames_per_s']:12.0f} {o['rss_mib']:11.0f}" if o
-                else f"{'-':>12} {'-':>11}")
-        print(f"{row['frames']:8d} | {row['frames_per_s']:12.0f} {row['rss_mib']:11.0f} | "
-              + tail)
+        tail = (f"{o['frames_per_s']:12.0f} {o['rss_mib']:8.0f} {o['rss_trimmed_mib']:8.0f}"
+                if o else f"{'-':>12} {'-':>8} {'-':>8}")
+        print(f"{row['frames']:8d} | {row['frames_per_s']:12.0f} {row['rss_mib']:8.0f} "
+              f"{row['rss_trimmed_mib']:8.0f} | " + tail)
     entry = {
         "machine": machine(), "threads": args.threads, "device": str(device),
         "batch": args.batch, "model": args.model, "window_frames": args.window,

@@ -132,7 +132,11 @@ class FrameStore:
                             count=len(flat))
         chunk, offset = np.divmod(slots, self.chunk_frames)
         out = torch.empty((len(flat), *self.frame_shape), dtype=torch.float32)
-        for c in np.unique(chunk):
+        used = np.unique(chunk)
+        if len(used) == 1:  # the usual case: straight into ``out``, no temporary copy
+            return torch.index_select(self._chunks[used[0]], 0, torch.from_numpy(offset),
+                                      out=out)
+        for c in used:
             sel = np.flatnonzero(chunk == c)
             out[torch.from_numpy(sel)] = self._chunks[c][torch.from_numpy(offset[sel])]
         return out
