@@ -177,10 +177,11 @@ def scaling_run(args, device: torch.device) -> dict:
     hence its cost and memory are what a full run would have; the canvas is allocated for
     the whole scan either way.
 
-    RSS is read twice after each window: as is, and after glibc's ``malloc_trim(0)``. The
-    difference is freed memory glibc keeps in its heap (its mmap threshold adapts upwards, and
-    the engine's short-lived arrays then come from the heap); the second figure is what the
-    process holds.
+    frames/s is wall time (what a live scan sees); frames per CPU-second (both threads) is
+    less disturbed when other work shares the cores. RSS is read twice after each window: as
+    is, and after glibc's ``malloc_trim(0)``. The difference is freed memory glibc keeps in its
+    heap (its mmap threshold adapts upwards, and the engine's short-lived arrays then come from
+    the heap); the second figure is what the process holds.
     """
     from bluesky_ptychopinn.recon._streaming import _FullHistoryReconstructor
 
@@ -194,7 +195,7 @@ def scaling_run(args, device: torch.device) -> dict:
     unique = len(frames)  # the 400 x 400 spiral holds ~pi/4 of --unique points
     points = sorted(p for p in args.points
                     if args.engine == "new" or p <= args.old_up_to)
-    total = points[-1] + args.window
+    total = max(args.points) + args.window  # the same scan and canvas for both engines
     radius = step * np.sqrt(total / np.pi) * 1.01 + step
     pos = physics.fermat_spiral_scan((2 * radius, 2 * radius), step)[:total]
     assert len(pos) == total, (len(pos), total)
@@ -222,16 +223,18 @@ def scaling_run(args, device: torch.device) -> dict:
             hi = min(seen + args.batch, point)
             forward(frames[np.arange(seen, hi) % unique], pos[seen:hi])
             seen = hi
-        busy, latencies = 0.0, []
+        busy, cpu, latencies = 0.0, 0.0, []
         while seen < point + args.window:
             hi = min(seen + args.batch, point + args.window)
             batch = frames[np.arange(seen, hi) % unique]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             recon.add(batch, pos[seen:hi])
+            cpu += time.process_time() - c
             latencies.append(time.perf_counter() - t)
             busy += latencies[-1]
             seen = hi
         row = {"frames": point, "frames_per_s": args.window / busy,
+               "frames_per_cpu_s": args.window / cpu,
                "batch_latency_p50_s": float(np.median(latencies)), "rss_mib": rss_mib(),
                "rss_trimmed_mib": _trimmed_rss()}
         if args.engine == "new":
@@ -272,14 +275,18 @@ def scaling(args, device: torch.device) -> None:
         runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
     best = {engine: _fastest(r) for engine, r in runs.items()}
     old = {row["frames"]: row for row in best["old"]}
-    print(f"\n{'frames':>8} | {'new frames/s':>12} {'RSS MiB':>8} {'trimmed':>8} | "
-          f"{'old frames/s':>12} {'RSS MiB':>8} {'trimmed':>8}")
+    head = f"{'frames/s':>9} {'/cpu-s':>7} {'RSS MiB':>8} {'trimmed':>8}"
+    print(f"\n{'':>8} | {'new (grid hash)':^35} | {'old (full history)':^35}")
+    print(f"{'frames':>8} | {head} | {head}")
+
+    def cells(row) -> str:
+        if row is None:
+            return f"{'-':>9} {'-':>7} {'-':>8} {'-':>8}"
+        return (f"{row['frames_per_s']:9.0f} {row['frames_per_cpu_s']:7.0f} "
+                f"{row['rss_mib']:8.0f} {row['rss_trimmed_mib']:8.0f}")
+
     for row in best["new"]:
-        o = old.get(row["frames"])
-        tail = (f"{o['frames_per_s']:12.0f} {o['rss_mib']:8.0f} {o['rss_trimmed_mib']:8.0f}"
-                if o else f"{'-':>12} {'-':>8} {'-':>8}")
-        print(f"{row['frames']:8d} | {row['frames_per_s']:12.0f} {row['rss_mib']:8.0f} "
-              f"{row['rss_trimmed_mib']:8.0f} | " + tail)
+        print(f"{row['frames']:8d} | {cells(row)} | {cells(old.get(row['frames']))}")
     entry = {
         "machine": machine(), "threads": args.threads, "device": str(device),
         "batch": args.batch, "model": args.model, "window_frames": args.window,
