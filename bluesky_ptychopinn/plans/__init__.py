@@ -8,6 +8,7 @@ from ._recommenders import (
     Recommender,
     ReconstructionView,
     UncertaintyRecommender,
+    deviation_rms,
     make_recommender,
     structure_map,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ReconstructionView",
     "Recommender",
     "UncertaintyRecommender",
+    "deviation_rms",
     "make_recommender",
     "ptycho_scan",
     "ptycho_scan_with_feedback",

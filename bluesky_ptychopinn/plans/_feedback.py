@@ -12,6 +12,7 @@ from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
 from ..errors import InvalidInputError
+from ..recon._residual import place_on_canvas
 from ._metadata import ptycho_metadata
 from ._ptycho_scan import _check_limits, scan_points
 from ._recommenders import ReconstructionView, make_recommender
@@ -25,7 +26,8 @@ class FeedbackState(Device):
     """Soft signals that make a feedback scan explain itself.
 
     Read with every frame (``iteration``: 0 = overview, k = decision k) and, once per decision,
-    into the ``feedback`` stream (``n_points``, ``score``, ``change``, ``frames_reconstructed``).
+    into the ``feedback`` stream (``n_points``, ``score``, ``change``, ``frames_reconstructed``,
+    ``refined``: 1 when the decision was made from the refined image, 0 from the network's).
     """
 
     iteration = Cpt(Signal, value=0, kind="hinted")
@@ -33,6 +35,7 @@ class FeedbackState(Device):
     score = Cpt(Signal, value=0.0)
     change = Cpt(Signal, value=float("nan"))
     frames_reconstructed = Cpt(Signal, value=0)
+    refined = Cpt(Signal, value=0)
     strategy = Cpt(Signal, value="", kind="config")
 
 
@@ -57,6 +60,29 @@ def _wait_for_reconstruction(recon, uid: str, acquired: int, timeout: float):
     return recon.latest(uid)
 
 
+def _wait_for_refinement(recon, uid: str, timeout: float):
+    """When the callback refines: poll until the refined estimate holds every frame the
+    network reconstructed and has made a further pass over them (or ``timeout``), so that a
+    decision made from it sees the whole scan. Returns at once when the callback does not
+    refine."""
+    if not getattr(getattr(recon, "settings", None), "refine", None):
+        return recon.latest(uid)
+    deadline = time.monotonic() + timeout
+    caught_up_at = None  # epochs when the refined estimate first held every frame
+    while time.monotonic() < deadline:
+        state = recon.latest(uid)
+        if state is None or state.failed:
+            return state
+        refined = state.refined
+        if refined is not None and refined.n_frames >= state.frames_done:
+            if caught_up_at is None:
+                caught_up_at = refined.epochs
+            elif refined.epochs >= caught_up_at + 1:
+                return state
+        yield from bps.sleep(0.05)
+    return recon.latest(uid)
+
+
 def ptycho_scan_with_feedback(
     detector,
     stage,
@@ -73,6 +99,7 @@ def ptycho_scan_with_feedback(
     max_decisions: int = 20,
     tolerance: float | None = None,
     wait_timeout_s: float = 30.0,
+    refine_wait_s: float = 10.0,
     md: dict | None = None,
 ):
     """Ptychography scan that decides where to measure from the live reconstruction.
@@ -97,7 +124,9 @@ def ptycho_scan_with_feedback(
     coarse_step_m, fine_step_m : float
         Overview and fine-scan steps.
     strategy : {"feature", "uncertainty"} or Recommender
-        Feature-driven (zoom into structure) or uncertainty-driven (add points where the
+        Feature-driven (fine points where the best current estimate, the refined image when
+        it explains the frames better, has structure not yet finely sampled; none over empty
+        background: :class:`FeatureRecommender`) or uncertainty-driven (add points where the
         network's overlapping predictions disagree), or any object with the Recommender API
         (e.g. :class:`OptimizerRecommender` wrapping a bluesky-adaptive optimizer).
     budget : int
@@ -108,6 +137,10 @@ def ptycho_scan_with_feedback(
         Convergence stop rule on the relative change of the stitched object.
     wait_timeout_s : float
         Longest wait for the reconstruction to catch up before deciding anyway.
+    refine_wait_s : float
+        When the callback refines: longest further wait for the refined estimate to hold
+        every frame and make one more pass over them (decisions use the better of the two
+        estimates, ``RunState.best``).
     md : dict, optional
         Extra start-document metadata.
 
@@ -152,13 +185,14 @@ def ptycho_scan_with_feedback(
                 uid = _current_uid(recon)
             state = yield from _wait_for_reconstruction(recon, uid, summary["frames"],
                                                         wait_timeout_s)
+            if state is not None and not state.failed and state.snapshot is not None:
+                state = yield from _wait_for_refinement(recon, uid, refine_wait_s)
             if state is None or state.failed or state.snapshot is None:
                 summary["stop_reason"] = "reconstruction unavailable" + (
                     f": {state.failed}" if state is not None and state.failed else "")
                 break
             snap = state.snapshot
-            view = ReconstructionView(snap.object, snap.weight, snap.uncertainty,
-                                      snap.origin_px, state.pixel_size_m)
+            view = _best_view(state)
             change = _relative_change(previous, snap)
             previous = snap
             remaining = budget - summary["frames"]
@@ -171,7 +205,8 @@ def ptycho_scan_with_feedback(
             yield from bps.mv(feedback.iteration, decision, feedback.n_points, len(points),
                               feedback.score, float(info.get("score_max", 0.0)),
                               feedback.change, float(change),
-                              feedback.frames_reconstructed, int(state.frames_done))
+                              feedback.frames_reconstructed, int(state.frames_done),
+                              feedback.refined, int(view.estimate == "refined"))
             yield from bps.trigger_and_read([feedback], name="feedback")
             summary["decisions"] = decision
             if remaining <= 0:
@@ -191,6 +226,21 @@ def ptycho_scan_with_feedback(
 
     summary["uid"] = yield from inner()  # run_decorator returns the run uid
     return summary
+
+
+def _best_view(state) -> ReconstructionView:
+    """The recommenders' view of the run: the best current estimate (the refined object,
+    placed on the network's canvas, when ``state.best == "refined"``; else the network's),
+    with the network's coverage and uncertainty."""
+    snap = state.snapshot
+    obj, estimate, frames = snap.object, "network", snap.n_frames
+    refined = getattr(state, "refined", None)
+    if refined is not None and getattr(state, "best", "network") == "refined":
+        obj = place_on_canvas(refined.object, refined.origin_px, snap.object.shape,
+                              snap.origin_px)
+        estimate, frames = "refined", refined.n_frames
+    return ReconstructionView(obj, snap.weight, snap.uncertainty, snap.origin_px,
+                              state.pixel_size_m, estimate=estimate, frames=frames)
 
 
 def _current_uid(recon) -> str | None:
