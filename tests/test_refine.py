@@ -278,3 +278,40 @@ def test_a_refiner_waiting_for_the_network_image_idles_and_publishes_nothing(sca
     assert calls["n"] < 10 and thread.latest is None  # no spinning, no blank "refined" image
     thread.finish(max_epochs=1, time_s=10.0)  # no more frames: it stops waiting and refines
     assert thread.done.wait(30) and thread.final is not None and thread.final.epochs >= 1
+
+
+def test_refined_snapshots_reach_the_run_state_during_a_scan_without_pauses(scan):
+    """Feedback plans read RunState.refined while the scan runs; it must not wait for idle()."""
+    from event_model import compose_run
+
+    from bluesky_ptychopinn.devices import sim_beamline
+
+    bl = sim_beamline("cells")
+    live = LiveReconstruction("default", isolation="thread", batch_size=16, torch_threads=1,
+                              flush_after_s=60, publish_interval_s=0.05, refine_budget_s=1.0)
+    dx = bl.pixel_size_m
+    grid = np.stack(np.meshgrid(np.arange(12.0), np.arange(12.0), indexing="ij"), -1)
+    pos_m = (grid.reshape(-1, 2) - 5.5) * 5 * dx
+    pos_px = physics.stage_to_pixels(pos_m, dx, origin_px=bl.detector.sample_origin_px)
+    frames = np.asarray(physics.simulate_diffraction(bl.sample, bl.probe, pos_px, photons=1e6,
+                                                     seed=0).counts, dtype=np.float32)
+    run = compose_run(metadata={"ptycho": bl.ptycho_metadata()})
+    image, ky, kx = bl.detector.image_key, bl.stage.y.name, bl.stage.x.name
+    desc = run.compose_descriptor(name="primary", data_keys={
+        image: {"source": "sim", "dtype": "array", "shape": [64, 64]},
+        ky: {"source": "sim", "dtype": "number", "shape": []},
+        kx: {"source": "sim", "dtype": "number", "shape": []}})
+    live("start", run.start_doc)
+    live("descriptor", desc.descriptor_doc)
+    seen_refined = False
+    for k in range(len(frames)):  # events faster than flush_after_s: idle() never runs
+        live("event", desc.compose_event(
+            data={image: frames[k], ky: pos_m[k, 0], kx: pos_m[k, 1]},
+            timestamps=dict.fromkeys((image, ky, kx), 0.0)))
+        time.sleep(0.02)
+        state = live.latest()
+        seen_refined = seen_refined or (state is not None and state.refined is not None)
+    live("stop", run.compose_stop())
+    live.wait(timeout=60)
+    live.close()
+    assert seen_refined

@@ -336,6 +336,9 @@ class RunWorker:
             self.since_snapshot += int(good.sum())
             if self.since_snapshot >= self.settings.snapshot_every:
                 self._snapshot()
+            # During a scan without pauses idle() never runs: the refined image must reach
+            # the run state (and the derived run) from here too.
+            self._publish_refined()
 
     # -- derived run documents ---------------------------------------------------------------
     def _open_derived_run(self, start: dict) -> None:
