@@ -3,6 +3,7 @@ derived run's ``refined`` and ``final`` streams (real RunEngine, HDF5, Tiled ove
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -276,6 +277,9 @@ def test_a_refiner_waiting_for_the_network_image_idles_and_publishes_nothing(sca
     thread.add(counts, pos)
     time.sleep(0.5)
     assert calls["n"] < 10 and thread.latest is None  # no spinning, no blank "refined" image
+    if hasattr(os, "getpriority"):  # the refiner yields the cores to the RunEngine/network
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == os.getpriority(
+            os.PRIO_PROCESS, 0) + 10
     thread.finish(max_epochs=1, time_s=10.0)  # no more frames: it stops waiting and refines
     assert thread.done.wait(30) and thread.final is not None and thread.final.epochs >= 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 
@@ -33,14 +34,20 @@ class RefinerThread(threading.Thread):
         Refinement per slice, seconds.
     duty : float
         Fraction of wall time spent refining during the scan, (0, 1].
+    nice : int
+        Niceness added to this thread alone (Linux schedules threads separately), so that
+        when cores are short the RunEngine and the network preview run first and the
+        refinement takes what is left; 0 to leave it.
     """
 
     def __init__(self, refiner: StreamingRefiner, *, snapshot_interval_s: float = 0.5,
-                 slice_s: float = 0.05, duty: float = 0.5, name: str = "ptychopinn-refiner"):
+                 slice_s: float = 0.05, duty: float = 0.5, nice: int = 10,
+                 name: str = "ptychopinn-refiner"):
         super().__init__(name=name, daemon=True)
         if not 0 < duty <= 1:
             raise InvalidInputError(f"duty: expected a fraction in (0, 1], got {duty!r}")
         self.refiner = refiner
+        self.nice = int(nice)
         self.snapshot_interval_s, self.slice_s, self.duty = snapshot_interval_s, slice_s, duty
         self.latest: RefinedSnapshot | None = None
         self.last_frame_at = time.monotonic()
@@ -104,7 +111,17 @@ class RefinerThread(threading.Thread):
         self._published_epochs = refiner.epochs
         self.publish_s = time.perf_counter() - t0
 
+    def _lower_priority(self) -> None:
+        if not self.nice or not hasattr(os, "setpriority"):
+            return
+        try:  # PRIO_PROCESS with a thread id: this thread only (Linux)
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+        except OSError as exc:
+            logger.debug("refiner priority unchanged: %s", exc)
+
     def run(self) -> None:
+        self._lower_priority()
         refiner = self.refiner
         last_snapshot = time.monotonic()
         try:
