@@ -255,12 +255,26 @@ def test_frame_store_appends_in_chunks_and_reuses_freed_slots():
     store = FrameStore((4, 4), chunk_frames=8)
     frames = torch.arange(20 * 16, dtype=torch.float32).reshape(20, 4, 4)
     np.testing.assert_array_equal(store.append(frames[:13]), np.arange(13))
-    assert store.nbytes == 16 * 16 * 4  # two chunks of 8
+    assert store.nbytes == 16 * 16 * 2  # two chunks of 8, counts in 16 bits
     store.discard([0, 1, 2, 3, 4])
     np.testing.assert_array_equal(store.append(frames[13:18]), np.arange(13, 18))
-    assert store.nbytes == 16 * 16 * 4 and len(store) == 13  # freed slots reused, no new chunk
+    assert store.nbytes == 16 * 16 * 2 and len(store) == 13  # freed slots reused, no new chunk
     picked = np.array([[17, 5], [12, 13]])
     assert torch.equal(store.gather(picked), frames[picked.ravel()])
+
+
+def test_frame_store_keeps_counts_in_16_bits_losslessly_and_widens_when_it_must():
+    counts = torch.tensor([0.0, 1.0, 32767.0, 32768.0, 65535.0]).repeat(4, 1).reshape(2, 2, 5)
+    store = FrameStore((2, 5), chunk_frames=4)
+    store.append(counts)
+    assert store.dtype == torch.int16
+    assert torch.equal(store.gather(np.array([1, 0])), counts[[1, 0]])
+    odd = torch.full((1, 2, 5), 0.5)  # not a count: the store turns float32, nothing lost
+    big = torch.full((1, 2, 5), 70000.0)
+    store.append(odd)
+    store.append(big)
+    assert store.dtype == torch.float32
+    assert torch.equal(store.gather(np.arange(4)), torch.cat([counts, odd, big]))
 
 
 @pytest.mark.parametrize("pattern", ["fermat", "jittered_raster"])

@@ -59,6 +59,9 @@ __all__ = ["FrameStore", "QuadrantIndex", "GroupBatch"]
 CAP = 64
 """Nearest frames considered per anchor (the reference's k)."""
 
+_OFFSET = 32768
+"""16-bit counts are stored as ``count - _OFFSET`` (int16)."""
+
 _SELF = 1e-9
 """Distances at or below this are the anchor's own position: no quadrant neighbour."""
 
@@ -74,17 +77,27 @@ class FrameStore:
     left), so it is O(1) amortised and never copies stored frames; discarded frames free their
     slots for reuse, so memory follows the number of frames kept, not the number appended.
 
+    Photon counts are whole numbers and, on the detectors this package reads, below 2**16: such
+    frames are kept in 16 bits (as ``count - 32768`` in int16, which torch indexes; it has no
+    uint16 indexing), half of float32, losslessly. The first frame that is not (a fraction, or
+    a count above 65535) turns the store to float32 for good; the frames read back are the
+    same either way.
+
     Parameters
     ----------
     frame_shape : tuple of int
         Shape of one frame, e.g. ``(64, 64)``.
     chunk_frames : int
         Frames per allocation.
+    compact : bool
+        Start in 16 bits (False: float32 from the start).
     """
 
-    def __init__(self, frame_shape: tuple[int, ...], *, chunk_frames: int = 512) -> None:
+    def __init__(self, frame_shape: tuple[int, ...], *, chunk_frames: int = 512,
+                 compact: bool = True) -> None:
         self.frame_shape = tuple(int(s) for s in frame_shape)
         self.chunk_frames = int(chunk_frames)
+        self.dtype = torch.int16 if compact else torch.float32
         self._chunks: list[torch.Tensor] = []
         self._free: list[int] = []  # reusable slots, most recently freed last
         self._slot: dict[int, int] = {}  # stream index -> slot
@@ -100,20 +113,32 @@ class FrameStore:
         return sum(c.element_size() * c.nelement() for c in self._chunks)
 
     def append(self, frames: torch.Tensor) -> np.ndarray:
-        """Store ``frames`` (float32, (k, *frame_shape)); returns their stream indices."""
+        """Store ``frames`` ((k, *frame_shape), any real dtype); returns their stream
+        indices."""
         k = len(frames)
         indices = np.arange(self.n_appended, self.n_appended + k)
+        encoded = self._encode(frames.detach().to("cpu", torch.float32))
         reused = [self._free.pop() for _ in range(min(k, len(self._free)))]
         fresh = range(self._handed_out, self._handed_out + k - len(reused))
         self._handed_out += len(fresh)
         while len(self._chunks) * self.chunk_frames < self._handed_out:
             self._chunks.append(torch.empty((self.chunk_frames, *self.frame_shape),
-                                            dtype=torch.float32))
+                                            dtype=self.dtype))
         slots = np.asarray(reused + list(fresh), dtype=np.int64)
-        self._write(slots, frames)
+        self._write(slots, encoded)
         self._slot.update(zip(indices.tolist(), slots.tolist(), strict=True))
         self.n_appended += k
         return indices
+
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """``frames`` in the store's dtype, widening the store first if they need it."""
+        if self.dtype == torch.int16:
+            if (len(frames) == 0 or bool(((frames >= 0) & (frames <= 65535)
+                                          & (frames == frames.round())).all())):
+                return (frames - _OFFSET).to(torch.int16)
+            self._chunks = [c.to(torch.float32) + _OFFSET for c in self._chunks]
+            self.dtype = torch.float32
+        return frames
 
     def _write(self, slots: np.ndarray, frames: torch.Tensor) -> None:
         chunk, offset = np.divmod(slots, self.chunk_frames)
@@ -126,19 +151,22 @@ class FrameStore:
                 self._chunks[c][torch.from_numpy(off)] = frames[torch.from_numpy(sel)]
 
     def gather(self, indices: np.ndarray) -> torch.Tensor:
-        """(len(indices), *frame_shape) copy of the frames with these stream indices."""
+        """(len(indices), *frame_shape) float32 copy of the frames with these stream
+        indices."""
         flat = np.asarray(indices, dtype=np.int64).ravel()
         slots = np.fromiter((self._slot[i] for i in flat.tolist()), dtype=np.int64,
                             count=len(flat))
         chunk, offset = np.divmod(slots, self.chunk_frames)
         out = torch.empty((len(flat), *self.frame_shape), dtype=torch.float32)
-        used = np.unique(chunk)
-        if len(used) == 1:  # the usual case: straight into ``out``, no temporary copy
-            return torch.index_select(self._chunks[used[0]], 0, torch.from_numpy(offset),
-                                      out=out)
-        for c in used:
+        for c in np.unique(chunk):
             sel = np.flatnonzero(chunk == c)
-            out[torch.from_numpy(sel)] = self._chunks[c][torch.from_numpy(offset[sel])]
+            picked = torch.index_select(self._chunks[c], 0, torch.from_numpy(offset[sel]))
+            if len(sel) == len(flat):
+                out.copy_(picked)  # the usual case: one chunk, no scattered write
+            else:
+                out[torch.from_numpy(sel)] = picked.to(torch.float32)
+        if self.dtype == torch.int16:
+            out += _OFFSET
         return out
 
     def discard(self, indices) -> None:
