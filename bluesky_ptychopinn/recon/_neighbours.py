@@ -228,6 +228,19 @@ class GroupBatch:
     retired: np.ndarray
 
 
+def _nearest_first(d: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Row-wise order by distance, the newer frame first among equal distances.
+
+    A plain sort, then a two-key sort only for the rows where two finite distances tie (a
+    raster's symmetric neighbours, repeated positions): np.lexsort costs ~10x np.argsort."""
+    order = np.argsort(d, axis=1)
+    ds = np.take_along_axis(d, order, axis=1)
+    tied = ((ds[:, 1:] == ds[:, :-1]) & np.isfinite(ds[:, 1:])).any(axis=1)
+    if tied.any():
+        order[tied] = np.lexsort((-ids[tied], d[tied]), axis=1)
+    return order
+
+
 def _code(cells: np.ndarray) -> np.ndarray:
     """One int64 per (row, column) cell, so cells sort and hash as scalars."""
     return (cells[..., 0] << 32) + (cells[..., 1] & 0xFFFFFFFF)
@@ -434,14 +447,12 @@ class QuadrantIndex:
         repeated[rows] |= (same_place & (entries[..., _ID] != anchor_id[:, None])).any(axis=1)
         # the reference's distance (cKDTree: root of the summed squares), so ties tie alike
         d = np.where(valid, np.sqrt(delta[..., 0] ** 2 + delta[..., 1] ** 2), np.inf)
-        # Nearest first, the newer frame first among equal distances.
-        order = np.lexsort((-entries[..., _ID], d), axis=1)
+        order = _nearest_first(d, entries[..., _ID])
         d = np.take_along_axis(d, order, axis=1)
-        entries = np.take_along_axis(entries, order[..., None], axis=1)
-        delta = np.take_along_axis(delta, order[..., None], axis=1)
-        cid = entries[..., _ID]
+        cid = np.take_along_axis(entries[..., _ID], order, axis=1)
+        weight = np.take_along_axis(entries[..., _WEIGHT], order, axis=1)
         allowed = (d <= self.radius) & (cid <= anchor_id[:, None])
-        cum = np.cumsum(np.where(allowed, entries[..., _WEIGHT], 0), axis=1)
+        cum = np.cumsum(np.where(allowed, weight, 0), axis=1)
         reach = cum >= self.cap
         has_cap = reach.any(axis=1)
         n = len(rows)
@@ -451,7 +462,14 @@ class QuadrantIndex:
         decided = np.minimum(d_cap, self.radius) <= coverage * (1 - 1e-12)
         if coverage >= self.radius:
             decided[:] = True
-        cand = allowed & (entries[..., _LIVE] > 0) & (d <= d_cap[:, None])
+        # Only the sorted prefix up to d_cap can be chosen: carry just those columns on.
+        within = d <= d_cap[:, None]
+        width = max(int(within.sum(axis=1).max()), 1)
+        order, d, within, allowed = (a[:, :width] for a in (order, d, within, allowed))
+        entries = np.take_along_axis(entries, order[..., None], axis=1)
+        delta = entries[..., _Y : _X + 1] - anchor_pos[:, None, :]
+        cid = entries[..., _ID]
+        cand = allowed & (entries[..., _LIVE] > 0) & within
         quadrant = 2 * (delta[..., 0] >= 0) + (delta[..., 1] >= 0)  # TL, TR, BL, BR = 0..3
         usable = cand & (d > _SELF)
         col = np.full((n, 4), -1, dtype=np.int64)
