@@ -2,11 +2,12 @@
 engine, the path every live frame takes, plus the bare network for reference.
 
     .venv/bin/python bench/inference.py [--threads 2] [--batch 256] [--frames 4096]
-    .venv/bin/python bench/inference.py --scaling [--points 1000 10000 100000]
+    .venv/bin/python bench/inference.py --scaling [--points 1000 10000 30000 100000]
 
 ``--scaling`` instead measures how the engine's cost per frame evolves along one long scan:
-frames/s over a window of batches and the process RSS at each point (1k, 10k, 100k frames), for
-the engine and, up to ``--old-up-to`` frames, for the full-history path it replaced. Each engine
+frames/s over a window of batches and the process RSS at each point (1k, 10k, 30k, 100k
+frames), for the engine and, up to ``--old-up-to`` frames (30k), for the full-history path it
+replaced. Each engine
 streams in its own process, so one's memory does not show in the other's RSS. The result goes
 into the ``scaling`` entry of bench/results/inference.json; the other entries are kept.
 """
@@ -47,12 +48,13 @@ def main() -> None:
                         help="cpu or cuda (bf16 autocast, channels_last)")
     parser.add_argument("--scaling", action="store_true",
                         help="frames/s and RSS at --points frames along one long scan")
-    parser.add_argument("--points", type=int, nargs="+", default=[1_000, 10_000, 100_000])
-    parser.add_argument("--window", type=int, default=1536,
+    parser.add_argument("--points", type=int, nargs="+",
+                        default=[1_000, 10_000, 30_000, 100_000])
+    parser.add_argument("--window", type=int, default=2048,
                         help="frames timed at each point (--scaling)")
     parser.add_argument("--unique", type=int, default=4096,
                         help="distinct simulated frames, reused along the scan (--scaling)")
-    parser.add_argument("--old-up-to", type=int, default=10_000,
+    parser.add_argument("--old-up-to", type=int, default=30_000,
                         help="largest point measured for the full-history path (--scaling)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per engine, alternating; the fastest counts (--scaling)")
