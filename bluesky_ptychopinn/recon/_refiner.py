@@ -32,6 +32,7 @@ from ..errors import InvalidInputError
 from ._options import PIEOptions
 from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe
 from ._residual import amplitude_residual, place_on_canvas
+from ._streaming import ObjectParts
 
 __all__ = ["RefinedSnapshot", "StreamingRefiner", "START_CHOICES", "probe_from_frames"]
 
@@ -44,7 +45,7 @@ _CHUNK = 1024  # frames per block of the amplitude store
 
 
 @dataclass
-class RefinedSnapshot:
+class RefinedSnapshot(ObjectParts):
     """The refined state at one moment.
 
     Attributes
@@ -95,14 +96,6 @@ class RefinedSnapshot:
         if math.isfinite(self.network_residual) and not self.network_residual > self.residual:
             return "network"
         return "refined"
-
-    @property
-    def amplitude(self) -> np.ndarray:
-        return np.abs(self.object).astype(np.float32)
-
-    @property
-    def phase(self) -> np.ndarray:
-        return np.angle(self.object).astype(np.float32)
 
 
 class _AmplitudeStore:

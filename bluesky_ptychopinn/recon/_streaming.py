@@ -48,8 +48,22 @@ def default_crop(frame_size: int) -> int:
     return max(1, (3 * frame_size) // 8)
 
 
+class ObjectParts:
+    """``amplitude`` and ``phase`` (float32) of a snapshot's complex ``object``."""
+
+    object: np.ndarray
+
+    @property
+    def amplitude(self) -> np.ndarray:
+        return np.abs(self.object).astype(np.float32)
+
+    @property
+    def phase(self) -> np.ndarray:
+        return np.angle(self.object).astype(np.float32)
+
+
 @dataclass
-class Snapshot:
+class Snapshot(ObjectParts):
     """The stitched state at one moment.
 
     Attributes
@@ -75,14 +89,6 @@ class Snapshot:
     n_frames: int
     origin_px: tuple[float, float]
     stats: dict = field(default_factory=dict)
-
-    @property
-    def amplitude(self) -> np.ndarray:
-        return np.abs(self.object).astype(np.float32)
-
-    @property
-    def phase(self) -> np.ndarray:
-        return np.angle(self.object).astype(np.float32)
 
 
 class StreamingReconstructor:
