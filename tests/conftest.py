@@ -15,3 +15,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def device(request) -> str:
     """Every physics test runs on the CPU, and on CUDA too when a GPU is present."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """A real Tiled server over HTTP on 127.0.0.1 (one per test module), allowed to read the
+    HDF5 files a simulated detector writes under ``server.detector_dir``."""
+    from bluesky_ptychopinn.catalog import EmbeddedTiled
+
+    root = tmp_path_factory.mktemp("tiled")
+    with EmbeddedTiled(root / "catalog", readable=[root / "detector"]) as server:
+        server.detector_dir = root / "detector"
+        yield server

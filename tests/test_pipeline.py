@@ -14,18 +14,10 @@ from bluesky_tiled_plugins import TiledWriter
 from tiled.queries import Key
 
 from bluesky_ptychopinn.callbacks import LiveReconstruction
-from bluesky_ptychopinn.catalog import EmbeddedTiled, TiledUnavailableError, connect, replay_run
+from bluesky_ptychopinn.catalog import TiledUnavailableError, connect, replay_run
 from bluesky_ptychopinn.devices import sim_beamline
 from bluesky_ptychopinn.models import ModelRegistry
 from bluesky_ptychopinn.plans import ptycho_scan, ptycho_scan_with_feedback
-
-
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiled")
-    with EmbeddedTiled(root / "catalog", readable=[root / "detector"]) as server:
-        server.detector_dir = root / "detector"
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from bluesky_tiled_plugins import TiledWriter
 from bluesky_ptychopinn import physics
 from bluesky_ptychopinn.callbacks import LiveReconstruction
 from bluesky_ptychopinn.callbacks._run_probe import resolve_run_probe
-from bluesky_ptychopinn.catalog import EmbeddedTiled
 from bluesky_ptychopinn.devices import sim_beamline
 from bluesky_ptychopinn.errors import InvalidInputError
 from bluesky_ptychopinn.io import ProbeLibrary
@@ -188,14 +187,6 @@ def test_run_probe_resolution_order(tmp_path):
     single = {"training_probes": [{"name": "pinhole"}]}
     probe, info = resolve_run_probe({}, single, size, dx, energy, library=library)
     assert info["source"] == "probe model: pinhole"
-
-
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiled-refine")
-    with EmbeddedTiled(root / "catalog", readable=[root / "detector"]) as server:
-        server.detector_dir = root / "detector"
-        yield server
 
 
 @pytest.mark.parametrize("isolation", ["thread", "process"])

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..physics import scatter_patches
 
-__all__ = ["StitchCanvas"]
+__all__ = ["StitchCanvas", "growth_pads"]
+
+
+def growth_pads(local: np.ndarray, shape: tuple[int, int], frame_size: int
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Pixels to add before and after each axis so that every patch at canvas positions
+    ``local`` (n, 2) fits a canvas of ``shape``; None when it already fits.
+
+    A side that must grow grows by a frame more than needed, so a scan drifting outwards
+    does not reallocate every batch.
+    """
+    half = frame_size / 2
+    lo = np.floor(local.min(axis=0) - half - 1)
+    hi = np.ceil(local.max(axis=0) + half + 2)
+    pad_lo = np.maximum(-lo, 0).astype(int)
+    pad_hi = np.maximum(hi - np.asarray(shape), 0).astype(int)
+    if not (pad_lo.any() or pad_hi.any()):
+        return None
+    return (np.where(pad_lo > 0, pad_lo + frame_size, 0),
+            np.where(pad_hi > 0, pad_hi + frame_size, 0))
 
 
 class StitchCanvas:

@@ -29,6 +29,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ..errors import InvalidInputError
+from ._canvas import growth_pads
 from ._options import PIEOptions
 from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe
 from ._residual import amplitude_residual, place_on_canvas
@@ -295,6 +296,12 @@ class StreamingRefiner:
             self._seed = (np.asarray(obj), np.asarray(weight), tuple(origin_px))
 
     @property
+    def seed(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float]] | None:
+        """The latest :meth:`offer_seed` (object, weight, origin), or None; thread-safe."""
+        with self._lock:
+            return self._seed
+
+    @property
     def n_frames(self) -> int:
         return self._store.n
 
@@ -307,8 +314,7 @@ class StreamingRefiner:
         if self.start is not None or self.start_choice not in ("auto", "network",
                                                                 "network_highpass"):
             return False
-        with self._lock:
-            seeded = self._seed is not None
+        seeded = self.seed is not None
         return not seeded and frames < self.wait_for_seed_frames
 
     @property
@@ -326,17 +332,11 @@ class StreamingRefiner:
     # -- canvas ------------------------------------------------------------------------------
     def _canvas(self, positions: np.ndarray) -> np.ndarray:
         """Canvas coordinates of ``positions``, growing the canvas (with ones) if needed."""
-        half = self.frame_size / 2
         local = positions - self.origin
-        lo = np.floor(local.min(axis=0) - half - 1)
-        hi = np.ceil(local.max(axis=0) + half + 2)
         shape = np.array(self.obj.shape)
-        pad_lo = np.maximum(-lo, 0).astype(int)
-        pad_hi = np.maximum(hi - shape, 0).astype(int)
-        if pad_lo.any() or pad_hi.any():
-            # Grow by a frame more than needed so a drifting scan does not regrow every batch.
-            pad_lo = np.where(pad_lo > 0, pad_lo + self.frame_size, 0)
-            pad_hi = np.where(pad_hi > 0, pad_hi + self.frame_size, 0)
+        pads = growth_pads(local, tuple(shape), self.frame_size)
+        if pads is not None:
+            pad_lo, pad_hi = pads
             new = torch.ones(tuple(shape + pad_lo + pad_hi), dtype=self.obj.dtype,
                              device=self.device)
             new[pad_lo[0] : pad_lo[0] + shape[0], pad_lo[1] : pad_lo[1] + shape[1]] = self.obj
@@ -376,8 +376,7 @@ class StreamingRefiner:
     def _candidates(self) -> dict[str, torch.Tensor]:
         shape = tuple(self.obj.shape)
         candidates = {"flat": torch.ones(shape, dtype=torch.complex64, device=self.device)}
-        with self._lock:
-            seed = self._seed
+        seed = self.seed
         if seed is None or self.start_choice == "flat":
             return candidates
         obj, weight, origin = seed

@@ -97,8 +97,7 @@ class RefinerThread(threading.Thread):
         snap = refiner.snapshot()
         if snap.n_frames:
             snap.residual = refiner.own_residual(max_frames=self.residual_frames)
-            with refiner._lock:
-                seed = refiner._seed
+            seed = refiner.seed
             if seed is not None:
                 stale = (seed is not self._scored_seed or time.monotonic() - self._scored_at
                          > 2 * self.snapshot_interval_s)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from ._canvas import StitchCanvas
+from ._canvas import StitchCanvas, growth_pads
 from ._neighbours import FrameStore, QuadrantIndex
 
 __all__ = ["Snapshot", "StreamingReconstructor", "stitch_window"]
@@ -193,17 +193,10 @@ class StreamingReconstructor:
 
     def _ensure_fits(self, positions: np.ndarray) -> np.ndarray:
         """Canvas coordinates of ``positions``, growing the canvas (by padding) if needed."""
-        half = self.frame_size / 2
         local = positions - self.origin
-        lo = np.floor(local.min(axis=0) - half - 1)
-        hi = np.ceil(local.max(axis=0) + half + 2)
-        height, width = self._canvases[self.crop].shape
-        pad_lo = np.maximum(-lo, 0).astype(int)
-        pad_hi = np.maximum(hi - np.array([height, width]), 0).astype(int)
-        if pad_lo.any() or pad_hi.any():
-            # Grow generously so a scan drifting outwards does not reallocate every batch.
-            pad_lo = np.where(pad_lo > 0, pad_lo + self.frame_size, 0)
-            pad_hi = np.where(pad_hi > 0, pad_hi + self.frame_size, 0)
+        pads = growth_pads(local, self._canvases[self.crop].shape, self.frame_size)
+        if pads is not None:
+            pad_lo, pad_hi = pads
             pads = (int(pad_lo[1]), int(pad_hi[1]), int(pad_lo[0]), int(pad_hi[0]))
             for canvas in self._canvases.values():
                 canvas.pad(pads)
