@@ -21,41 +21,10 @@ import torch
 
 
 def build(data, engine: str):
-    import ptychi.api as api
-    from ptychi.api.task import PtychographyTask
+    """One-epoch task (``run(1)`` advances it an epoch), probe refined for blind scans."""
+    from _ptychi_runner import build_task  # bench/ is on sys.path: this script's folder
 
-    frames = data["diffraction"].astype(np.float32)
-    probe = data["probe"].astype(np.complex64)  # (M, N, N), unit norm
-    positions = data["positions_px"].astype(np.float64) - 0.5  # see bench/_ptychi_runner.py
-    height, width = (int(v) for v in data["object_shape"])
-    options = {"rpie": api.RPIEOptions, "lsqml": api.LSQMLOptions}[engine]()
-    options.data_options.fft_shift = True
-    options.data_options.free_space_propagation_distance_m = float("inf")
-    options.object_options.pixel_size_m = float(data["pixel_size_m"])
-    options.object_options.optimizable = True
-    options.object_options.determine_position_origin_coords_by = (
-        api.ObjectPosOriginCoordsMethods.SPECIFIED
-    )
-    options.object_options.position_origin_coords = np.zeros(2)
-    photons = frames.reshape(len(frames), -1).sum(1).mean()
-    n = frames.shape[-1]
-    probe_scaled = probe * np.sqrt(photons / n**2)
-    options.probe_options.optimizable = bool(data["probe_update"])
-    options.probe_position_options.optimizable = False
-    options.reconstructor_options.num_epochs = 1
-    options.reconstructor_options.batch_size = 16 if engine != "lsqml" else 64
-    options.reconstructor_options.default_device = api.Devices.CPU
-    options.reconstructor_options.random_seed = 0
-    if engine == "rpie":
-        options.object_options.step_size = 1.0
-    return PtychographyTask(
-        options,
-        diffraction_data=frames,
-        object_data=np.ones((1, height, width), dtype=np.complex64),
-        probe_data=probe_scaled[None],
-        probe_position_y_px=positions[:, 0],
-        probe_position_x_px=positions[:, 1],
-    )
+    return build_task(data, engine, epochs=1, probe_update=bool(data["probe_update"]))
 
 
 def main(src: str, dst: str, engine: str, budget_s: float, max_epochs: int = 2000) -> None:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 
-def main(src: str, dst: str, engine: str, epochs: int) -> None:
+def build_task(data, engine: str, epochs: int, probe_update: bool = False):
+    """A pty-chi ``PtychographyTask`` for the NPZ ``data`` in this project's conventions."""
     import ptychi.api as api
     from ptychi.api.task import PtychographyTask
 
-    data = np.load(src)
     frames = data["diffraction"].astype(np.float32)
     probe = data["probe"].astype(np.complex64)  # (M, N, N), unit norm
     # pty-chi's pixel-index positions put a probe centre half a pixel lower than ours (its patch
@@ -27,7 +27,6 @@ def main(src: str, dst: str, engine: str, epochs: int) -> None:
     # the FRC of pty-chi's result against the truth (0.87 -> 0.97 phase FRC-AUC for rPIE).
     positions = data["positions_px"].astype(np.float64) - 0.5
     height, width = (int(v) for v in data["object_shape"])
-    torch.set_num_threads(int(data["threads"]))
     options = {
         "epie": api.EPIEOptions, "rpie": api.RPIEOptions, "lsqml": api.LSQMLOptions,
     }[engine]()
@@ -44,7 +43,7 @@ def main(src: str, dst: str, engine: str, epochs: int) -> None:
     photons = frames.reshape(len(frames), -1).sum(1).mean()
     n = frames.shape[-1]
     probe_scaled = probe * np.sqrt(photons / n**2)
-    options.probe_options.optimizable = False
+    options.probe_options.optimizable = bool(probe_update)
     options.probe_position_options.optimizable = False
     options.reconstructor_options.num_epochs = epochs
     options.reconstructor_options.batch_size = 16 if engine != "lsqml" else 64
@@ -52,7 +51,7 @@ def main(src: str, dst: str, engine: str, epochs: int) -> None:
     options.reconstructor_options.random_seed = 0
     if engine in ("epie", "rpie"):
         options.object_options.step_size = 1.0
-    task = PtychographyTask(
+    return PtychographyTask(
         options,
         diffraction_data=frames,
         object_data=np.ones((1, height, width), dtype=np.complex64),
@@ -60,6 +59,12 @@ def main(src: str, dst: str, engine: str, epochs: int) -> None:
         probe_position_y_px=positions[:, 0],
         probe_position_x_px=positions[:, 1],
     )
+
+
+def main(src: str, dst: str, engine: str, epochs: int) -> None:
+    data = np.load(src)
+    torch.set_num_threads(int(data["threads"]))
+    task = build_task(data, engine, epochs)
     start = time.perf_counter()
     task.run()
     seconds = time.perf_counter() - start
