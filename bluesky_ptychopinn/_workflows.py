@@ -85,13 +85,9 @@ def score_against(recon: np.ndarray, truth: np.ndarray, weight: np.ndarray | Non
     ``register`` (default True) undoes a sub-pixel shift first, see
     :func:`~bluesky_ptychopinn.metrics.compare_objects`.
     """
-    from .metrics import compare_objects
+    from .metrics import compare_objects, covered_box
 
-    box = (slice(None), slice(None))
-    if weight is not None:
-        covered = weight > 0.3 * weight.max()
-        rows, cols = np.nonzero(covered)
-        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    box = covered_box(weight) if weight is not None else (slice(None), slice(None))
     return compare_objects(recon[box], truth[box], taper_px=taper_px, register=register)
 
 

@@ -46,7 +46,7 @@ def run_demo(
     from .catalog import EmbeddedTiled
     from .devices import sim_beamline
     from .figures import demo_figure
-    from .metrics import compare_objects
+    from .metrics import compare_objects, covered_box
     from .plans import ptycho_scan_with_feedback
 
     console = console or Console()
@@ -109,8 +109,7 @@ def run_demo(
         inside_c = (ci >= 0) & (ci < bl.sample.shape[1])
         truth = np.ones_like(recon)
         truth[np.ix_(inside, inside_c)] = bl.sample[np.ix_(ri[inside], ci[inside_c])]
-        covered = weight > 0.3 * weight.max()
-        box = _bounding_box(covered)
+        box = covered_box(weight)
 
         def phase_auc(image: np.ndarray) -> float:
             return float(compare_objects(image[box], truth[box], taper_px=8)
@@ -173,13 +172,6 @@ def _quality_vs_time(derived, stream: str, score, t0: float) -> tuple[list, list
     amplitude, phase = node["object_amplitude"].read(), node["object_phase"].read()
     scores = [score(amplitude[i] * np.exp(1j * phase[i])) for i in range(len(times))]
     return (times - t0).tolist(), scores
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
-    rows, cols = np.nonzero(mask)
-    if not len(rows):
-        return slice(None), slice(None)
-    return slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
 
 
 def _stage_to_canvas(ys, xs, dx, origin_px) -> np.ndarray:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bluesky_ptychopinn import physics  # noqa: E402
-from bluesky_ptychopinn.metrics import compare_objects  # noqa: E402
+from bluesky_ptychopinn.metrics import compare_objects, covered_box  # noqa: E402
 from bluesky_ptychopinn.models import ModelRegistry  # noqa: E402
 from bluesky_ptychopinn.recon import (  # noqa: E402
     PIEOptions,
@@ -107,8 +107,7 @@ def main() -> None:
         recon.flush()
         residuals = chooser.choose(recon, probe)
         weight = recon.snapshot(max(recon.crop_candidates)).weight
-        rr, cc = np.nonzero(weight > 0.3 * weight.max())
-        box = (slice(rr.min(), rr.max() + 1), slice(cc.min(), cc.max() + 1))
+        box = covered_box(weight)
         aucs = {c: compare_objects(recon.snapshot(c).object[box], obj[box], taper_px=8)
                 ["frc_auc_0.5_phase"] for c in recon.crop_candidates}
         best = max(aucs, key=aucs.get)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bluesky_ptychopinn import physics  # noqa: E402
-from bluesky_ptychopinn.metrics import compare_objects  # noqa: E402
+from bluesky_ptychopinn.metrics import compare_objects, covered_box  # noqa: E402
 from bluesky_ptychopinn.models import ModelRegistry  # noqa: E402
 from bluesky_ptychopinn.recon import (  # noqa: E402
     PIEOptions,
@@ -89,9 +89,7 @@ def main() -> None:
         recon = StreamingReconstructor(model, object_shape=obj.shape)
         recon.add(counts, pos)
         snap = recon.finish()
-        covered = snap.weight > 0.3 * snap.weight.max()
-        rr, cc = np.nonzero(covered)
-        box = (slice(rr.min(), rr.max() + 1), slice(cc.min(), cc.max() + 1))
+        box = covered_box(snap.weight)
 
         def score(image, box=box, obj=obj):
             return compare_objects(image[box], obj[box], taper_px=8)["frc_auc_0.5_phase"]

@@ -30,6 +30,7 @@ from ._image import nrmse, psnr, ssim
 from ._preprocess import (
     align_global_phase,
     apply_shift,
+    covered_box,
     crop_edges,
     fit_phase_plane,
     register_shift,
@@ -44,6 +45,7 @@ __all__ = [
     "align_global_phase",
     "apply_shift",
     "compare_objects",
+    "covered_box",
     "crop_edges",
     "fit_phase_plane",
     "frc",

@@ -362,3 +362,13 @@ def crop_edges(image: np.ndarray, crop_px: int) -> np.ndarray:
         raise InvalidInputError(f"crop_px: cropping {crop_px} px from each edge leaves nothing "
                                 f"of an image of shape {image.shape}")
     return image[crop_px:-crop_px, crop_px:-crop_px]
+
+
+def covered_box(weight: np.ndarray, fraction: float = 0.3) -> tuple[slice, slice]:
+    """Bounding box of the pixels whose coverage ``weight`` exceeds ``fraction`` of its
+    maximum: where a stitched reconstruction is worth scoring. The whole image when nothing
+    is covered."""
+    rows, cols = np.nonzero(weight > fraction * float(np.max(weight)))
+    if not len(rows):
+        return slice(None), slice(None)
+    return slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)

@@ -125,12 +125,11 @@ class CropChooser:
     @staticmethod
     def _agreement(recon: StreamingReconstructor, reference: np.ndarray,
                    reference_origin: tuple[float, float]):
-        from ..metrics import compare_objects
+        from ..metrics import compare_objects, covered_box
 
         weight = recon.snapshot(max(recon.crop_candidates)).weight
         placed = place_on_canvas(reference, reference_origin, weight.shape, tuple(recon.origin))
-        rows, cols = np.nonzero(weight > 0.3 * weight.max())
-        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+        box = covered_box(weight)
 
         def score(snap: Snapshot) -> float:
             if min(snap.object[box].shape) < 16:
