@@ -26,22 +26,23 @@ a. **network alone**: the shipped ``default`` model through ``StreamingReconstru
    (batch 256); its one image appears when the whole scan has been through it.
 b. **rPIE, flat start**: ``StreamingRefiner(start="flat")`` (batch 16, the live engine's
    refiner settings; probe refined only where it is unknown, scan B), scored after each slice.
-c. **hybrid**: (a), then the refiner with ``start="auto"`` (one trial pass each of flat /
-   network / network high-pass, the lowest Fourier residual continues), in the same process
-   and thread, one after the other. At each time point the estimate *shown* is the one of
-   network and refined with the lower Fourier-magnitude residual on the same frames
-   (``StreamingRefiner.own_residual`` / ``residual_of``, no truth), as the live engine's
-   ``best``; those residual evaluations are counted in the hybrid's time. This is the
-   equal-cores comparison: one thread, like (a), (b) and pty-chi.
+c. **hybrid, one core**: both engines in one thread. The refiner (``start="auto"``) starts
+   flat at t = 0; between its slices the network takes a chunk of 128 frames until the scan
+   has been through it, and each network image is offered; the first is weighed against the
+   refined state as it stands (one trial pass each over a fixed 256-frame sample; the refiner
+   restarts from a network candidate only if it explains the frames better). At each time
+   point the estimate *shown* is the one of network and refined with the lower
+   Fourier-magnitude residual on the same frames (``StreamingRefiner.own_residual`` /
+   ``residual_of``, no truth), as the live engine's ``best``; those residual evaluations count
+   in the hybrid's time. The equal-cores comparison: one thread, like (a), (b) and pty-chi; it
+   pays for the network out of the refiner's core.
 c2. **hybrid, concurrent**: the live engine's arrangement, on **2 cores** (one per engine, as
-   the live engine runs them). At t = 0 a ``RefinerThread(StreamingRefiner(..., start="auto",
-   wait_for_seed_frames=n + 1), duty=1.0, snapshot_interval_s=0.25)`` is started; the main
-   thread runs the network over the frames in chunks of 128 (``StreamingReconstructor.add``,
-   batch 128), offers each stitched image (``offer_seed``) and shows it; the refiner gets every
-   frame right after the first offer (so its start trial includes the network; handed over at
-   t = 0 they would leave its thread spinning on the GIL until the seed came, see
-   ``run_hybrid_concurrent``). What is shown is sampled every 0.1 s (and after each network
-   image): the refined snapshot ``RefinerThread.latest`` where its ``best`` is ``"refined"``,
+   the live engine runs them). At t = 0 a ``RefinerThread(StreamingRefiner(..., start="auto"),
+   duty=1.0, snapshot_interval_s=0.25)`` gets every frame and starts flat; the main thread
+   runs the network over the frames in chunks of 128 (``StreamingReconstructor.add``, batch
+   128), offers each stitched image (``offer_seed``, the first weighed as in (c)) and shows it.
+   What is shown is sampled every 0.1 s (and after each network image): the refined snapshot
+   ``RefinerThread.latest`` where its ``best`` is ``"refined"``,
    else the latest network image; the refiner's publishes (snapshot and both residuals) run in
    its thread and count in the wall time, the samples are scored after the run.
 d. **pty-chi** LSQML and rPIE (``bench/_ptychi_quality.py`` in ``.venv-bench``, NPZ
@@ -72,7 +73,7 @@ reports amplitude and phase only). The targets use the complex one.
 Live latency: scan A's 1,000 frames arrive at 200 frames/s (pages of 16) and go through the
 live worker's steps (``callbacks/_worker.py`` defaults) in the main thread: network batches of
 64; after each, the network image is offered while the refiner has not started and the batch
-goes to a ``RefinerThread`` (duty 0.5, start auto, ``wait_for_seed_frames=128``) beside it;
+goes to a ``RefinerThread`` (duty 0.5, start auto: flat at once) beside it;
 every 128 frames the network image is offered again. After the last frame the rest is flushed,
 its final object offered, ``finish(time_s=5, tol=1e-3)`` (the live defaults) called, and the
 seconds from the last frame to ``RefinerThread.final`` measured, with its FRC-AUC. Two threads
@@ -340,58 +341,68 @@ def run_rpie_flat(model, scan: Scan, budget_s: float) -> dict:
     return {"points": points, "seconds": clock.total}
 
 
-def run_hybrid(model, scan: Scan, budget_s: float) -> dict:
+def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128) -> dict:
+    """(c): both engines in one thread, on one core. The refiner starts flat at t = 0; between
+    its slices the network takes one chunk of ``chunk`` frames until the scan has been through
+    it (each engine gets about half the core while both run), and each new network image is
+    offered (``offer_seed``): the first is weighed against the refined state at the next slice
+    (``StreamingRefiner.reconsider``). At each time point the estimate shown is the one with the
+    lower Fourier-magnitude residual (the live engine's ``best``); those evaluations count."""
     clock = Clock()
-    net = network_image(model, scan, clock)
-    net_obj = on_truth_grid(net.object, net.origin_px, scan.truth.shape)
-    net_score = score(net_obj, scan)
-    points = [{"t": clock.total, "shown": "network", **net_score}]
     with clock:
         refiner = StreamingRefiner(scan.probe_start, object_shape=scan.truth.shape,
                                    options=refiner_options(scan), start="auto")
         refiner.add(scan.frames, scan.positions)
-        refiner.offer_seed(net.object, net.weight, net.origin_px)
+        recon = StreamingReconstructor(model, object_shape=scan.truth.shape,
+                                       batch_size=chunk, device="cpu")
+    points, net, net_score, done = [], None, None, 0
+    n = len(scan.frames)
     for piece in slices():
         with clock:
             refiner.step(piece)
+            if done < n:
+                recon.add(scan.frames[done : done + chunk], scan.positions[done : done + chunk])
+                done += chunk
+                net = recon.finish() if done >= n else recon.snapshot()
+                refiner.offer_seed(net.object, net.weight, net.origin_px)
             own = refiner.own_residual()
-            other = refiner.residual_of(net.object, net.origin_px)
-        if not other > own:  # the live engine's RefinedSnapshot.best
+            other = refiner.residual_of(net.object, net.origin_px) if net is not None \
+                else math.inf
+        if net is not None and not other > own:  # the live engine's RefinedSnapshot.best
+            if net_score is None or net_score[0] is not net:
+                net_score = (net, score(on_truth_grid(net.object, net.origin_px,
+                                                      scan.truth.shape), scan))
             points.append({"t": clock.total, "shown": "network", "residual": own,
-                           "network_residual": other, "epochs": refiner.epochs, **net_score})
+                           "network_residual": other, "epochs": refiner.epochs,
+                           "network_frames": net.n_frames, **net_score[1]})
         else:
             snap = refiner.snapshot()
             obj = on_truth_grid(snap.object, snap.origin_px, scan.truth.shape)
             points.append({"t": clock.total, "shown": "refined", "residual": own,
                            "network_residual": other, "epochs": snap.epochs,
+                           "network_frames": net.n_frames if net is not None else 0,
                            **score(obj, scan)})
         if clock.total >= budget_s:
             break
     return {"points": points, "seconds": clock.total, "start": refiner.start,
-            "start_residuals": dict(refiner.start_residuals)}
+            "start_residuals": dict(refiner.start_residuals),
+            "reconsiderations": refiner.reconsiderations, "chunk": chunk}
 
 
 def run_hybrid_concurrent(model, scan: Scan, budget_s: float, chunk: int = 128,
                           poll_s: float = 0.1, publish_s: float = 0.25) -> dict:
     """(c2): the live engine's arrangement, network and refiner side by side in two threads.
 
-    A ``RefinerThread`` (duty 1, ``start="auto"``, ``wait_for_seed_frames`` one more than the
-    scan has: the refiner stops waiting once that many frames are in, and here all are in at
-    once) is started at t = 0; the main thread runs the network over the frames in chunks of
-    ``chunk``, offering each new stitched image, and hands the refiner every frame right after
-    the first offer, so that its start trial includes the network. (Handed over at t = 0, the
-    frames would leave the refiner thread spinning until the seed came: ``RefinerThread.run``
-    only sleeps while the refiner is not ``ready``, and a refiner waiting for its seed is ready,
-    so ``step`` returns at once in a loop that holds the GIL and, with duty 1, never rests; the
-    first network chunk then took several times longer. The refiner can do nothing before the
-    seed either way, so the handover at the first offer changes no computation.) A
-    third, sleeping thread polls every ``poll_s`` and records what would be shown: the refined
-    snapshot (:attr:`RefinerThread.latest`) when its ``best`` is ``"refined"``, else the latest
-    network image. Only references are kept while the clock runs; everything is scored after.
+    A ``RefinerThread`` (duty 1, ``start="auto"``) gets every frame at t = 0 and starts flat at
+    once; the main thread runs the network over the frames in chunks of ``chunk``, offering
+    each new stitched image (the first is weighed against the refined state as it stands,
+    ``StreamingRefiner.reconsider``). A third, sleeping thread polls every ``poll_s`` and
+    records what would be shown: the refined snapshot (:attr:`RefinerThread.latest`) when its
+    ``best`` is ``"refined"``, else the latest network image. Only references are kept while
+    the clock runs; everything is scored after.
     """
     refiner = StreamingRefiner(scan.probe_start, object_shape=scan.truth.shape,
-                               options=refiner_options(scan), start="auto",
-                               wait_for_seed_frames=len(scan.frames) + 1)
+                               options=refiner_options(scan), start="auto")
     thread = RefinerThread(refiner, snapshot_interval_s=publish_s, duty=1.0)
     network: list = [None]  # the latest network image (a Snapshot)
     samples: list = []  # (t, kind, snapshot, frames through the network)
@@ -422,7 +433,8 @@ def run_hybrid_concurrent(model, scan: Scan, budget_s: float, chunk: int = 128,
 
     watcher = threading.Thread(target=sampler, name="quality-sampler", daemon=True)
     t0 = time.perf_counter()
-    thread.start()  # sleeps until it has frames
+    thread.add(scan.frames, scan.positions)
+    thread.start()
     watcher.start()
     recon = StreamingReconstructor(model, object_shape=scan.truth.shape, batch_size=chunk,
                                    device="cpu")
@@ -431,10 +443,6 @@ def run_hybrid_concurrent(model, scan: Scan, budget_s: float, chunk: int = 128,
         recon.add(scan.frames[lo : lo + chunk], scan.positions[lo : lo + chunk])
         snap = recon.finish() if lo + chunk >= n else recon.snapshot()
         thread.offer_seed(snap.object, snap.weight, snap.origin_px)
-        if lo == 0:
-            # Every frame, now that the seed is there (see the docstring: handed over at t = 0
-            # the refiner thread would spin while it waits for the seed).
-            thread.add(scan.frames, scan.positions)
         network[0] = snap
         record()
     network_done_s = time.perf_counter() - t0
@@ -465,6 +473,7 @@ def run_hybrid_concurrent(model, scan: Scan, budget_s: float, chunk: int = 128,
         points.append(point)
     return {"points": points, "seconds": end, "start": refiner.start,
             "start_residuals": dict(refiner.start_residuals),
+            "reconsiderations": refiner.reconsiderations,
             "network_done_s": network_done_s, "first_refined_snapshot_s": first_refined[0],
             "refined_epochs": latest.epochs if latest is not None else None,
             "failed": thread.failed, "chunk": chunk, "publish_interval_s": publish_s,
@@ -593,13 +602,13 @@ def live_latency(model, scan: Scan, budget_s: float, rate: float = 200.0,
     """The live worker's arrangement (``callbacks/_worker.py`` defaults): frames at ``rate``
     (pages of ``page``) gather into network batches of ``batch``; after each batch the network
     image is offered while the refiner has not started, the batch goes to a RefinerThread
-    (duty 0.5, start auto, ``wait_for_seed_frames=128``), and every ``snapshot_every`` frames
+    (duty 0.5, start auto: flat at once, later network images weighed), and every
+    ``snapshot_every`` frames
     the network image is offered again. After the last frame the rest is flushed, the final
     network image offered and ``finish(time_s=budget_s, tol=1e-3)`` called: seconds from the
     last frame to ``RefinerThread.final``."""
     refiner = StreamingRefiner(scan.probe_start, object_shape=scan.truth.shape,
-                               options=refiner_options(scan), start="auto",
-                               wait_for_seed_frames=128)
+                               options=refiner_options(scan), start="auto")
     thread = RefinerThread(refiner, snapshot_interval_s=0.5, duty=0.5)
     recon = StreamingReconstructor(model, object_shape=scan.truth.shape, batch_size=batch,
                                    device="cpu")
@@ -650,7 +659,7 @@ def live_latency(model, scan: Scan, budget_s: float, rate: float = 200.0,
     final_after_s = time.perf_counter() - last
     final = thread.final or thread.latest
     result = {"rate_frames_per_s": rate, "frames": len(scan.frames), "page": page,
-              "batch": batch, "snapshot_every": snapshot_every, "wait_for_seed_frames": 128,
+              "batch": batch, "snapshot_every": snapshot_every,
               "acquisition_s": acquisition_s, "finish_time_s": budget_s,
               "network_final_after_last_frame_s": network_after_s,
               "final_refined_after_last_frame_s": final_after_s, "failed": thread.failed,
@@ -659,7 +668,8 @@ def live_latency(model, scan: Scan, budget_s: float, rate: float = 200.0,
     if final is not None:
         obj = on_truth_grid(final.object, final.origin_px, scan.truth.shape)
         result.update(final_epochs=final.epochs, start=final.start, best=final.best,
-                      start_residuals=final.start_residuals, residual=final.residual,
+                      start_residuals=final.start_residuals,
+                      reconsiderations=final.reconsiderations, residual=final.residual,
                       network_residual=final.network_residual, final_scores=score(obj, scan),
                       network_scores=score(on_truth_grid(net.object, net.origin_px,
                                                          scan.truth.shape), scan))

@@ -153,11 +153,20 @@ def _runs(values, digits: int = 2, none: str = "not reached") -> str:
 
 QUALITY_LABELS = {
     "network": "(a) network alone", "rpie_flat": "(b) rPIE, flat start",
-    "hybrid": "(c) hybrid, sequential (1 core)",
+    "hybrid": "(c) hybrid, one core",
     "hybrid_concurrent": "(c2) hybrid, concurrent (2 cores)",
     "ptychi_lsqml": "(d) pty-chi LSQML", "ptychi_rpie": "(d) pty-chi rPIE",
 }
 HYBRID_LABELS = {"hybrid": "(c)", "hybrid_concurrent": "(c2)"}
+
+
+def _weighings(run: dict) -> str:
+    done = run.get("reconsiderations") or []
+    if not done:
+        return "no network image weighed"
+    return ", ".join(
+        f"weighed at {w['frames']} frames / {w['epochs']:.1f} epochs: {w['chosen']} continued ("
+        + ", ".join(f"{k} {v:.3g}" for k, v in w["residuals"].items()) + ")" for w in done)
 
 
 def quality_section() -> str:
@@ -209,19 +218,20 @@ def quality_section() -> str:
         "", "Methods, on the same frames, positions and probe start: (a) the shipped `default` "
         "network through `StreamingReconstructor` (one image, when the scan has been through "
         "it); (b) `StreamingRefiner(start=\"flat\")`, rPIE batch 16, probe refined only where "
-        "unknown; (c) the hybrid: (a), then the same refiner with `start=\"auto\"` seeded with "
-        "(a)'s object (a trial of each of flat, network, network high-pass on copies: one pass "
-        "over a fixed 256-frame sample with the run's updates, probe included; the run "
-        "continues from the untouched candidate with the lowest Fourier residual), in the same "
-        "thread; at each time point it shows "
-        "whichever of network and refined image has the lower Fourier-magnitude residual (the "
-        "live engine's `best`; those evaluations count in its time): the **equal-cores** "
-        "comparison; (c2) the hybrid as the live engine runs it, on **2 cores**: a "
-        "`RefinerThread` (duty 1, start auto, waiting for the network's image, snapshots with "
-        "both residuals every 0.25 s) beside the network in the main thread, which goes through "
-        "the frames in chunks of 128, offers each stitched image as the seed and shows it (the "
-        "refiner gets the frames with the first offer, so its start trial includes the "
-        "network); shown, sampled every 0.1 s: `RefinerThread.latest` where its `best` is "
+        "unknown; (c) the hybrid on **one core**: the same refiner with `start=\"auto\"` starts "
+        "flat at t = 0 and, between its slices, the network takes a chunk of 128 frames until "
+        "the scan has been through it; the first network image is weighed against the refined "
+        "state as it stands (one trial pass each of continuing, the network and its high-pass "
+        "on copies, over a fixed 256-frame sample with the run's updates, probe included; a "
+        "restart from a network candidate only where it has the lower Fourier residual); at "
+        "each time point it shows whichever of network and refined image has the lower "
+        "Fourier-magnitude residual (the live engine's `best`; those evaluations count in its "
+        "time): the **equal-cores** comparison, which pays for the network out of the "
+        "refiner's core; (c2) the hybrid as the live engine runs it, on **2 cores**: a "
+        "`RefinerThread` (duty 1, start auto, all frames at t = 0, snapshots with both "
+        "residuals every 0.25 s) beside the network in the main thread, which goes through the "
+        "frames in chunks of 128, offers each stitched image (the first weighed as in (c)) and "
+        "shows it; shown, sampled every 0.1 s: `RefinerThread.latest` where its `best` is "
         "refined, else the latest network image; (d) pty-chi 2.2.0 LSQML "
         "(batch 64) and rPIE (batch 16) epoch by epoch in `.venv-bench`, task set-up counted.",
         "", "![FRC-AUC vs wall time](figures/quality.png)", "",
@@ -253,44 +263,23 @@ def quality_section() -> str:
                 f"| {scan['name']} | {label}{start} | {_runs(first)} | {_runs(last)} | "
                 f"{_runs(epochs, 1, '-')} | {final} | {_runs(best, 3)} | "
                 f"{_runs(scan['time_to_target_s'].get(key, []))} |")
-    lines += ["", "Where the hybrid (c)'s time goes (per repeat): its network image, its first "
-              "refined image (after the start trial), the start chosen (trial residuals), and "
-              "what (b) showed at that moment:", ""]
+    lines += ["", "What each hybrid did with the network's image (per repeat): when it was "
+              "shown first, when the first refined image was shown, and each weighing of a "
+              "network image against the refined state (frames, epochs, residuals after the "
+              "trial pass, what was continued):", ""]
     for scan in q["scans"]:
-        parts = []
-        flat_runs = scan["methods"]["rpie_flat"]["runs"]
-        hybrid_runs = scan["methods"]["hybrid"]["runs"]
-        for k, (run, flat) in enumerate(zip(hybrid_runs, flat_runs, strict=True)):
-            pts = run["points"]
-            refined = next((p for p in pts if p.get("shown") == "refined"), None)
-            shown = [p[metric] for p in pts if p.get("shown") == "refined"]
-            at = refined["t"] if refined else pts[-1]["t"]
-            flat_then = ([p[metric] for p in flat["points"] if p["t"] <= at] or [0.0])[-1]
-            residuals = ", ".join(f"{k} {v:.3g}" for k, v in run["start_residuals"].items())
-            parts.append(
-                (f"repeat {k + 1}: " if len(hybrid_runs) > 1 else "")
-                + f"network {pts[0]['t']:.2f} s, first refined "
-                + (f"{refined['t']:.2f} s" if refined else "never") + f", start {run['start']} "
-                f"({residuals}), refined FRC-AUC up to {_fmt(max(shown) if shown else None, 3)}; "
-                f"(b) at {at:.2f} s: {flat_then:.3f}")
-        lines.append(f"- {scan['name']}: " + "; ".join(parts) + ".")
-    if any(s["methods"].get("hybrid_concurrent", {}).get("runs") for s in q["scans"]):
-        lines += ["", "(c2), per repeat: the network's last chunk, the first refined snapshot "
-                  "(after the start trial) and the first one shown (its residual below the "
-                  "network's), the start chosen, the epochs at the end:", ""]
-        for scan in q["scans"]:
+        for hyb, tag in HYBRID_LABELS.items():
+            runs = scan["methods"].get(hyb, {}).get("runs") or []
             parts = []
-            runs = scan["methods"].get("hybrid_concurrent", {}).get("runs") or []
             for k, run in enumerate(runs):
-                shown = next((p["t"] for p in run["points"] if p["shown"] == "refined"), None)
-                residuals = ", ".join(f"{n} {v:.3g}" for n, v in run["start_residuals"].items())
-                parts.append(
-                    (f"repeat {k + 1}: " if len(runs) > 1 else "")
-                    + f"network done {run['network_done_s']:.2f} s, first refined "
-                    f"{_secs(run['first_refined_snapshot_s'])}, shown from {_secs(shown)}, "
-                    f"start {run['start']} ({residuals}), "
-                    f"{_fmt(run['refined_epochs'], 1)} epochs")
-            lines.append(f"- {scan['name']}: " + "; ".join(parts) + ".")
+                pts = run["points"]
+                net = next((p["t"] for p in pts if p.get("shown") == "network"), None)
+                refined = next((p["t"] for p in pts if p.get("shown") == "refined"), None)
+                parts.append((f"repeat {k + 1}: " if len(runs) > 1 else "")
+                             + f"network shown from {_secs(net)}, refined from "
+                             f"{_secs(refined)}, " + _weighings(run))
+            if parts:
+                lines.append(f"- {scan['name']} {tag}: " + "; ".join(parts) + ".")
     targets = q["targets"]
     lines += ["", "### Targets", ""]
     for hyb, tag in HYBRID_LABELS.items():
@@ -356,8 +345,8 @@ def quality_section() -> str:
         f"A: **{'met' if ok else 'not met'}**: {live['final_refined_after_last_frame_s']:.2f} s "
         f"(frames at {live['rate_frames_per_s']:.0f} frames/s in pages of {live['page']}, "
         f"through the live worker's steps: network batches of {live.get('batch', 64)}, each "
-        "then handed to a `RefinerThread` (duty 0.5, start auto, waiting for the network's "
-        f"image up to {live.get('wait_for_seed_frames', 0)} frames), the network image offered "
+        "then handed to a `RefinerThread` (duty 0.5, start auto: flat at once, network images "
+        "weighed as in (c)), the network image offered "
         "after every batch until the refiner has started and every "
         f"{live.get('snapshot_every', 128)} frames; two threads of one torch thread each; then "
         f"`finish(time_s={live['finish_time_s']:g}, tol=1e-3)`; the network's "

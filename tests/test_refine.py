@@ -120,6 +120,39 @@ def test_auto_start_rejects_a_seed_with_low_frequency_errors(scan):
     assert _phase_auc(snap.object, obj) > _phase_auc(forced_snap.object, obj)
 
 
+def test_auto_start_does_not_wait_and_weighs_a_later_network_image(scan):
+    """The refiner starts flat at once; a network image that arrives later is weighed after a
+    full pass and replaces the refined state only when it explains the frames better."""
+    obj, probe, pos, counts = scan
+    half = len(pos) // 2
+    yy, xx = np.mgrid[: obj.shape[0], : obj.shape[1]]
+    options = PIEOptions(device="cpu", probe_update=False, progress=False, seed=0)
+    outcomes = {}
+    for name, seed in (("good", obj),
+                       ("bad", np.exp(2j * np.sin(yy / 9.0) * np.cos(xx / 7.0)))):
+        refiner = StreamingRefiner(probe, object_shape=obj.shape, options=options)
+        refiner.add(counts[:half], pos[:half])
+        refiner.step(10.0, max_updates=32)
+        assert refiner.start == "flat" and refiner.start_residuals == {}  # no waiting
+        refiner.offer_seed(seed.astype(np.complex64), np.ones(obj.shape), (0.0, 0.0))
+        refiner.step(10.0, max_updates=16)
+        assert refiner.reconsiderations == []  # not before a full pass
+        refiner.run(max_epochs=1)
+        refiner.step(10.0, max_updates=16)
+        (weighed,) = refiner.reconsiderations
+        assert weighed["epochs"] >= 1 and {"refined", "network"} <= set(weighed["residuals"])
+        assert weighed["chosen"] == min(weighed["residuals"], key=weighed["residuals"].get)
+        outcomes[name] = weighed["chosen"], weighed["trial"]
+        refiner.offer_seed(seed.astype(np.complex64), np.ones(obj.shape), (0.0, 0.0))
+        refiner.step(10.0, max_updates=16)
+        assert len(refiner.reconsiderations) == 1  # a later one only once the frames doubled
+        refiner.add(counts[half:], pos[half:])
+        refiner.step(10.0, max_updates=16)
+        assert len(refiner.reconsiderations) == 2
+    assert outcomes["good"][0] in ("network", "network_highpass") and outcomes["good"][1]
+    assert outcomes["bad"] == ("refined", False)  # two residuals, no trial passes
+
+
 def test_memory_is_bounded_by_max_frames(scan):
     obj, probe, pos, counts = scan
     refiner = StreamingRefiner(probe, object_shape=obj.shape, max_frames=100,

@@ -13,6 +13,15 @@ one trial pass over the frames so far and the one with the lowest Fourier-magnit
 Why not always the network: its stitched object carries low-frequency errors (a phase offset
 between regions, a slow amplitude ramp) that rPIE's local updates remove only slowly, so a seed
 that looks better can converge to a worse image (docs/refinement.md, ``scripts/seed_study.py``).
+
+With ``start="auto"`` the refiner never waits for the network: it starts flat as soon as it
+has ``min_frames`` frames (unless a network image is already there, which then takes part in
+the trial). A network image offered later is *reconsidered* once the refiner has made a full
+pass: if its residual is lower than the refined state's, the refined state and the network
+candidates get one trial pass each over the same sample, and the refiner restarts from a
+network candidate only if it beats continuing. The first network image is weighed then, later
+ones at most ``reconsider`` times in all and each only after the frame count has doubled, so
+the cost stays bounded (and is two residual evaluations where the refined state is better).
 """
 
 from __future__ import annotations
@@ -70,6 +79,9 @@ class RefinedSnapshot(ObjectParts):
         How the object was started (``flat``, ``network`` or ``network_highpass``).
     start_residuals : dict
         Residual of each candidate start after its trial pass.
+    reconsiderations : list of dict
+        Each later network image weighed against the refined state: frames, epochs, the
+        residuals after the trial pass and which was continued.
     busy_s : float
         Seconds spent refining so far.
     residual, network_residual : float
@@ -87,6 +99,7 @@ class RefinedSnapshot(ObjectParts):
     origin_px: tuple[float, float]
     start: str = "flat"
     start_residuals: dict = field(default_factory=dict)
+    reconsiderations: list = field(default_factory=list)
     busy_s: float = 0.0
     residual: float = math.nan
     network_residual: float = math.nan
@@ -173,9 +186,13 @@ class StreamingRefiner:
         Frames each candidate start is tried on (a fixed random sample: the trial costs the
         same at any scan length).
     wait_for_seed_frames : int
-        With ``start="auto"``, wait for :meth:`offer_seed` (the network's first image) until
-        this many frames have arrived, so that the network's start is really tried (0: start
-        as soon as ``min_frames`` frames are in).
+        Wait for :meth:`offer_seed` (the network's first image) until this many frames have
+        arrived before starting (default 0: start as soon as ``min_frames`` frames are in; a
+        later network image is reconsidered instead, see ``reconsider``).
+    reconsider : int
+        With ``start="auto"``: how many later network images may be weighed against the
+        refined state (one trial pass each over ``trial_frames`` frames; the first whenever it
+        comes, later ones at most once per doubling of the frame count); 0 never.
     max_frames : int
         Frames held at most (4 bytes per detector pixel each: 16 KB at 64 px). Later frames are
         counted in :attr:`frames_dropped` and not refined, so no scan can exhaust memory.
@@ -213,6 +230,7 @@ class StreamingRefiner:
         frame_size: int | None = None,
         trial_frames: int = 256,
         wait_for_seed_frames: int = 0,
+        reconsider: int = 3,
     ) -> None:
         self.options = PIEOptions(progress=False) if options is None else options
         self.options.validate()
@@ -235,6 +253,11 @@ class StreamingRefiner:
         self.start_residuals: dict[str, float] = {}
         self.min_frames, self.max_frames = int(min_frames), int(max_frames)
         self.trial_frames, self.wait_for_seed_frames = int(trial_frames), int(wait_for_seed_frames)
+        self.reconsider = int(reconsider)
+        #: One entry per weighing of a network image against the refined state.
+        self.reconsiderations: list[dict] = []
+        self._weighed_seed: tuple | None = None  # the seed the start or the last weighing saw
+        self._reconsider_at = 0  # frames needed before the next weighing
         self.origin = np.asarray(origin_px, dtype=np.float64)
         self.obj = torch.ones(tuple(int(s) for s in object_shape), dtype=torch.complex64,
                               device=self.device)
@@ -290,7 +313,8 @@ class StreamingRefiner:
                    origin_px: tuple[float, float]) -> None:
         """The network's stitched object (and its coverage) as a candidate start; thread-safe.
 
-        Only the latest offer before the first update is used.
+        The latest offer before the start takes part in the start trial; with
+        ``start="auto"`` a later one is reconsidered (see ``reconsider``).
         """
         with self._lock:
             self._seed = (np.asarray(obj), np.asarray(weight), tuple(origin_px))
@@ -404,19 +428,16 @@ class StreamingRefiner:
             candidates.pop("flat")
         return candidates
 
-    def _choose_start(self) -> None:
-        """Trial each candidate start on copies, one pass over a fixed sample of frames with
-        the updates the real run would make (probe included), and continue from the untouched
-        candidate with the lowest residual. Copies, because a trial with a wrong probe leaves
-        an object that has absorbed the probe's error (a blind run then never recovers)."""
-        candidates = self._candidates()
-        if len(candidates) == 1:
-            self.start, self.obj = next(iter(candidates.items()))
-            return
+    def _trial(self, candidates: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One pass of the run's updates (probe included) on copies of each candidate over a
+        fixed random sample of frames; the residual each is left with. Copies, because a trial
+        with a wrong probe leaves an object that has absorbed the probe's error (a blind run
+        then never recovers)."""
         probe = self.probe * math.sqrt(self.photon_scale)
         count = min(self._store.n, self.trial_frames)
         index = torch.randperm(self._store.n, generator=self._generator)[:count].to(self.device)
         amplitudes, positions = self._store.gather(index), self._pos_t[index]
+        residuals = {}
         for name, obj in candidates.items():
             trial_obj, trial_probe = obj.clone(), probe.clone()
             for batch in torch.split(torch.arange(count, device=self.device),
@@ -425,12 +446,69 @@ class StreamingRefiner:
                     trial_obj, trial_probe, amplitudes[batch], positions[batch], self._mask,
                     engine=self.options.engine, alphas=self.alphas,
                     update_probe=self._probe_updating)
-            self.start_residuals[name] = amplitude_residual(trial_obj, trial_probe, amplitudes,
-                                                            positions)
+            residuals[name] = amplitude_residual(trial_obj, trial_probe, amplitudes, positions)
+        return residuals
+
+    def _choose_start(self) -> None:
+        """Trial each candidate start and continue from the untouched candidate with the
+        lowest residual."""
+        candidates = self._candidates()
+        self._weighed_seed = self.seed
+        # The first network image is weighed whenever it comes (it may come after all the
+        # frames, as for a file); later ones once the frames have doubled since the start.
+        self._reconsider_at = 0 if self._weighed_seed is None else 2 * self._store.n
+        if len(candidates) == 1:
+            self.start, self.obj = next(iter(candidates.items()))
+            return
+        self.start_residuals = self._trial(candidates)
         best = min(self.start_residuals, key=self.start_residuals.get)
         self.start, self.obj = best, candidates[best]
         logger.info("refinement starts from %s (residuals after one trial pass over %d frames: "
-                    "%s)", best, count, {k: round(v, 5) for k, v in self.start_residuals.items()})
+                    "%s)", best, min(self._store.n, self.trial_frames),
+                    {k: round(v, 5) for k, v in self.start_residuals.items()})
+
+    def _should_reconsider(self) -> bool:
+        if (self.start_choice != "auto" or len(self.reconsiderations) >= self.reconsider
+                or self._store.n < self._reconsider_at or self.passes < 1):
+            return False
+        seed = self.seed
+        return seed is not None and seed is not self._weighed_seed
+
+    def _reconsider(self) -> None:
+        """Weigh the latest network image against the refined state as it stands.
+
+        Only after a full pass (a younger refined state always looks worse than the network's
+        image, and replacing it then throws away a start that converges better). First the
+        residuals both already have (no updates): if the refined state explains the frames
+        better, it continues at that cost. Otherwise one trial pass each of continuing and of
+        the network candidates decides, and the refiner restarts from a network candidate only
+        if it beats continuing.
+        """
+        seed = self._weighed_seed = self.seed
+        self._reconsider_at = 2 * self._store.n
+        own = self.own_residual(max_frames=128)
+        network = self.residual_of(seed[0], seed[2], max_frames=128)
+        entry = {"frames": self._store.n, "epochs": self.epochs, "trial": False,
+                 "residuals": {"refined": own, "network": network}, "chosen": "refined"}
+        if not own > network:
+            self.reconsiderations.append(entry)
+            return
+        candidates = self._candidates()
+        candidates.pop("flat", None)
+        if not candidates:
+            self.reconsiderations.append(entry)
+            return
+        candidates = {"refined": self.obj, **candidates}
+        residuals = self._trial(candidates)
+        best = min(residuals, key=residuals.get)
+        entry.update(trial=True, residuals=residuals, chosen=best)
+        self.reconsiderations.append(entry)
+        if best != "refined":
+            self.start, self.obj = best, candidates[best]
+            self.start_residuals = residuals
+        logger.info("network image weighed at %d frames: %s (residuals %s)", self._store.n,
+                    "restarting from " + best if best != "refined" else "refinement continues",
+                    {k: round(v, 5) for k, v in residuals.items()})
 
     @property
     def _mask(self) -> torch.Tensor:
@@ -494,6 +572,8 @@ class StreamingRefiner:
             return self.error
         if self.start is None:
             self._choose_start()
+        elif self._should_reconsider():
+            self._reconsider()
         probe = self.probe * math.sqrt(self.photon_scale)
         updates = 0
         while max_updates is None or updates < max_updates:
@@ -584,6 +664,7 @@ class StreamingRefiner:
             origin_px=(float(self.origin[0]), float(self.origin[1])),
             start=self.start or "flat",
             start_residuals=dict(self.start_residuals),
+            reconsiderations=[dict(r) for r in self.reconsiderations],
             busy_s=self.busy_s,
         )
 

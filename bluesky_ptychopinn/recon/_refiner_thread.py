@@ -29,7 +29,8 @@ class RefinerThread(threading.Thread):
     refiner : StreamingRefiner
         What to run.
     snapshot_interval_s : float
-        How often :attr:`latest` is refreshed during the scan.
+        How often :attr:`latest` is refreshed during the scan (the first refined image is
+        published at once, then at intervals doubling from 0.05 s up to this).
     slice_s : float
         Refinement per slice, seconds.
     duty : float
@@ -61,6 +62,8 @@ class RefinerThread(threading.Thread):
         self.publish_s = 0.0  # cost of the last publish (residuals included)
         self._scored_seed, self._scored_at, self._network_residual = None, -math.inf, math.nan
         self._published_epochs = -1.0
+        self._publishes = 0
+        self.first_interval_s = 0.05
 
     def add(self, frames, positions_px) -> None:
         """Hand new frames over (any thread; returns at once)."""
@@ -107,8 +110,16 @@ class RefinerThread(threading.Thread):
                     self._scored_seed, self._scored_at = seed, time.monotonic()
                 snap.network_residual = self._network_residual
         self.latest = snap
+        self._publishes += 1
         self._published_epochs = refiner.epochs
         self.publish_s = time.perf_counter() - t0
+
+    def _interval(self) -> float:
+        """Seconds between publishes: the first refined image at once, then intervals that
+        double up to ``snapshot_interval_s`` (the early images improve fastest)."""
+        if self.latest is None:
+            return 0.0
+        return min(self.snapshot_interval_s, self.first_interval_s * 2.0 ** self._publishes)
 
     def _lower_priority(self) -> None:
         if not self.nice or not hasattr(os, "setpriority"):
@@ -131,7 +142,7 @@ class RefinerThread(threading.Thread):
                     continue
                 t0 = time.perf_counter()
                 refiner.step(self.slice_s)
-                if time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                if time.monotonic() - last_snapshot >= self._interval():
                     self._publish()
                     last_snapshot = time.monotonic()
                 rest = (time.perf_counter() - t0) * (1 - self.duty) / self.duty
