@@ -27,6 +27,9 @@ app.add_typer(probes_app, name="probes")
 models_app = typer.Typer(help="Trained models: the shipped default and your own.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
+bus_app = typer.Typer(help="The message bus (NATS JetStream) for remote workers.",
+                      no_args_is_help=True)
+app.add_typer(bus_app, name="bus")
 
 console = Console(stderr=True)
 
@@ -473,6 +476,89 @@ def demo(
     try:
         run_demo(output_dir, sample=sample, strategy=strategy, budget=budget, model=model)
     except PtychoError as exc:
+        _fail(exc)
+
+
+@bus_app.command("serve")
+def bus_serve(
+    data_dir: Path = typer.Option(None, help="JetStream store (default $PTYCHOPINN_BUS_DATA or "
+                                  "~/.local/share/bluesky-ptychopinn/nats)."),
+    port: int = typer.Option(4222, help="Client port on 127.0.0.1."),
+) -> None:
+    """Serve a local nats-server (JetStream) on 127.0.0.1 until Ctrl-C."""
+    import time
+
+    from .distributed import NatsServer
+
+    try:
+        server = NatsServer(data_dir, port=port).start()
+    except PtychoError as exc:
+        _fail(exc)
+    console.print(f"NATS JetStream serving at {server.url} (store {server.data_dir}, "
+                  f"log {server.data_dir / 'nats-server.log'})")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@app.command()
+def worker(
+    bus: str = typer.Option(..., "--bus", envvar="PTYCHOPINN_BUS",
+                            help="NATS server(s): nats://HOST:PORT[,nats://...]."),
+    tiled: str = typer.Option(..., "--tiled", envvar="TILED_URI",
+                              help="Tiled URI of the raw runs and the derived runs."),
+    api_key: str = typer.Option(None, "--api-key", envvar="TILED_API_KEY",
+                                help="Tiled API key (default $TILED_API_KEY)."),
+    beamline: str = typer.Option("local", help="Beamline whose work queue to serve."),
+    model: str = typer.Option("default", help="Model name or directory."),
+    device: str = typer.Option(None, help="cuda, cuda:N or cpu (default: CUDA if present)."),
+    path_map: list[str] = typer.Option([], "--path-map",
+                                       help="ACQ_PREFIX=LOCAL_PREFIX: read detector files from "
+                                       "a shared filesystem (repeat); default: through Tiled."),
+    no_refine: bool = typer.Option(False, "--no-refine", help="Network only (no rPIE tier)."),
+    refine_budget_s: float = typer.Option(5.0, "--refine-budget-s",
+                                          help="Seconds of refinement after the last frame."),
+    batch_size: int = typer.Option(64, help="Frames per network call."),
+    torch_threads: int = typer.Option(None, help="CPU threads of the reconstruction."),
+    ack_wait_s: float = typer.Option(30.0, "--ack-wait-s",
+                                     help="Seconds without a heartbeat before another worker "
+                                     "takes a run (set by the first worker of a beamline)."),
+    report_every_s: float = typer.Option(5.0, "--report-every-s", help="Health log interval."),
+    max_runs: int = typer.Option(None, help="Exit after this many runs."),
+    bus_creds: Path = typer.Option(None, "--bus-creds", exists=True, dir_okay=False,
+                                   help="NATS credentials file (JWT + NKey seed)."),
+    bus_tls_ca: Path = typer.Option(None, "--bus-tls-ca", exists=True, dir_okay=False,
+                                    help="CA bundle to verify the bus's TLS certificate."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log of this package."),
+) -> None:
+    """Reconstruct whole runs from the bus's work queue into derived runs in Tiled."""
+    import logging
+    import ssl
+
+    from .distributed import WorkerOptions, run_worker
+
+    connect_options: dict = {}
+    if bus_creds is not None:
+        connect_options["user_credentials"] = str(bus_creds)
+    if bus_tls_ca is not None:
+        connect_options["tls"] = ssl.create_default_context(cafile=str(bus_tls_ca))
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if verbose:
+        logging.getLogger("bluesky_ptychopinn").setLevel(logging.DEBUG)
+    options = WorkerOptions(bus=bus, tiled=tiled, api_key=api_key, beamline=beamline,
+                            model=model, device=device, refine=not no_refine,
+                            refine_budget_s=refine_budget_s, path_map=list(path_map),
+                            ack_wait_s=ack_wait_s, report_every_s=report_every_s,
+                            batch_size=batch_size, torch_threads=torch_threads,
+                            connect_options=connect_options)
+    try:
+        run_worker(options, max_runs=max_runs)
+    except (PtychoError, ValueError) as exc:
         _fail(exc)
 
 
