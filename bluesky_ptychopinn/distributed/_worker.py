@@ -178,8 +178,16 @@ class Worker:
 
     # -- the loop ------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Finish the current run, then return from :meth:`serve`."""
+        """Finish the current run, then return from :meth:`serve`; a second call (a second
+        Ctrl-C) leaves at once: the run's announcement goes to another worker after the ack
+        deadline."""
+        if self._stop.is_set():
+            logger.warning("%s: stopping now, run %s left unfinished", self.options.name,
+                           self.progress.current)
+            os._exit(1)
         self._stop.set()
+        if self.progress.current:
+            logger.info("%s: stopping after run %s", self.options.name, self.progress.current)
 
     async def serve(self, max_runs: int | None = None) -> int:
         """Take runs until :meth:`stop` (or ``max_runs``); returns the number of runs done."""
