@@ -249,3 +249,28 @@ def test_a_blocked_subscriber_never_stalls_the_reconstruction(model, isolation):
     finally:
         release.set()
         live.close()
+
+
+def test_a_deterministic_derived_uid_depends_on_the_run_the_model_and_the_settings(tmp_path):
+    """A run reconstructed twice (a remote worker redelivered it) gets the same derived uid,
+    so a catalog can never hold two derived runs of it; other settings give another uid."""
+    raw: list[tuple[str, dict]] = []
+    RE = RunEngine()
+    RE.subscribe(lambda name, doc: raw.append((name, doc)))
+    _scan(RE, seed=5, n_side=4, write_path=tmp_path)
+    uids = []
+    for derived_uid, batch in (("deterministic", 16), ("deterministic", 16),
+                               ("deterministic", 32), ("random", 16)):
+        live = LiveReconstruction("default", isolation="thread", refine=None, batch_size=batch,
+                                  torch_threads=1, derived_uid=derived_uid)
+        docs = _collect(live)
+        try:
+            for name, doc in raw:
+                live(name, doc)
+            state = live.wait(timeout=120)
+        finally:
+            live.close()
+        assert state.failed is None and docs[-1][1]["exit_status"] == "success"
+        uids.append(docs[0][1]["uid"])
+    assert uids[0] == uids[1]
+    assert len({uids[0], uids[2], uids[3]}) == 3

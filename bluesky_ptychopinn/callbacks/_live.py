@@ -1,14 +1,15 @@
 """The live reconstruction callback: raw ptychography runs in, derived reconstruction runs out.
 
 Subscribe it to a RunEngine (``RE.subscribe(live)``) and subscribe consumers of the derived run
-to it (``live.subscribe(TiledWriter(client))``). On the RunEngine thread it only queues
-documents. The reconstruction (:class:`~._worker.RunWorker`: pairing frames with positions,
-reading HDF5 frames while the detector writes them, the
-:class:`~bluesky_ptychopinn.recon.StreamingReconstructor`, the derived run's event-model
-composers) runs either in a separate process (``isolation="process"``, the default: the
-RunEngine keeps its interpreter and its core to itself) or in a thread of the RunEngine's
-process (``isolation="thread"``). Nothing it does can abort the scan: every error is logged and
-recorded in the derived run, whose stop document then says ``"fail"``.
+to it (``live.subscribe(TiledWriter(client))``). On the RunEngine thread it only validates the
+start document's ``ptycho`` metadata and queues documents. The reconstruction
+(:func:`~._serve.serve`: pairing frames with positions, reading HDF5 frames while the detector
+writes them, the network and the refiner) runs in a separate process
+(``isolation="process"``, the default: the RunEngine keeps its interpreter and its core to
+itself) or in a thread of the RunEngine's process (``isolation="thread"``); its messages come
+back to a :class:`~._derived.DerivedRun` per run, the only writer of derived documents.
+Nothing it does can abort the scan: every error is logged and recorded in the derived run,
+whose stop document then says ``"fail"``. The frame path is drawn in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,22 +17,23 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+from bluesky.callbacks.core import make_callback_safe
 from event_model import RunRouter
 
 from ..errors import InvalidInputError
+from ..metadata import InvalidMetadataError, PtychoMetadata
+from ._derived import DerivedRun, RunState
 from ._emitter import DocumentEmitter
-from ._worker import (
+from ._settings import (
+    DERIVED_UID_MODES,
     RECONSTRUCTION_PLAN_NAME,
     REFINE_ENGINES,
-    RunState,
-    RunWorker,
     WorkerSettings,
-    offer,
 )
+from ._transports import ThreadTransport
 
 __all__ = ["LiveReconstruction", "RECONSTRUCTION_PLAN_NAME", "RunState"]
 
@@ -112,6 +114,10 @@ class LiveReconstruction:
         Stitching crop of the network's patches (pixels). ``"auto"`` (default): every
         candidate is stitched and the scan itself chooses: agreement with the refined image
         once there is one, else the Fourier residual with the run's probe (docs/stitching.md).
+    derived_uid : {"random", "deterministic"}
+        The derived run's uid: a fresh one (default), or one computed from the raw run's uid,
+        the model's sha256 and these settings, so that reconstructing a run again (a remote
+        worker that took over a run) cannot leave two derived runs in a catalog.
 
     Examples
     --------
@@ -145,6 +151,7 @@ class LiveReconstruction:
         refine_duty: float = 0.5,
         refine_batch_size: int = 16,
         crop: int | str = "auto",
+        derived_uid: str = "random",
     ) -> None:
         from ..models import ModelRegistry, file_sha256
         from ..models._checkpoint import WEIGHTS_NAME
@@ -157,6 +164,9 @@ class LiveReconstruction:
             raise InvalidInputError(f"refine: one of {REFINE_ENGINES} or None, got {refine!r}")
         if not 0 < refine_duty <= 1:
             raise InvalidInputError(f"refine_duty: a fraction in (0, 1], got {refine_duty!r}")
+        if derived_uid not in DERIVED_UID_MODES:
+            raise InvalidInputError(
+                f"derived_uid: one of {DERIVED_UID_MODES}, got {derived_uid!r}")
         if not refine_budget_s >= 0:
             raise InvalidInputError(f"refine_budget_s: >= 0 seconds, got {refine_budget_s!r}")
         self.model_path = None
@@ -181,7 +191,7 @@ class LiveReconstruction:
             publish_interval_s=float(publish_interval_s), refine=refine,
             refine_budget_s=float(refine_budget_s), refine_epochs=refine_epochs,
             refine_tol=refine_tol, refine_duty=float(refine_duty),
-            refine_batch_size=int(refine_batch_size), crop=crop)
+            refine_batch_size=int(refine_batch_size), crop=crop, derived_uid=derived_uid)
         self.image_key = image_key
         self.positioner_keys = positioner_keys
         self.max_queue = int(max_queue)
@@ -191,16 +201,23 @@ class LiveReconstruction:
         self._emitter = DocumentEmitter(self._subscribers)
         self.runs: dict[str, RunState] = {}
         self._router = RunRouter([self._factory])
-        self._backend = None
+        self._derived: dict[str, DerivedRun] = {}
+        callbacks = {"deliver": self._deliver, "tick": self._tick, "lost": self._lost}
         if isolation == "process":
-            from ._process import ProcessBackend
+            from ._process import ProcessTransport
 
             cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                      else os.cpu_count() or 1)
             threads = torch_threads or max(1, cores - 1)
-            self._backend = ProcessBackend(self, torch_threads=int(threads), nice=int(nice))
-        elif torch_threads:
-            torch.set_num_threads(int(torch_threads))
+            self._transport = ProcessTransport(
+                self.model_path if self.model_path is not None else self.model,
+                self.model_info, self.settings, max_queue=self.max_queue,
+                torch_threads=int(threads), nice=int(nice), **callbacks)
+        else:
+            if torch_threads:
+                torch.set_num_threads(int(torch_threads))
+            self._transport = ThreadTransport(self.model, self.model_info, self.settings,
+                                              max_queue=self.max_queue, **callbacks)
 
     # convenience views of the settings (read by benchmarks and tests)
     @property
@@ -217,42 +234,59 @@ class LiveReconstruction:
         self._subscribers.append(callback)
         return callback
 
-    def _emit(self, name: str, doc: dict) -> None:
-        """Hand a derived-run document to the subscribers' thread (see ``_emitter``)."""
-        self._emitter.emit(name, doc)
-
-    def _after_emitted(self, action: Callable[[], None]) -> None:
-        """Run ``action`` once every derived document emitted so far has been delivered."""
-        self._emitter.then(action)
-
     # -- the RunEngine side -----------------------------------------------------------------
+    @make_callback_safe(logger=logger)
     def __call__(self, name: str, doc: dict) -> None:
-        try:
-            self._router(name, doc)
-        except Exception:  # never raise into the RunEngine
-            logger.exception("live reconstruction: error handling %s document", name)
+        self._router(name, doc)
 
     def _factory(self, name: str, start: dict):
         if "original_run_uid" in start:
             return [], []  # a derived run (perhaps ours): never re-process analysis output
-        md = dict(start.get("ptycho") or {})
-        if self.image_key:
-            md["detector_key"] = self.image_key
-        if self.positioner_keys:
-            md["positioner_keys"] = self.positioner_keys
-        if "detector_key" not in md or "positioner_keys" not in md:
+        try:
+            md = PtychoMetadata.from_start(start, detector_key=self.image_key,
+                                           positioner_keys=self.positioner_keys)
+        except InvalidMetadataError as exc:
+            state = self.runs[start["uid"]] = RunState(raw_uid=start["uid"])
+            self._new_derived_run(start, None, state).fail(f"invalid start document: {exc}")
+            return [], []
+        if md is None:
             logger.info("run %s has no ptycho metadata; not reconstructing", start["uid"])
             return [], []
-        state = RunState(raw_uid=start["uid"])
-        self.runs[start["uid"]] = state
-        if self._backend is not None:
-            return [self._backend.open_run(start, md, state)], []
-        worker = RunWorker(self.model, self.model_info, self.settings, start, md, state,
-                           self._emit)
-        driver = _RunThread(worker, self.max_queue, self.backpressure,
-                            done=lambda: self._after_emitted(state.finished.set))
-        driver.start()
-        return [driver.enqueue], []
+        uid = start["uid"]
+        state = self.runs[uid] = RunState(raw_uid=uid)
+        self._derived[uid] = self._new_derived_run(start, md, state)
+        self._transport.open(uid, md)
+        transport, backpressure = self._transport, self.backpressure
+
+        def enqueue(name: str, doc: dict) -> None:
+            offer(transport.put, transport.put_nowait, ("doc", uid, name, doc), name, doc,
+                  state, backpressure)
+
+        return [enqueue], []
+
+    def _new_derived_run(self, start: dict, md: PtychoMetadata | None,
+                         state: RunState) -> DerivedRun:
+        return DerivedRun(start, md, self.model_info, self.settings, state, self._emitter.emit,
+                          self._emitter.then)
+
+    # -- messages from the reconstruction (a transport's delivery thread) --------------------
+    def _deliver(self, kind: str, raw_uid: str, payload: dict) -> None:
+        derived = self._derived.get(raw_uid)
+        if derived is None:
+            return
+        derived.handle(kind, payload)
+        if derived.closed:
+            self._derived.pop(raw_uid, None)
+
+    def _tick(self) -> None:
+        for derived in list(self._derived.values()):
+            derived.tick()
+
+    def _lost(self, raw_uids: Iterable[str], reason: str) -> None:
+        for uid in raw_uids:
+            derived = self._derived.pop(uid, None)
+            if derived is not None:
+                derived.fail(reason)
 
     # -- feedback ------------------------------------------------------------------------------
     def latest(self, raw_uid: str | None = None) -> RunState | None:
@@ -274,18 +308,16 @@ class LiveReconstruction:
     @property
     def pid(self) -> int | None:
         """Process id of the reconstruction process (``None`` with ``isolation="thread"``)."""
-        return self._backend.pid if self._backend is not None else None
+        return self._transport.pid
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the reconstruction process after it has finished the runs it holds.
-
-        Runs still open after ``timeout`` seconds are closed with ``"fail"``. Derived
-        documents already emitted are delivered to the subscribers before this returns.
-        With ``isolation="thread"`` the run threads end with their runs; documents they emit
-        after this are delivered in their own thread.
-        """
-        if self._backend is not None:
-            self._backend.close(timeout)
+        """Stop the reconstruction after it has finished the runs whose stop document it
+        holds; runs still open then (no stop document yet, or not finished within
+        ``timeout`` seconds) are closed with ``"fail"``. Derived documents already emitted are
+        delivered to the subscribers before this returns."""
+        self._transport.close(timeout)
+        self._lost(list(self._derived), "the live reconstruction was closed before the run "
+                                        "finished")
         self._emitter.close(timeout)
 
     def __enter__(self) -> LiveReconstruction:
@@ -295,28 +327,22 @@ class LiveReconstruction:
         self.close()
 
 
-class _RunThread(threading.Thread):
-    """``isolation="thread"``: a worker thread per run, fed by a queue."""
+_EVENT_DOCS = ("event", "event_page")
 
-    def __init__(self, worker: RunWorker, max_queue: int, backpressure: str,
-                 done: Callable[[], None]):
-        super().__init__(name=f"ptychopinn-{worker.state.raw_uid[:8]}", daemon=True)
-        self.worker, self.backpressure, self.done = worker, backpressure, done
-        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
 
-    def enqueue(self, name: str, doc: dict) -> None:
-        """RunEngine thread: hand a document over; never blocks unless asked to."""
-        offer(self.queue.put, self.queue.put_nowait, (name, doc), name, doc,
-              self.worker.state, self.backpressure)
+def offer(put: Callable, put_nowait: Callable, item, name: str, doc: dict, state: RunState,
+          backpressure: str) -> None:
+    """Hand ``item`` to the transport from the RunEngine thread, per the back-pressure policy.
 
-    def run(self) -> None:
-        worker = self.worker
-        while True:
-            try:
-                name, doc = self.queue.get(timeout=worker.settings.flush_after_s)
-            except queue.Empty:
-                worker.idle()
-                continue
-            if worker.handle(name, doc):
-                break
-        self.done()
+    Non-event documents, and everything under ``"block"``, go through ``put`` (which may wait).
+    Under ``"skip"`` an event document that finds the queue full is dropped for
+    reconstruction only and its rows are counted in ``state.frames_skipped``.
+    """
+    if backpressure == "block" or name not in _EVENT_DOCS:
+        put(item)
+        return
+    try:
+        put_nowait(item)
+    except queue.Full:
+        with state.lock:
+            state.frames_skipped += 1 if name == "event" else len(doc["seq_num"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidInputError
+from ..metadata import PtychoMetadata
 
 REQUIRED = ("energy_ev", "detector_distance_m", "detector_pixel_size_m")
 
@@ -16,7 +17,9 @@ def ptycho_metadata(detector, stage, geometry: dict, scan: dict) -> dict:
     """Merge beamline geometry, device field names and the scan description.
 
     ``geometry`` must hold energy_ev, detector_distance_m and detector_pixel_size_m (SI, eV);
-    anything else in it (probe reference, dc_position, frame_size ...) is kept.
+    anything else in it (probe reference, dc_position, frame_size ...) is kept. The result is
+    validated by :class:`~bluesky_ptychopinn.metadata.PtychoMetadata`, the same type the live
+    callback reads it with, so a plan cannot write what the reconstruction would refuse.
     """
     missing = [k for k in REQUIRED if k not in geometry]
     if missing:
@@ -30,4 +33,4 @@ def ptycho_metadata(detector, stage, geometry: dict, scan: dict) -> dict:
         **geometry,
         "scan": scan,
     }
-    return md
+    return PtychoMetadata.parse(md).to_document()

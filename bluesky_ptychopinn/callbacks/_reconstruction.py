@@ -1,0 +1,386 @@
+"""One raw run in, plain messages out: the reconstruction side of the live callback.
+
+:class:`RunReconstruction` is an :class:`event_model.DocumentRouter`: one method per raw
+document (the router unpacks ``event_page`` and ``datum_page``). It pairs frames with positions,
+feeds the network (:class:`~bluesky_ptychopinn.recon.StreamingReconstructor`) and the refiner
+(:class:`~bluesky_ptychopinn.recon.RefinerThread`) and reports through ``send(kind, raw_uid,
+payload)``. It never composes a document: the RunEngine side's
+:class:`~._derived.DerivedRun` turns the messages into the derived run, whatever carried them
+(a queue, a pipe, a message bus). The messages (:data:`MESSAGE_KINDS`):
+
+``opened``     ``{"metadata": dict}``: derived start-document metadata found here (engines, the
+               refinement's probe), before any frame.
+``canvas``     ``{"shape", "origin_px", "pixel_size_m"}``: the snapshot canvas, at the first frame.
+``metrics``    ``{"row": dict, "frames_done", "frames_rejected"}``: one per reconstructed batch.
+``snapshot``   ``{"snapshot": Snapshot, "force": bool}``: the stitched network object.
+``refined``    ``{"snapshot": RefinedSnapshot, "seconds_since_last_frame", "force": bool}``.
+``final``      ``{"snapshot": RefinedSnapshot, "seconds_since_last_frame"}``: after the stop.
+``failed``     ``{"reason": str}``: the derived run will stop with ``"fail"``.
+``finished``   ``{"exit_status", "reason", "summary"}``: the raw stop document was handled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from event_model import DocumentRouter
+
+from ..metadata import PtychoMetadata
+from ..physics import crop_frames, object_pixel_size_m, stage_to_pixels
+from ..recon import PIEOptions, RefinedSnapshot, RefinerThread, StreamingRefiner
+from ..recon._crop_choice import CropChooser
+from ..recon._streaming import Snapshot, StreamingReconstructor
+from ._frames import FramePairer
+from ._run_probe import resolve_run_probe
+from ._settings import WorkerSettings
+
+__all__ = ["MESSAGE_KINDS", "RunReconstruction"]
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_KINDS = ("opened", "canvas", "metrics", "snapshot", "refined", "final", "failed",
+                 "finished")
+
+Send = Callable[[str, str, dict], None]
+
+
+class RunReconstruction(DocumentRouter):
+    """Reconstruct one raw run from its documents; report by messages.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network.
+    model_info : dict
+        The derived start document's ``model`` entry (for the probe a model was trained on).
+    settings : WorkerSettings
+        Batch size, snapshot cadence, device, refinement.
+    md : PtychoMetadata
+        The raw run's validated ``ptycho`` metadata.
+    raw_uid : str
+        The raw run's uid (every message carries it).
+    send : callable
+        ``send(kind, raw_uid, payload)``.
+    """
+
+    def __init__(self, model: torch.nn.Module, model_info: dict, settings: WorkerSettings,
+                 md: PtychoMetadata, raw_uid: str, send: Send) -> None:
+        super().__init__()
+        self.model, self.model_info, self.settings = model, model_info, settings
+        self.md, self.raw_uid, self._send = md, raw_uid, send
+        keys = md.positioner_keys
+        self.pairer = FramePairer(md.detector_key, keys.y, keys.x)
+        self.recon: StreamingReconstructor | None = None
+        self.refiner: RefinerThread | None = None
+        self.probe, self.probe_info = None, None
+        self.crop_chooser = CropChooser()
+        self.failed: str | None = None
+        self.finished = False
+        self.frames_done = self.frames_rejected = 0
+        self.since_snapshot = 0  # frames since the last snapshot message
+        self.snapshot: Snapshot | None = None
+        self.sent_refined: RefinedSnapshot | None = None
+        self.refine_after_stop_s = 0.0
+        self.started_at = time.time()
+
+    def send(self, kind: str, payload: dict) -> None:
+        self._send(kind, self.raw_uid, payload)
+
+    def fail(self, reason: str) -> None:
+        """Record the first failure and tell the RunEngine side; later work is skipped."""
+        if self.failed is None:
+            logger.error("live reconstruction of run %s failed: %s", self.raw_uid, reason)
+            self.failed = reason
+            self.send("failed", {"reason": reason})
+
+    # -- documents ---------------------------------------------------------------------------
+    def start(self, doc: dict) -> None:
+        metadata = {"engines": ["network"]}
+        if self.settings.refine:
+            dx, n = self._geometry()
+            self.probe, self.probe_info = resolve_run_probe(
+                self.md.to_document(), self.model_info, n, dx, self.md.energy_ev)
+            metadata["engines"].append(self.settings.refine)
+            metadata["refinement"] = {
+                "engine": self.settings.refine, "probe": self.probe_info,
+                "budget_after_stop_s": self.settings.refine_budget_s,
+                "duty": self.settings.refine_duty, "batch_size": self.settings.refine_batch_size,
+                "start": "flat from the first frames; later network images weighed against "
+                         "the refined state by the Fourier-magnitude residual",
+            }
+        self.send("opened", {"metadata": metadata})
+
+    def descriptor(self, doc: dict) -> None:
+        self.pairer.descriptor(doc)
+
+    def resource(self, doc: dict) -> None:
+        self.pairer.resource(doc)
+
+    def datum(self, doc: dict) -> None:
+        self.pairer.datum(doc)
+        self._drain(final=False)
+
+    def stream_resource(self, doc: dict) -> None:
+        self.pairer.stream_resource(doc)
+
+    def stream_datum(self, doc: dict) -> None:
+        self.pairer.stream_datum(doc)
+        self._drain(final=False)
+
+    def event(self, doc: dict) -> None:
+        self.pairer.event(doc)
+        self._drain(final=False)
+
+    def stop(self, doc: dict) -> None:
+        """Reconstruct what is left, refine to the stop rule, report ``finished``."""
+        steps = (("finishing", lambda: self._drain(final=True)),
+                 ("finishing the refinement", self._finish_refinement))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                logger.exception("run %s: error while %s", self.raw_uid, what)
+                self.fail(f"{type(exc).__name__} while {what}: {exc}")
+        self.pairer.close()
+        unpaired = self.pairer.unpaired
+        if unpaired:
+            logger.warning("run %s: %d frame(s) without a position or image at stop",
+                           self.raw_uid, unpaired)
+        raw_status = doc.get("exit_status", "success")
+        self.send("finished", {
+            "exit_status": "fail" if self.failed else raw_status,
+            "reason": self.failed or (doc.get("reason", "") if raw_status != "success" else ""),
+            "summary": self.summary(),
+        })
+        self.finished = True
+
+    def idle(self) -> None:
+        """No document for a while (a pause, a feedback decision): reconstruct what is
+        pending now instead of waiting for a full batch, and report the latest images."""
+        if self.failed or self.finished:
+            return
+        self._drain(final=False, force=True)
+        if self.recon is not None and self.recon.pending:
+            self.recon.flush()
+            self.since_snapshot = max(self.since_snapshot, 1)
+        self._snapshot()
+        self._send_refined()
+
+    # -- reconstruction ----------------------------------------------------------------------
+    def _geometry(self) -> tuple[float, int]:
+        """Object pixel (m) at the model's frame size, and that size."""
+        md = self.md
+        n_model = self.model.config.frame_size
+        n_det = int(md.frame_size or n_model)
+        dx_det = object_pixel_size_m(md.energy_ev, md.detector_distance_m,
+                                     md.detector_pixel_size_m, n_det)
+        return dx_det * n_det / n_model, n_model
+
+    def _make_reconstructor(self) -> StreamingReconstructor:
+        dx, n = self._geometry()
+        scan = self.md.scan or {}
+        extent = np.asarray(scan.get("extent_m", (0.0, 0.0)), dtype=float) / dx
+        centre = np.asarray(scan.get("center_m", (0.0, 0.0)), dtype=float)
+        centre_px = stage_to_pixels(centre[None], dx, sign=self.md.position_sign)[0]
+        side = np.ceil(np.abs(extent) + n + 2 * self.settings.canvas_margin_px).astype(int)
+        origin = centre_px - side / 2
+        shape = (int(side[0]), int(side[1]))
+        self.send("canvas", {"shape": shape, "origin_px": (float(origin[0]), float(origin[1])),
+                             "pixel_size_m": dx})
+        if self.settings.refine and self.probe_info is not None:
+            self._start_refiner(origin, shape)
+        return StreamingReconstructor(
+            self.model, object_shape=shape, origin_px=tuple(origin),
+            batch_size=self.settings.batch_size, device=self.settings.device,
+            crop=self.settings.crop,
+        )
+
+    def _start_refiner(self, origin: np.ndarray, shape: tuple[int, int]) -> None:
+        """The refinement tier: rPIE on the same canvas, in its own thread (never in the way
+        of the network preview: it only takes frames and hands back snapshots)."""
+        settings = self.settings
+        options = PIEOptions(engine=settings.refine, batch_size=settings.refine_batch_size,
+                             device=settings.device, progress=False, seed=0)
+        refiner = StreamingRefiner(self.probe, object_shape=shape, origin_px=tuple(origin),
+                                   options=options, frame_size=self.model.config.frame_size)
+        self.refiner = RefinerThread(refiner, snapshot_interval_s=settings.publish_interval_s,
+                                     duty=settings.refine_duty,
+                                     name=f"ptychopinn-refine-{self.raw_uid[:8]}")
+        self.refiner.start()
+
+    def _drain(self, final: bool, force: bool = False) -> None:
+        if self.failed:
+            return
+        while True:
+            frames, positions, seqs = self.pairer.pop_ready()
+            if not seqs:
+                break
+            if len(seqs) < self.settings.batch_size and not (final or force):
+                # put them back until a full batch has gathered (latency vs throughput)
+                self.pairer.put_back(frames, positions, seqs)
+                break
+            self._reconstruct(frames, positions)
+        if final:
+            if self.recon is not None:
+                self.recon.flush()
+            self._snapshot(force=True)
+
+    def _reconstruct(self, frames: np.ndarray, positions: np.ndarray) -> None:
+        if self.recon is None:
+            self.recon = self._make_reconstructor()
+        dx, n = self._geometry()
+        if frames.shape[-1] != n:
+            frames = crop_frames(frames.astype(np.float32), n)
+        positions_m = positions * self.md.position_scale_m  # units converted at the boundary
+        positions_px = stage_to_pixels(positions_m, dx, sign=self.md.position_sign)
+        flat = frames.reshape(len(frames), -1)
+        good = np.isfinite(flat).all(axis=1) & (flat.sum(axis=1) > 0)
+        if not good.all():
+            bad = int((~good).sum())
+            logger.warning("run %s: %d frame(s) NaN/inf or empty: not reconstructed",
+                           self.raw_uid, bad)
+            self.frames_rejected += bad
+        if not good.any():
+            self._send_metrics(0, 0.0)
+            return
+        frames_ok = frames[good].astype(np.float32)
+        t0 = time.perf_counter()
+        self.recon.add(frames_ok, positions_px[good])
+        latency = time.perf_counter() - t0
+        if self.refiner is not None:
+            if self.refiner.refiner.start is None and self.recon.n_frames:
+                # Until the refiner has started, every network image is a candidate start.
+                snap = self.recon.snapshot()
+                self.refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
+            self.refiner.add(frames_ok, positions_px[good])
+        if len(self.recon.crop_candidates) > 1:
+            self.crop_chooser.observe(frames_ok, positions_px[good])
+        done = int(good.sum())
+        self.frames_done += done
+        self._send_metrics(done, latency)
+        self.since_snapshot += done
+        if self.since_snapshot >= self.settings.snapshot_every:
+            self._snapshot()
+        # During a scan without pauses idle() never runs: refined images go out from here too.
+        self._send_refined()
+
+    def _send_metrics(self, done: int, latency: float) -> None:
+        self.send("metrics", {"row": {"batch_frames": done, "batch_latency_s": latency,
+                                      "frames_per_s": self.recon.stats()["frames_per_s"]},
+                              "frames_done": self.frames_done,
+                              "frames_rejected": self.frames_rejected})
+
+    def _snapshot(self, force: bool = False) -> None:
+        """A new stitched image every ``snapshot_every`` frames (and when forced): to the
+        RunEngine side, and to the refiner as a candidate start."""
+        if self.recon is None or (self.since_snapshot == 0 and not force):
+            return
+        if force or self.snapshot is None or self.snapshot.n_frames != self.recon.n_frames:
+            self._choose_crop(force)
+            self.snapshot = self.recon.snapshot()
+            if self.refiner is not None:
+                self.refiner.offer_seed(self.snapshot.object, self.snapshot.weight,
+                                        self.snapshot.origin_px)
+        self.send("snapshot", {"snapshot": self.snapshot, "force": force})
+        self.since_snapshot = 0
+
+    def _choose_crop(self, force: bool) -> None:
+        """``crop="auto"``: the stitching crop the scan itself prefers (recon/_crop_choice.py):
+        agreement with the refined image once there is one, else the Fourier residual with the
+        run's probe; at most every few seconds, and at the end."""
+        reference = probe = None
+        latest = self.refiner.latest if self.refiner is not None else None
+        if latest is not None and latest.epochs >= 1:
+            reference = (latest.object, latest.origin_px)
+        elif self.probe is not None:
+            probe = self.probe
+        self.crop_chooser.maybe_choose(self.recon, probe, reference, force=force)
+
+    # -- the refinement tier ------------------------------------------------------------------
+    def _send_refined(self, force: bool = False) -> None:
+        if self.refiner is None:
+            return
+        snap = self.refiner.latest
+        if snap is None or (snap is self.sent_refined and not force):
+            return
+        self.send("refined", {"snapshot": snap, "force": force,
+                              "seconds_since_last_frame": self._since_last_frame()})
+        self.sent_refined = snap
+
+    def _since_last_frame(self) -> float:
+        return float(time.monotonic() - self.refiner.last_frame_at)
+
+    def _finish_refinement(self) -> None:
+        """After the last frame: refine until the stop rule (epochs, time budget or
+        convergence), reporting as it goes; then the final refined image."""
+        if self.refiner is None:
+            return
+        t0 = time.monotonic()
+        settings = self.settings
+        self.refiner.finish(max_epochs=settings.refine_epochs, time_s=settings.refine_budget_s,
+                            tol=settings.refine_tol)
+        deadline = t0 + settings.refine_budget_s + 30.0  # a stuck refiner must not hold the run
+        while not self.refiner.done.wait(settings.publish_interval_s):
+            self._send_refined()
+            if time.monotonic() > deadline:
+                self.refiner.cancel()
+                break
+        self.refine_after_stop_s = time.monotonic() - t0
+        if self.refiner.failed:
+            raise RuntimeError(f"refinement: {self.refiner.failed}")
+        final = self.refiner.final or self.refiner.latest
+        if final is None:
+            return  # too few frames to refine: said so in the summary
+        self._send_refined(force=True)
+        self.send("final", {"snapshot": final,
+                            "seconds_since_last_frame": self._since_last_frame()})
+
+    # -- the stop summary ---------------------------------------------------------------------
+    def _refinement_summary(self) -> dict:
+        if self.refiner is None:
+            return {"ran": False, "probe": self.probe_info} if self.probe_info else {"ran": False}
+        snap = self.refiner.final or self.refiner.latest
+        refiner = self.refiner.refiner
+        summary = {
+            "ran": snap is not None, "engine": self.settings.refine, "probe": self.probe_info,
+            "frames": refiner.n_frames, "frames_not_refined": refiner.frames_dropped,
+            "seconds_after_stop": self.refine_after_stop_s, "failed": self.refiner.failed,
+        }
+        if snap is not None:
+            summary.update(epochs=snap.epochs, error=snap.error, residual=snap.residual,
+                           network_residual=snap.network_residual, best=snap.best,
+                           start=snap.start, start_residuals=snap.start_residuals,
+                           reconsiderations=snap.reconsiderations, refine_seconds=snap.busy_s)
+        return {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None)
+                for k, v in summary.items()}
+
+    def summary(self) -> dict:
+        """What this side knows for the derived stop document's ``ptychopinn`` entry."""
+        summary = {
+            "frames_done": self.frames_done,
+            "frames_rejected": self.frames_rejected,
+            "frames_unpaired": self.pairer.unpaired,
+            "frames_repeated": self.pairer.repeated,
+            "seconds": time.time() - self.started_at,
+        }
+        if self.recon is not None:
+            summary.update({k: v for k, v in self.recon.stats().items()
+                            if isinstance(v, (int, float)) and math.isfinite(v)})
+            summary["stitching"] = {"crop": self.recon.crop,
+                                    "candidates": list(self.recon.crop_candidates),
+                                    "scores": {str(k): v for k, v in
+                                               self.recon.crop_scores.items()
+                                               if math.isfinite(v)}}
+        summary["refinement"] = self._refinement_summary()
+        return summary
+
+    def close(self) -> None:
+        """Stop the refiner and close files (a run abandoned without its stop document)."""
+        if self.refiner is not None:
+            self.refiner.cancel()
+        self.pairer.close()

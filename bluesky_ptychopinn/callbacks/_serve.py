@@ -1,0 +1,112 @@
+"""The one reconstruction loop every transport runs: raw documents in, messages out.
+
+``serve(inbox, send, ...)`` takes items from ``inbox`` (a :class:`queue.Queue`, a
+:class:`multiprocessing.Queue`, a bus subscription adapted to ``get(timeout=)``) and keeps one
+:class:`~._reconstruction.RunReconstruction` per raw run uid:
+
+- ``("open", raw_uid, md)``: a new run, with its validated :class:`~..metadata.PtychoMetadata`;
+- ``("doc", raw_uid, name, doc)``: one of its raw documents (the start document included);
+- ``("shutdown",)``: return, abandoning the runs still open (the RunEngine side fails them).
+
+Everything it learns goes out through ``send(kind, raw_uid, payload)``. An error in one run
+fails that run only (``failed``, then ``finished`` with ``"fail"`` at its stop); with
+``BLUESKY_DEBUG_CALLBACKS=1`` it is raised instead, as bluesky's own safe callbacks do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable
+
+import torch
+
+from ._reconstruction import RunReconstruction, Send
+from ._settings import WorkerSettings
+
+__all__ = ["serve"]
+
+logger = logging.getLogger(__name__)
+
+
+def _debugging() -> bool:
+    return bool(os.environ.get("BLUESKY_DEBUG_CALLBACKS"))
+
+
+def _safely(run: RunReconstruction, name: str, doc: dict) -> None:
+    """``run(name, doc)``; an exception fails the run (and is raised when debugging)."""
+    try:
+        run(name, doc)
+    except Exception as exc:
+        logger.exception("run %s: error handling its %s document", run.raw_uid, name)
+        if _debugging():
+            raise
+        run.fail(f"{type(exc).__name__} while handling {name}: {exc}")
+    if name == "stop" and not run.finished:  # stop() itself failed: the run must still end
+        run.send("finished", {"exit_status": "fail", "reason": run.failed or "stop failed",
+                              "summary": {"frames_done": run.frames_done,
+                                          "frames_rejected": run.frames_rejected}})
+        run.finished = True
+
+
+def _idle(run: RunReconstruction) -> None:
+    try:
+        run.idle()
+    except Exception as exc:
+        logger.exception("run %s: error while flushing", run.raw_uid)
+        if _debugging():
+            raise
+        run.fail(f"{type(exc).__name__} while flushing: {exc}")
+
+
+def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
+          settings: WorkerSettings, *, alive: Callable[[], bool] = lambda: True) -> None:
+    """Reconstruct every run whose documents arrive in ``inbox`` until ``("shutdown",)``.
+
+    Parameters
+    ----------
+    inbox
+        Anything with ``get(timeout=...)`` raising :class:`queue.Empty`.
+    send : callable
+        ``send(kind, raw_uid, payload)``: the messages of :mod:`._reconstruction`.
+    model, model_info, settings
+        The network, its derived-run description and the reconstruction settings.
+    alive : callable
+        Checked when nothing arrives; ``False`` ends the loop (the RunEngine side is gone).
+    """
+    runs: dict[str, RunReconstruction] = {}
+    next_idle: dict[str, float] = {}
+    flush = settings.flush_after_s
+    try:
+        while True:
+            try:
+                item = inbox.get(timeout=flush if runs else 2.0)
+            except queue.Empty:
+                item = None
+            if item is None:
+                if not alive():
+                    return
+            elif item[0] == "shutdown":
+                return
+            elif item[0] == "open":
+                _, uid, md = item
+                runs[uid] = RunReconstruction(model, model_info, settings, md, uid, send)
+                next_idle[uid] = time.monotonic() + flush
+            else:
+                _, uid, name, doc = item
+                run = runs.get(uid)
+                if run is not None:
+                    _safely(run, name, doc)
+                    next_idle[uid] = time.monotonic() + flush
+                    if run.finished:
+                        del runs[uid], next_idle[uid]
+            now = time.monotonic()
+            for uid, run in runs.items():
+                if now >= next_idle[uid]:
+                    _idle(run)
+                    next_idle[uid] = now + flush
+    finally:
+        for run in runs.values():
+            run.close()
