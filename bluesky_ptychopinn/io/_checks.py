@@ -6,6 +6,7 @@ Also the JSON encoding of dataset metadata, shared by the writers.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,29 @@ def _describe_kinds(kinds: str) -> str:
     return " or ".join(_KIND_NAMES.get(k, k) for k in kinds)
 
 
+#: HDF5's message for a file shorter than its superblock says (an interrupted copy or write).
+_TRUNCATED = re.compile(r"truncated file: eof = (\d+).*stored_eof = (\d+)")
+
+
+def _open_problem(exc: OSError) -> str:
+    """What is wrong with a file HDF5 refused to open, in words (no HDF5 stack dump)."""
+    truncated = _TRUNCATED.search(str(exc))
+    if truncated:
+        have, want = (int(g) for g in truncated.groups())
+        return (f"truncated HDF5 file: {have} of {want} bytes present (an interrupted copy "
+                "or write?)")
+    return f"not a readable HDF5 file ({exc})"
+
+
 def open_hdf5(path: Path) -> h5py.File:
-    """Open read-only; a missing or non-HDF5 file is a :class:`FileFormatError`."""
+    """Open read-only; a missing, truncated or non-HDF5 file is a :class:`FileFormatError`."""
+    path = Path(path)
     if not path.is_file():
         raise FileFormatError(path, "", "no such file")
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise FileFormatError(path, "", f"not a readable HDF5 file ({exc})") from exc
+        raise FileFormatError(path, "", _open_problem(exc)) from exc
 
 
 def _load(container: Any, key: str, path: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ from typing import Any
 import h5py
 
 from ..errors import FileFormatError, InvalidInputError
+from ._checks import open_hdf5
 from ._cxi import read_cxi, write_cxi
 from ._dataset import PtychoDataset
 from ._npz import read_npz, write_npz
@@ -19,7 +20,8 @@ _HDF5_SUFFIXES = (".cxi", ".h5", ".hdf5", ".nxs")
 
 
 def _is_product(path: Path) -> bool:
-    with h5py.File(path, "r") as f:
+    # open_hdf5: a truncated or corrupt file is a FileFormatError, like in read_cxi
+    with open_hdf5(path) as f:
         return "entry_1" not in f and "probe" in f and "object" in f
 
 

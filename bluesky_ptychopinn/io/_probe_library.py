@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
 from ..geometry import object_pixel_size_m
-from ._checks import has, scalar
+from ._checks import has, open_hdf5, scalar
 from ._cxi import read_cxi_probe
 from ._npz import open_npz
 from ._product import read_product
@@ -109,7 +109,7 @@ def _from_npz(path: Path) -> tuple[Any, dict, str]:
 
 
 def _from_hdf5(path: Path) -> tuple[Any, dict, str]:
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path) as f:  # a truncated file is a FileFormatError, not an OSError
         is_cxi = "entry_1" in f
     if is_cxi:
         probe, info = read_cxi_probe(path)
