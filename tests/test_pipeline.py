@@ -160,25 +160,36 @@ def test_a_failure_inside_the_reconstruction_never_touches_the_scan(tiled, model
     assert "out of memory" in derived.stop["reason"]
 
 
-def test_nan_frames_are_rejected_and_counted_not_fatal(tiled, model):
+def test_nan_pixels_are_masked_not_the_frames_and_empty_frames_are_counted(tiled, model):
+    """How masked pixels often arrive: NaN. The pixel is masked for the run (and filled in for
+    the network), the frame reconstructed; a frame with no counts is rejected and counted."""
     live = LiveReconstruction(model, batch_size=8, torch_threads=1)
     RE, client = _engine(tiled, live)
     bl = sim_beamline("cells", write_path=None, seed=6)
     bl.detector.dtype = np.dtype(np.float32)
     original = bl.detector._compute_frame
+    calls = {"n": 0}
 
     def sometimes_nan():
         frame = original().astype(np.float32)
+        calls["n"] += 1
         if bl.stage.x.position > 0:
             frame[0, 0] = np.nan
+        if calls["n"] % 9 == 0:
+            frame[:] = 0.0
         return frame
 
     bl.detector._compute_frame = sometimes_nan
     result = _scan(bl, RE, n_side=6)
     state = live.wait(timeout=120)
     assert result.exit_status == "success" and state.failed is None
-    assert state.frames_rejected == 18 and state.frames_done == 18
-    assert client[state.derived_uid].stop["exit_status"] == "success"
+    assert state.frames_rejected == 4 and state.frames_done == 32
+    stop = client[state.derived_uid].stop
+    assert stop["exit_status"] == "success"
+    assert stop["ptychopinn"]["frames_rejected_by_cause"] == {"empty": 4}
+    assert stop["ptychopinn"]["masked_detector_pixels"] == 1
+    phase = client[state.derived_uid]["snapshots"]["object_phase"].read()[-1]
+    assert np.isfinite(phase).all()
 
 
 def test_a_dead_tiled_server_is_a_clear_error():

@@ -2,42 +2,81 @@
 
 Frames come inline in events or by reference (StreamResource/StreamDatum, or legacy
 Resource/Datum) to an HDF5 file the detector is still writing; positions come in events. Either
-can arrive first, so both are buffered by sequence number until they meet.
+can arrive first, so both are buffered by sequence number until they meet. What cannot be
+paired (a non-finite position, a file outside the data roots, an unsupported resource, frames
+the file never received) is counted by cause in :attr:`FramePairer.problems`.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
+import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import h5py
 import numpy as np
 
-__all__ = ["FramePairer", "uri_to_path"]
+from ._paths import DataRoots, PathRefused
+
+__all__ = ["FramePairer", "ReadTimeout"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds a detector file may take to open or read before the run gives it up.
+READ_TIMEOUT_S = 30.0
 
-def uri_to_path(uri: str) -> Path:
-    """``file://localhost/abs/path`` or ``file:///abs/path`` -> Path."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("file", ""):
-        raise ValueError(f"unsupported URI scheme {parsed.scheme!r} in {uri!r}")
-    return Path(parsed.path if parsed.scheme else uri)
+
+class ReadTimeout(OSError):
+    """A detector file did not answer in time (a FIFO, a hung network mount)."""
+
+
+def _with_timeout(call, timeout_s: float, what: str):
+    """``call()`` in a daemon thread; :class:`ReadTimeout` if it has not returned in time (the
+    thread is abandoned: a read stuck in the kernel cannot be interrupted, but it no longer
+    holds the run, and the other runs go on)."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name="ptychopinn-read")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise ReadTimeout(f"{what}: no answer in {timeout_s:g} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 @dataclass
 class _HDF5Source:
     path: Path
     dataset: str
+    timeout_s: float = READ_TIMEOUT_S
     handle: h5py.File | None = None
 
+    def _open(self) -> h5py.File:
+        mode = self.path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or a device would block the open forever
+            raise PathRefused(f"{str(self.path)!r} is not a regular file")
+        # SWMR read: the detector keeps appending while we read.
+        return h5py.File(self.path, "r", swmr=True, libver="latest")
+
     def read(self, start: int, stop: int) -> np.ndarray:
+        return _with_timeout(lambda: self._read(start, stop), self.timeout_s,
+                             f"reading {self.path}")
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         if self.handle is None:
-            # SWMR read: the detector keeps appending while we read.
-            self.handle = h5py.File(self.path, "r", swmr=True, libver="latest")
+            self.handle = self._open()
         dset = self.handle[self.dataset]
         dset.refresh()
         if dset.shape[0] < stop:
@@ -61,11 +100,14 @@ class FramePairer:
         The detector's image field.
     y_key, x_key : str
         Positioner fields (stage readbacks).
+    data_roots : DataRoots
+        Where detector files may be read from.
     """
 
     image_key: str
     y_key: str
     x_key: str
+    data_roots: DataRoots = field(default_factory=DataRoots)
     frames: dict[int, np.ndarray] = field(default_factory=dict)
     positions: dict[int, tuple[float, float]] = field(default_factory=dict)
     #: seq_num -> (source uid, first frame, stop frame) in the source's dataset
@@ -80,6 +122,16 @@ class FramePairer:
     #: sequence numbers already handed out by pop_ready, and repeats of them dropped
     done: set[int] = field(default_factory=set)
     repeated: int = 0
+    #: frames that will never be paired, by cause
+    problems: collections.Counter = field(default_factory=collections.Counter)
+    #: sequence numbers given up (their partner is dropped when it arrives)
+    skipped: set[int] = field(default_factory=set)
+    events_seen: int = 0  # rows in the descriptors that carry image and positions
+    #: rows in other descriptors of the run, and their data keys (to explain a wrong key)
+    other_rows: int = 0
+    other_keys: set[str] = field(default_factory=set)
+    refused: dict[str, str] = field(default_factory=dict)  # resource uid -> why not read
+    unsupported_datums: set[str] = field(default_factory=set)
 
     def descriptor(self, doc: dict) -> bool:
         """Track descriptors that carry both the image and the positions."""
@@ -87,41 +139,73 @@ class FramePairer:
         if self.image_key in keys and self.y_key in keys and self.x_key in keys:
             self.descriptors.add(doc["uid"])
             return True
+        self.other_keys.update(keys)
         return False
+
+    def _refuse(self, uid: str, exc: Exception) -> None:
+        self.refused[uid] = str(exc)
+        logger.error("detector file not read: %s", exc)
 
     def stream_resource(self, doc: dict) -> None:
         if doc.get("data_key") != self.image_key:
             return
         if doc.get("mimetype") not in ("application/x-hdf5",):
-            raise ValueError(f"unsupported detector file type {doc.get('mimetype')!r}")
-        self.sources[doc["uid"]] = _HDF5Source(uri_to_path(doc["uri"]),
-                                               doc["parameters"]["dataset"])
+            self._refuse(doc["uid"], ValueError(
+                f"unsupported detector file type {doc.get('mimetype')!r}"))
+            return
+        try:
+            path = self.data_roots.resolve(doc["uri"])
+        except PathRefused as exc:
+            self._refuse(doc["uid"], exc)
+            return
+        self.sources[doc["uid"]] = _HDF5Source(path, doc["parameters"]["dataset"])
 
     def stream_datum(self, doc: dict) -> None:
         source = doc["stream_resource"]
+        seq, idx = doc["seq_nums"], doc["indices"]
+        count = seq["stop"] - seq["start"]
+        if source in self.refused:
+            self.problems["file_refused"] += count
+            self.skipped.update(range(seq["start"], seq["stop"]))
+            return
         if source not in self.sources:
             return
-        seq, idx = doc["seq_nums"], doc["indices"]
-        for k in range(seq["stop"] - seq["start"]):
-            self.pending_refs[seq["start"] + k] = (source, idx["start"] + k, idx["start"] + k + 1)
+        for k in range(count):
+            if seq["start"] + k not in self.skipped:  # e.g. its position was not finite
+                self.pending_refs[seq["start"] + k] = (source, idx["start"] + k,
+                                                       idx["start"] + k + 1)
 
     def resource(self, doc: dict) -> None:
         """Legacy Resource: AD HDF5 files addressed by datum ``point_number``.
 
         As databroker's ``AD_HDF5`` handler: datum ``point_number`` p refers to frames
         ``[p * frame_per_point, (p + 1) * frame_per_point)``; several frames of one point are
-        summed (photon counts of repeated exposures at the same position).
+        summed (photon counts of repeated exposures at the same position). Other specs (e.g.
+        ``NPY_SEQ``) are refused and their frames counted, never silently ignored.
         """
-        if doc.get("spec", "").upper().startswith("AD_HDF5") or doc.get("spec") == "HDF5":
-            root = doc.get("root", "")
-            path = Path(root) / doc["resource_path"] if root else Path(doc["resource_path"])
-            kwargs = doc.get("resource_kwargs", {})
-            dataset = kwargs.get("dataset", "/entry/data/data")
-            self.sources[doc["uid"]] = _HDF5Source(path, dataset)
-            self.frames_per_point[doc["uid"]] = max(int(kwargs.get("frame_per_point", 1)), 1)
+        spec = doc.get("spec", "")
+        if not (spec.upper().startswith("AD_HDF5") or spec == "HDF5"):
+            self._refuse(doc["uid"], ValueError(
+                f"resource spec {spec!r} is not supported (AD_HDF5 / HDF5 are)"))
+            return
+        try:
+            path = self.data_roots.resolve(doc["resource_path"], root=doc.get("root", ""))
+        except PathRefused as exc:
+            self._refuse(doc["uid"], exc)
+            return
+        kwargs = doc.get("resource_kwargs", {})
+        dataset = kwargs.get("dataset", "/entry/data/data")
+        self.sources[doc["uid"]] = _HDF5Source(path, dataset)
+        self.frames_per_point[doc["uid"]] = max(int(kwargs.get("frame_per_point", 1)), 1)
 
     def datum(self, doc: dict) -> None:
         """Legacy Datum: one point of a Resource."""
+        if doc["resource"] in self.refused:
+            self.unsupported_datums.add(doc["datum_id"])
+            seq = self.unresolved.pop(doc["datum_id"], None)
+            if seq is not None:
+                self._give_up(seq, "file_refused")
+            return
         if doc["resource"] in self.sources:
             kwargs = doc.get("datum_kwargs", {})
             point = int(kwargs.get("point_number", kwargs.get("frame", 0)))
@@ -132,14 +216,34 @@ class FramePairer:
             else:
                 self.datum_map[doc["datum_id"]] = ref
 
+    def _give_up(self, seq: int, cause: str) -> None:
+        self.problems[cause] += 1
+        self.skipped.add(seq)
+        self.frames.pop(seq, None)
+        self.positions.pop(seq, None)
+        self.pending_refs.pop(seq, None)
+
     def event(self, doc: dict) -> None:
         if doc["descriptor"] not in self.descriptors:
+            self.other_rows += 1
             return
+        self.events_seen += 1
         data, seq = doc["data"], int(doc["seq_num"])
-        self.positions[seq] = (float(data[self.y_key]), float(data[self.x_key]))
+        if seq in self.skipped:  # given up already (and counted) at its StreamDatum
+            return
+        try:
+            position = (float(data[self.y_key]), float(data[self.x_key]))
+        except (TypeError, ValueError):
+            position = (math.nan, math.nan)
+        if not all(math.isfinite(v) for v in position):
+            self._give_up(seq, "nonfinite_position")
+            return
+        self.positions[seq] = position
         value = data.get(self.image_key)
         if isinstance(value, str):  # legacy datum reference
-            if value in self.datum_map:
+            if value in self.unsupported_datums:
+                self._give_up(seq, "file_refused")
+            elif value in self.datum_map:
                 self.pending_refs[seq] = self.datum_map.pop(value)
             else:  # its Datum has not arrived (yet)
                 self.unresolved[value] = seq
@@ -159,6 +263,12 @@ class FramePairer:
                 block = self.sources[source].read(start, stop)
             except IndexError:
                 continue
+            except (OSError, PathRefused) as exc:  # unreadable, hung, not a regular file
+                self._refuse(source, exc)
+                for s in [s for s, ref in self.pending_refs.items() if ref[0] == source]:
+                    self._give_up(s, "file_unreadable")
+                self.sources.pop(source).close()
+                break
             self.frames[seq] = block[0] if len(block) == 1 else block.sum(axis=0)
             del self.pending_refs[seq]
         ready = sorted(set(self.frames) & set(self.positions))
@@ -172,7 +282,12 @@ class FramePairer:
         self.done.update(ready)
         if not ready:
             return np.empty((0,)), np.empty((0, 2)), []
-        frames = np.stack([self.frames.pop(s) for s in ready])
+        popped = [self.frames.pop(s) for s in ready]
+        try:
+            frames = np.stack(popped)
+        except ValueError:  # frames of different shapes: the sanitizer sorts them out
+            frames = np.empty(len(popped), dtype=object)
+            frames[:] = popped
         positions = np.array([self.positions.pop(s) for s in ready], dtype=np.float64)
         return frames, positions, ready
 
@@ -188,6 +303,14 @@ class FramePairer:
         """Frames or positions still waiting for their partner."""
         return len(self.frames) + len(self.pending_refs) + len(
             set(self.positions) - set(self.frames) - set(self.pending_refs))
+
+    def abandon(self) -> int:
+        """At the stop: frames still referenced but never written to their file are given up
+        (``missing_in_file``); returns how many."""
+        missing = [s for s in self.pending_refs if s in self.positions]
+        for seq in missing:
+            self._give_up(seq, "missing_in_file")
+        return len(missing)
 
     def close(self) -> None:
         for source in self.sources.values():

@@ -118,6 +118,15 @@ class LiveReconstruction:
         The derived run's uid: a fresh one (default), or one computed from the raw run's uid,
         the model's sha256 and these settings, so that reconstructing a run again (a remote
         worker that took over a run) cannot leave two derived runs in a catalog.
+    data_roots : list of path-like
+        Directories detector files may be read from, besides the defaults (the current
+        directory, the system's temporary directory and ``$BLUESKY_PTYCHOPINN_DATA_ROOTS``).
+        A StreamResource/Resource outside them, on another host or not a regular file is not
+        read; its frames are counted as ``file_refused`` in the derived run's stop document.
+    max_canvas_px : int
+        Largest side, in object pixels, the reconstruction canvas may grow to; positions
+        beyond it (or far outside the scan the start document declares) are rejected as
+        outliers, so that one glitched encoder reading cannot allocate without bound.
 
     Examples
     --------
@@ -152,6 +161,8 @@ class LiveReconstruction:
         refine_batch_size: int = 16,
         crop: int | str = "auto",
         derived_uid: str = "random",
+        data_roots: tuple | list = (),
+        max_canvas_px: int = 8192,
     ) -> None:
         from ..models import ModelRegistry, file_sha256
         from ..models._checkpoint import WEIGHTS_NAME
@@ -191,7 +202,8 @@ class LiveReconstruction:
             publish_interval_s=float(publish_interval_s), refine=refine,
             refine_budget_s=float(refine_budget_s), refine_epochs=refine_epochs,
             refine_tol=refine_tol, refine_duty=float(refine_duty),
-            refine_batch_size=int(refine_batch_size), crop=crop, derived_uid=derived_uid)
+            refine_batch_size=int(refine_batch_size), crop=crop, derived_uid=derived_uid,
+            data_roots=tuple(str(r) for r in data_roots), max_canvas_px=int(max_canvas_px))
         self.image_key = image_key
         self.positioner_keys = positioner_keys
         self.max_queue = int(max_queue)

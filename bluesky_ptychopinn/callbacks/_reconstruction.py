@@ -21,6 +21,7 @@ payload)``. It never composes a document: the RunEngine side's
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -36,7 +37,9 @@ from ..recon import PIEOptions, RefinedSnapshot, RefinerThread, StreamingRefiner
 from ..recon._crop_choice import CropChooser
 from ..recon._streaming import Snapshot, StreamingReconstructor
 from ._frames import FramePairer
+from ._paths import DataRoots
 from ._run_probe import resolve_run_probe
+from ._sanitize import FrameSanitizer
 from ._settings import WorkerSettings
 
 __all__ = ["MESSAGE_KINDS", "RunReconstruction"]
@@ -74,7 +77,11 @@ class RunReconstruction(DocumentRouter):
         self.model, self.model_info, self.settings = model, model_info, settings
         self.md, self.raw_uid, self._send = md, raw_uid, send
         keys = md.positioner_keys
-        self.pairer = FramePairer(md.detector_key, keys.y, keys.x)
+        self.pairer = FramePairer(md.detector_key, keys.y, keys.x,
+                                  data_roots=DataRoots(extra=settings.data_roots))
+        self.sanitizer = FrameSanitizer(raw_uid)
+        self.outliers = 0  # positions far outside the declared scan or the canvas limit
+        self.canvas_centre_px = np.zeros(2)
         self.recon: StreamingReconstructor | None = None
         self.refiner: RefinerThread | None = None
         self.probe, self.probe_info = None, None
@@ -146,18 +153,56 @@ class RunReconstruction(DocumentRouter):
             except Exception as exc:
                 logger.exception("run %s: error while %s", self.raw_uid, what)
                 self.fail(f"{type(exc).__name__} while {what}: {exc}")
+        missing = self.pairer.abandon()
+        if missing:
+            logger.warning("run %s: %d frame(s) referenced but never in their file",
+                           self.raw_uid, missing)
         self.pairer.close()
         unpaired = self.pairer.unpaired
         if unpaired:
             logger.warning("run %s: %d frame(s) without a position or image at stop",
                            self.raw_uid, unpaired)
         raw_status = doc.get("exit_status", "success")
-        self.send("finished", {
-            "exit_status": "fail" if self.failed else raw_status,
-            "reason": self.failed or (doc.get("reason", "") if raw_status != "success" else ""),
-            "summary": self.summary(),
-        })
+        status = "fail" if self.failed else raw_status
+        reason = self.failed or (doc.get("reason", "") if raw_status != "success" else "")
+        if status == "success":
+            not_done = self._not_done()  # a derived run never says "success" for work not done
+            if not_done:
+                logger.error("run %s: %s", self.raw_uid, not_done)
+                status, reason = "fail", not_done
+        self.send("finished", {"exit_status": status, "reason": reason,
+                               "summary": self.summary()})
         self.finished = True
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Frames not reconstructed, by cause (pairing, frame content, positions)."""
+        causes = collections.Counter(self.pairer.problems) + self.sanitizer.rejected
+        if self.outliers:
+            causes["position_outlier"] += self.outliers
+        return {k: v for k, v in causes.items() if v}
+
+    def _not_done(self) -> str:
+        """Why the run must not be called a success, or "" (most frames reconstructed)."""
+        rejected = self.rejected
+        total = self.frames_done + sum(rejected.values()) + self.pairer.unpaired
+        causes = ", ".join(f"{v} {k}" for k, v in sorted(rejected.items()))
+        if self.frames_done == 0:
+            pairer = self.pairer
+            if not pairer.descriptors and pairer.other_rows:
+                return (f"no frame reconstructed: no stream of the run has the image "
+                        f"{pairer.image_key!r} with positions {pairer.y_key!r}, "
+                        f"{pairer.x_key!r} (its data keys: {sorted(pairer.other_keys)[:12]})")
+            if pairer.refused:
+                return ("no frame reconstructed: detector file(s) not read: "
+                        + next(iter(pairer.refused.values())))
+            if total == 0:
+                return "no frame reconstructed: the run has no frames"
+            return f"no frame reconstructed of {total} ({causes or 'unpaired'})"
+        if self.frames_done < 0.5 * total:
+            return (f"only {self.frames_done} of {total} frames reconstructed "
+                    f"({causes or f'{self.pairer.unpaired} unpaired'})")
+        return ""
 
     def idle(self) -> None:
         """No document for a while (a pause, a feedback decision): reconstruct what is
@@ -189,6 +234,7 @@ class RunReconstruction(DocumentRouter):
         centre_px = stage_to_pixels(centre[None], dx, sign=self.md.position_sign)[0]
         side = np.ceil(np.abs(extent) + n + 2 * self.settings.canvas_margin_px).astype(int)
         origin = centre_px - side / 2
+        self.canvas_centre_px = centre_px
         shape = (int(side[0]), int(side[1]))
         self.send("canvas", {"shape": shape, "origin_px": (float(origin[0]), float(origin[1])),
                              "pixel_size_m": dx})
@@ -234,33 +280,36 @@ class RunReconstruction(DocumentRouter):
         if self.recon is None:
             self.recon = self._make_reconstructor()
         dx, n = self._geometry()
-        if frames.shape[-1] != n:
-            frames = crop_frames(frames.astype(np.float32), n)
+        rejected_before = sum(self.rejected.values())
+        counts, good = self.sanitizer.clean(frames)
+        positions = positions[good]
+        if len(counts) and counts.shape[-1] != n:
+            counts = crop_frames(counts, n)
         positions_m = positions * self.md.position_scale_m  # units converted at the boundary
         positions_px = stage_to_pixels(positions_m, dx, sign=self.md.position_sign)
-        flat = frames.reshape(len(frames), -1)
-        good = np.isfinite(flat).all(axis=1) & (flat.sum(axis=1) > 0)
-        if not good.all():
-            bad = int((~good).sum())
-            logger.warning("run %s: %d frame(s) NaN/inf or empty: not reconstructed",
-                           self.raw_uid, bad)
-            self.frames_rejected += bad
-        if not good.any():
+        inside = self._inside(positions_m, positions_px, dx, n)
+        counts, positions_px = counts[inside], positions_px[inside]
+        self.frames_rejected = sum(self.rejected.values())
+        if self.frames_rejected > rejected_before:
+            logger.warning("run %s: %d frame(s) not reconstructed (so far: %s)", self.raw_uid,
+                           self.frames_rejected - rejected_before, self.rejected)
+        if not len(counts):
             self._send_metrics(0, 0.0)
             return
-        frames_ok = frames[good].astype(np.float32)
         t0 = time.perf_counter()
-        self.recon.add(frames_ok, positions_px[good])
+        self.recon.add(counts, positions_px)
         latency = time.perf_counter() - t0
         if self.refiner is not None:
             if self.refiner.refiner.start is None and self.recon.n_frames:
                 # Until the refiner has started, every network image is a candidate start.
                 snap = self.recon.snapshot()
                 self.refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
-            self.refiner.add(frames_ok, positions_px[good])
+            if self.sanitizer.bad_pixels is not None:
+                self.refiner.refiner.mask_pixels(_centre_crop(self.sanitizer.bad_pixels, n))
+            self.refiner.add(counts, positions_px)
         if len(self.recon.crop_candidates) > 1:
-            self.crop_chooser.observe(frames_ok, positions_px[good])
-        done = int(good.sum())
+            self.crop_chooser.observe(counts, positions_px)
+        done = len(counts)
         self.frames_done += done
         self._send_metrics(done, latency)
         self.since_snapshot += done
@@ -268,6 +317,23 @@ class RunReconstruction(DocumentRouter):
             self._snapshot()
         # During a scan without pauses idle() never runs: refined images go out from here too.
         self._send_refined()
+
+    def _inside(self, positions_m: np.ndarray, positions_px: np.ndarray, dx: float,
+                n: int) -> np.ndarray:
+        """Positions to use: within the declared scan (with a margin: jitter, a scan a
+        little larger than declared) and within the canvas limit. One glitched encoder
+        reading far away would otherwise grow the canvas, and memory, without bound."""
+        keep = np.ones(len(positions_m), bool)
+        scan = self.md.scan or {}
+        extent = np.abs(np.asarray(scan.get("extent_m", (0.0, 0.0)), dtype=float))
+        if extent.shape == (2,) and (extent > 0).all():
+            centre = np.asarray(scan.get("center_m", (0.0, 0.0)), dtype=float)
+            margin = np.maximum(0.25 * extent, 2 * n * dx)
+            keep &= (np.abs(positions_m - centre) <= extent / 2 + margin).all(axis=1)
+        limit = self.settings.max_canvas_px / 2 - n
+        keep &= (np.abs(positions_px - self.canvas_centre_px) <= limit).all(axis=1)
+        self.outliers += int((~keep).sum())
+        return keep
 
     def _send_metrics(self, done: int, latency: float) -> None:
         self.send("metrics", {"row": {"batch_frames": done, "batch_latency_s": latency,
@@ -364,6 +430,9 @@ class RunReconstruction(DocumentRouter):
         summary = {
             "frames_done": self.frames_done,
             "frames_rejected": self.frames_rejected,
+            "frames_rejected_by_cause": self.rejected,
+            "masked_detector_pixels": self.sanitizer.summary()["masked_detector_pixels"],
+            "negative_pixels_clipped": self.sanitizer.clipped_pixels,
             "frames_unpaired": self.pairer.unpaired,
             "frames_repeated": self.pairer.repeated,
             "seconds": time.time() - self.started_at,
@@ -384,3 +453,10 @@ class RunReconstruction(DocumentRouter):
         if self.refiner is not None:
             self.refiner.cancel()
         self.pairer.close()
+
+
+def _centre_crop(mask: np.ndarray, n: int) -> np.ndarray:
+    """The centre n x n of a detector mask (frames are centre-cropped the same way)."""
+    h, w = mask.shape
+    top, left = (h - n) // 2, (w - n) // 2
+    return mask[top : top + n, left : left + n]

@@ -37,6 +37,8 @@ class WorkerSettings:
     refine_batch_size: int = 16
     crop: int | str = "auto"
     derived_uid: str = "random"
+    data_roots: tuple[str, ...] = ()  # added to the default data roots (callbacks/_paths.py)
+    max_canvas_px: int = 8192  # canvas side the network and refiner may grow to, at most
 
 
 def derived_run_uid(raw_uid: str, model_info: dict, settings: WorkerSettings) -> str | None:

@@ -517,6 +517,17 @@ class StreamingRefiner:
                                       device=self.device)
         return self._mask_t
 
+    def mask_pixels(self, bad) -> None:
+        """Detector pixels not to fit from now on (``bad``: (N, N) bool, True = bad; e.g.
+        NaN or saturated pixels): their modelled amplitude is kept (rPIE's mask)."""
+        bad_t = torch.as_tensor(np.asarray(bad, dtype=bool), device=self.device)
+        if tuple(bad_t.shape) != (self.frame_size, self.frame_size):
+            raise InvalidInputError(f"mask: expected ({self.frame_size}, {self.frame_size}), "
+                                    f"got {tuple(bad_t.shape)}")
+        mask = self._mask & ~bad_t
+        if bool(mask.any()):
+            self._mask_t = mask
+
     # -- iterate -----------------------------------------------------------------------------
     def _next_batch(self, limit: int | None = None) -> torch.Tensor:
         """New frames first (they have never been used), then a random order over all frames.
