@@ -223,11 +223,31 @@ def test_a_late_worker_takes_the_backlog_and_rides_out_a_bus_restart(
         uid = _scan(RE, bl, n_side=5)
         assert handle.flush(30), handle.stats
         _wait_finished([late], [uid])
+        # A run announced again after it was finished (an acknowledgement lost): its complete
+        # derived run is kept, not written twice.
+        asyncio.run(_announce_again(bus.url, BEAMLINE, uids[0]))
+        deadline = time.monotonic() + 60
+        while late.runs("finished").count(uids[0]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert re.search(rf"finished run {uids[0]} .*\(kept\)", late.text()), late.text()
+        _assert_one_whole_derived_run(tiled.client(), uids[0], 25)
     finally:
         late.stop()
         handle.close()
     assert "lost the bus" in late.text()
     _assert_one_whole_derived_run(tiled.client(), uid, 25)
+
+
+async def _announce_again(url: str, beamline: str, uid: str) -> None:
+    import nats
+
+    from bluesky_ptychopinn.distributed import runs_subject
+    from bluesky_ptychopinn.distributed._codec import encode
+
+    nc = await nats.connect(url)
+    await nc.jetstream().publish(runs_subject(beamline), encode("run", {"uid": uid}),
+                                 headers={"Nats-Msg-Id": f"again:{uid}"})
+    await nc.close()
 
 
 async def _read_run(url: str, beamline: str, uid: str) -> list[tuple[str, dict]]:
