@@ -264,6 +264,56 @@ def models_show(name: str = typer.Argument("default"),
     print(json.dumps(card, indent=2, default=str))
 
 
+def _verify_status(identity) -> str:
+    if identity.verified:
+        return "ok"
+    if not identity.weights_sha256_verified:
+        return "MODIFIED weights (sha256 differs from the card)"
+    return "unsigned or MODIFIED card (sha256 differs from its card_sha256)"
+
+
+@models_app.command("verify")
+def models_verify(names: list[str] = typer.Argument(None, help="Model names or directories "
+                                                    "(default: every model found)."),
+                  root: Path = typer.Option(None, help="User model directory.")) -> None:
+    """Check each model's weights and card against their recorded hashes (exit 1 if any
+    differs)."""
+    from .models import ModelRegistry, verify_model
+
+    registry = ModelRegistry(root)
+    bad = 0
+    for name in names or [card["path"] for card in registry.list()]:
+        try:
+            identity = verify_model(registry.path(name))
+            status = f"{_verify_status(identity)} (model sha256 {identity.sha256[:16]}...)"
+        except PtychoError as exc:
+            status = f"error: {exc}"
+        bad += not status.startswith("ok ")
+        print(f"{name}: {status}")
+    if bad:
+        console.print(f"{bad} model(s) not verified; after checking one, accept it with "
+                      "`bluesky-ptychopinn models sign DIR`", soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+@models_app.command("sign")
+def models_sign(name: str = typer.Argument(..., help="Model name or directory."),
+                root: Path = typer.Option(None, help="User model directory."),
+                accept_weights: bool = typer.Option(
+                    False, help="Also accept weights that differ from the card's sha256.")
+                ) -> None:
+    """Accept a model's card as it is now (records its card_sha256): for a model saved before
+    cards were signed, or a card edited on purpose. Check the model first."""
+    from .models import ModelRegistry, sign_model
+
+    try:
+        path = ModelRegistry(root).path(name)
+        identity = sign_model(path, accept_weights=accept_weights)
+    except (PtychoError, OSError) as exc:
+        _fail(exc)
+    print(f"signed {path}: model sha256 {identity.sha256}")
+
+
 @app.command()
 def train(
     output: Path = typer.Argument(..., help="Model directory to write (safetensors + JSON)."),

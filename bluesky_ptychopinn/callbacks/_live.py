@@ -164,8 +164,7 @@ class LiveReconstruction:
         data_roots: tuple | list = (),
         max_canvas_px: int = 8192,
     ) -> None:
-        from ..models import ModelRegistry, file_sha256
-        from ..models._checkpoint import WEIGHTS_NAME
+        from ..models import ModelRegistry, load_verified_model
 
         if backpressure not in ("skip", "block"):
             raise InvalidInputError(f"backpressure: 'skip' or 'block', got {backpressure!r}")
@@ -184,13 +183,14 @@ class LiveReconstruction:
         if isinstance(model, torch.nn.Module):
             self.model, self.model_info = model, {"name": "in-memory", "sha256": None}
         else:
-            registry = ModelRegistry()
-            path = registry.path(model)
-            self.model, card = registry.load(path, device="cpu")
+            path = ModelRegistry().path(model)
+            # Refuses weights or a card that differ from their recorded hashes; the identity
+            # holds the hashes of the very bytes loaded (sha256: card + weights), so the run
+            # reports what was verified, not what the card claims.
+            self.model, card, identity = load_verified_model(path, device="cpu")
             self.model_path = str(path)
             self.model_info = {
-                "name": str(model), "path": str(path), "sha256": card["sha256"],
-                "weights_sha256_verified": file_sha256(path / WEIGHTS_NAME) == card["sha256"],
+                "name": str(model), "path": str(path), **identity.as_dict(),
                 "architecture": card["architecture"],
                 "training_probes": card.get("provenance", {}).get("training_data", {})
                 .get("probes", []),
