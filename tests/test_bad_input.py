@@ -150,7 +150,7 @@ def test_one_nan_position_and_one_wrong_size_frame_are_skipped_not_fatal(beamlin
                                                           "wrong_shape": 1}
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.uint16, np.int32])
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.uint16, np.int32, np.bool_])
 def test_other_dtypes_are_converted_explicitly(beamline, live, dtype):
     frames, pos = _points(beamline)
     state, stop = _run(live, _inline_run(beamline, np.minimum(frames, 6e4).astype(dtype), pos))

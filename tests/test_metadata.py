@@ -78,3 +78,49 @@ def test_a_start_document_with_a_missing_field_fails_its_derived_run_at_once(tmp
     assert docs[0][1]["original_run_uid"] == start["uid"]
     assert docs[-1][1]["exit_status"] == "fail"
     assert "ptycho.detector_distance_m" in docs[-1][1]["reason"]
+
+
+BAD_PTYCHO = [
+    *[({k: v for k, v in GOOD.items() if k != key}, f"ptycho.{key}") for key in GOOD],
+    ({**GOOD, "energy_ev": "8.8 keV"}, "ptycho.energy_ev"),
+    ({**GOOD, "energy_ev": 0}, "ptycho.energy_ev"),
+    ({**GOOD, "detector_pixel_size_m": None}, "ptycho.detector_pixel_size_m"),
+    ({**GOOD, "detector_pixel_size_m": [75e-6]}, "ptycho.detector_pixel_size_m"),
+    ({**GOOD, "detector_key": ""}, "ptycho.detector_key"),
+    ({**GOOD, "detector_key": 7}, "ptycho.detector_key"),
+    ({**GOOD, "positioner_keys": ["sy", "sx"]}, "ptycho.positioner_keys"),
+    ({**GOOD, "positioner_keys": {"x": "sx"}}, "ptycho.positioner_keys.y"),
+    ({**GOOD, "positioner_keys": {"y": "", "x": "sx"}}, "ptycho.positioner_keys.y"),
+    ({**GOOD, "position_units": "inch"}, "ptycho.position_units"),
+    ({**GOOD, "position_sign": 0}, "ptycho.position_sign"),
+    ({**GOOD, "dc_position": "middle"}, "ptycho.dc_position"),
+    ({**GOOD, "frame_size": 0}, "ptycho.frame_size"),
+    ({**GOOD, "frame_size": 64.5}, "ptycho.frame_size"),
+    ({**GOOD, "scan": "raster"}, "ptycho.scan"),
+    ("yes", "expected a dictionary"),
+    (None, "expected a dictionary"),
+    ([GOOD], "expected a dictionary"),
+]
+
+
+@pytest.fixture(scope="module")
+def live():
+    live = LiveReconstruction("default", isolation="thread", refine=None, torch_threads=1)
+    yield live
+    live.close()
+
+
+@pytest.mark.parametrize("ptycho, field", BAD_PTYCHO)
+def test_each_bad_ptycho_dictionary_fails_its_derived_run_at_once_naming_it(live, ptycho,
+                                                                            field):
+    from event_model import compose_run
+
+    bundle = compose_run(metadata={"ptycho": ptycho})
+    out = []
+    live.subscribe(lambda name, doc: out.append((name, doc)))
+    live("start", bundle.start_doc)
+    state = live.wait(bundle.start_doc["uid"], timeout=10)  # at once: no stop needed
+    live("stop", bundle.compose_stop())
+    live._subscribers.pop()
+    assert field in state.failed
+    assert [n for n, _ in out] == ["start", "stop"] and out[1][1]["exit_status"] == "fail"
