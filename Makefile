@@ -28,6 +28,7 @@ demo: venv
 test: venv
 	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench
 	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules bluesky_ptychopinn
 
 lint: venv
 	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench

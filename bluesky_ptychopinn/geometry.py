@@ -1,6 +1,6 @@
 """Units and the one conversion between positions in metres and object pixels (numpy only).
 
-Our position convention (CONVENTIONS.md): probe centres, (y, x) = (row, column), in object
+Our position convention (docs/conventions.md): probe centres, (y, x) = (row, column), in object
 pixels whose origin is the *centre* of object pixel (0, 0). Files hold positions in metres in
 the lab frame of the sample stage; CXI ``translation`` (x, y) is the sample-stage position,
 which we take to be the probe centre on the object (``sign=+1``; y is the row axis). Every

@@ -3,7 +3,7 @@
 Plans and simulated beamlines write it with :meth:`PtychoMetadata.to_document`; the live
 callback reads it with :meth:`PtychoMetadata.from_start`, once, at the start document, so that
 a scan with a missing or malformed field fails its derived run at once with a message naming
-the field (not later, as a ``KeyError`` deep in the reconstruction). See CONVENTIONS.md.
+the field (not later, as a ``KeyError`` deep in the reconstruction). See docs/conventions.md.
 
 Examples
 --------
@@ -36,7 +36,7 @@ class InvalidMetadataError(InvalidInputError):
 
 
 class PositionerKeys(BaseModel):
-    """Event data keys of the stage readings (CONVENTIONS.md: y first, then x; other axes a
+    """Event data keys of the stage readings (docs/conventions.md: y first, then x; other axes a
     beamline records are kept but not used)."""
 
     model_config = ConfigDict(extra="allow")

@@ -74,7 +74,7 @@ class RunState:
 
 def derived_start_metadata(start: dict, md: PtychoMetadata | dict | None,
                            model_info: dict) -> dict:
-    """Start-document metadata of the derived run of raw run ``start`` (CONVENTIONS.md)."""
+    """Start-document metadata of the derived run of raw run ``start`` (docs/conventions.md)."""
     ptycho = md.to_document() if isinstance(md, PtychoMetadata) else md
     metadata = {
         "plan_name": RECONSTRUCTION_PLAN_NAME,

@@ -1,6 +1,6 @@
 """File formats: PtychoPINN NPZ, CXI, the ptychodus product (read only), and the probe library.
 
-Every reader returns data in the project's conventions (CONVENTIONS.md) and records the
+Every reader returns data in the project's conventions (docs/conventions.md) and records the
 conversions it applied in ``metadata["conversions"]`` (amplitude -> counts, DC corner -> centre,
 joules -> eV, metres -> object pixels); bad files raise
 :class:`~bluesky_ptychopinn.errors.FileFormatError` naming the file, the field and what was

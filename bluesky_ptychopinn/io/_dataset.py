@@ -38,7 +38,7 @@ def _as_complex64(value: object) -> np.ndarray:
 
 @dataclass(repr=False)
 class PtychoDataset:
-    """A ptychography experiment in the project's conventions (CONVENTIONS.md).
+    """A ptychography experiment in the project's conventions (docs/conventions.md).
 
     Construction normalises containers only (arrays become numpy arrays, a bare (N, N) probe
     becomes (1, N, N), probe and object become complex64, positions float64) and fills

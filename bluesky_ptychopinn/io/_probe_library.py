@@ -3,7 +3,8 @@
 Each probe ``<name>`` is two files in the library directory:
 
 - ``<name>.npz``: ``probe`` complex64 (M, N, N), normalised to sum |P|^2 = 1 (the photon scale
-  is kept apart, CONVENTIONS.md), and ``pixel_size_m`` (the object pixel size it is sampled at);
+  is kept apart, docs/conventions.md), and ``pixel_size_m`` (the object pixel size it is
+  sampled at);
 - ``<name>.json``: name, instrument, energy_ev, pixel_size_m, shape, modes, source file, sha256
   of the probe array bytes (complex64, C order), created date (UTC, ISO 8601).
 

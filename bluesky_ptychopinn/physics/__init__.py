@@ -1,8 +1,8 @@
 """Ptychographic forward model and geometry in torch: device-agnostic, batched, differentiable.
 
-Conventions (see CONVENTIONS.md): frames are photon counts with DC at (N//2, N//2); the far field
-is ``fftshift(fft2(P * O, norm="ortho"))``; positions are probe centres (y, x) in object pixels
-with the origin at the centre of pixel (0, 0); probes are (M, N, N) incoherent modes.
+Conventions (see docs/conventions.md): frames are photon counts with DC at (N//2, N//2); the far
+field is ``fftshift(fft2(P * O, norm="ortho"))``; positions are probe centres (y, x) in object
+pixels with the origin at the centre of pixel (0, 0); probes are (M, N, N) incoherent modes.
 """
 
 from ._geometry import (

@@ -1,4 +1,4 @@
-"""The ``ptycho`` start-document dictionary every plan writes (CONVENTIONS.md)."""
+"""The ``ptycho`` start-document dictionary every plan writes (docs/conventions.md)."""
 
 from __future__ import annotations
 

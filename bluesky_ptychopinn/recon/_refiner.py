@@ -620,7 +620,7 @@ class StreamingRefiner:
         return self.error
 
     def _keep_probe(self, probe: torch.Tensor) -> None:
-        """Store a photon-scaled probe as unit norm + scale (CONVENTIONS.md)."""
+        """Store a photon-scaled probe as unit norm + scale (docs/conventions.md)."""
         power = float(probe.abs().square().sum())
         self.photon_scale = power
         self.probe = probe / math.sqrt(power)
