@@ -1,0 +1,632 @@
+"""A Tiled writer that never blocks or aborts the scan: documents are journaled to disk and
+delivered by a background thread, through a fresh ``TiledWriter`` per run.
+
+Why not ``TiledWriter(backup_directory=...)``: in bluesky-tiled-plugins 2.0.12 it still calls
+Tiled in the caller's thread (the client retries a dead server for up to 45 s per request, so
+the RunEngine waits), and once a request fails it writes the rest of the run to JSON lines that
+nobody delivers; the half-written run stays in Tiled.
+
+How a run reaches Tiled exactly once:
+
+* Every document is appended to the run's journal (``<spool>/<label>/<start uid>.journal``)
+  before ``__call__`` returns; a small in-memory buffer spares the thread reading it back.
+* The delivery thread feeds the documents to the run's writer. If a call fails, the run's
+  state in Tiled is unknown (the request may have been applied and only its reply lost, or
+  the writer's own retries may have appended a batch twice), so it is never patched up: once
+  Tiled answers again the run's container is deleted and the whole run replayed from its
+  journal into a fresh writer, then followed live.
+* After the stop document the run is checked in Tiled: stop metadata present, every stream
+  with as many rows (unique ``seq_num``) and array entries as events were journaled. A run that
+  does not pass is replayed the same way. Only then is its journal deleted.
+
+A crash leaves journals behind; the next writer of the same label, or
+``bluesky-ptychopinn spool flush``, delivers them. A journal being written is locked (flock),
+so two processes never deliver the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._journal import JournalWriter, encode_document, read_journal, read_record_at
+
+__all__ = ["SpooledWriter", "SpoolStats", "default_spool_dir", "flush_spool", "spool_status"]
+
+logger = logging.getLogger(__name__)
+
+#: Documents routed to their run by ``run_start``, by descriptor, by resource.
+_BY_RUN_START = ("descriptor", "stop", "resource", "stream_resource")
+_BY_DESCRIPTOR = ("event", "event_page", "stream_datum")
+_BY_RESOURCE = ("datum", "datum_page")
+#: A delivery call running longer than this means Tiled is not answering: count as spooled.
+#: (Healthy requests take well under a second, a loaded machine's first writes up to ~2 s.)
+_STALLED_S = 5.0
+
+
+def default_spool_dir() -> Path:
+    """``$PTYCHOPINN_SPOOL`` or ``~/.local/share/bluesky-ptychopinn/spool``."""
+    env = os.environ.get("PTYCHOPINN_SPOOL")
+    return Path(env) if env else Path.home() / ".local" / "share" / "bluesky-ptychopinn" / "spool"
+
+
+def _private_dir(path: Path) -> Path:
+    # Documents are the experiment's data: readable by the user only, as the catalog is.
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name != "posix":
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` says "Tiled is not reachable now" rather than "this cannot be written"."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, OSError))
+
+
+@dataclass
+class SpoolStats:
+    """Counters of a :class:`SpooledWriter` (or of one :func:`flush_spool`).
+
+    Attributes
+    ----------
+    received : int
+        Documents handed to the writer.
+    spooled : int
+        Documents that arrived while Tiled was unreachable (or a delivery call had been stuck
+        for over 5 s): they waited in the journal for Tiled.
+    delivered : int
+        Documents handed to a run's writer that were kept (a run's final, verified pass).
+    redelivered : int
+        Documents sent again because their run was deleted and replayed.
+    replays : int
+        Runs deleted in Tiled and written again from their journal.
+    runs_done : int
+        Runs delivered and verified in Tiled (their journal removed).
+    outages : int
+        Times delivery found Tiled unreachable.
+    dropped : int
+        Documents that could not be journaled (no run to route them to, or a disk error).
+    max_backlog : int
+        Most documents waiting for delivery at one time.
+    """
+
+    received: int = 0
+    spooled: int = 0
+    delivered: int = 0
+    redelivered: int = 0
+    replays: int = 0
+    runs_done: int = 0
+    outages: int = 0
+    dropped: int = 0
+    max_backlog: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class _Run:
+    """One run's journal and where its delivery stands."""
+
+    uid: str
+    path: Path
+    offsets: list[int] = field(default_factory=list)
+    journal: JournalWriter | None = None  # None: an orphan journal (written by an ended process)
+    lock_fd: int = -1
+    stop_uid: str | None = None
+    stop_seen: bool = False
+    cursor: int = 0  # documents handed to the current writer
+    attempted: int = 0  # most documents ever handed to a writer (to count redeliveries)
+    writer: Any = None
+    dirty: bool = False  # Tiled's copy is unknown: delete and replay before going on
+    failures: int = 0  # non-transient failures (a replay that fails the same way each time)
+    events: Counter = field(default_factory=Counter)  # per stream, in the current pass
+    streams: dict = field(default_factory=dict)  # descriptor uid -> stream name
+    reader: Any = None
+
+    @property
+    def written(self) -> int:
+        return len(self.offsets)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        if self.journal is not None:
+            self.journal.close()  # releases the flock with the descriptor
+            self.journal = None
+        elif self.lock_fd >= 0:
+            os.close(self.lock_fd)
+        self.lock_fd = -1
+
+
+def _open_orphan(path: Path) -> _Run | None:
+    """A journal no live process holds, with its records indexed; None if it is held."""
+    fd = os.open(path, os.O_RDONLY)
+    if not _try_lock(fd):
+        os.close(fd)
+        return None
+    run = _Run(uid=path.stem, path=path, lock_fd=fd)
+    for offset, name, doc in read_journal(path):
+        run.offsets.append(offset)
+        if name == "stop":
+            run.stop_seen, run.stop_uid = True, doc.get("uid")
+    return run
+
+
+def _nothing(key) -> None:
+    return None
+
+
+class _Delivery:
+    """Feeding journaled runs through fresh TiledWriters, deleting and replaying on doubt."""
+
+    def __init__(self, template, stats: SpoolStats, max_failures: int = 3) -> None:
+        self.template = template
+        self.client = template.client
+        self.stats = stats
+        self.max_failures = max_failures
+
+    def new_writer(self):
+        """A TiledWriter like the template, with no run state (its own RunRouter)."""
+        from event_model import RunRouter
+
+        writer = copy.copy(self.template)
+        if hasattr(writer, "_run_router"):
+            writer._run_router = RunRouter([writer._factory])
+        return writer
+
+    def document(self, run: _Run, index: int, take: Callable) -> tuple[str, dict]:
+        cached = take((run.uid, index))
+        if cached is not None:
+            return cached
+        if run.reader is None:
+            run.reader = open(run.path, "rb")  # noqa: SIM115 (kept open across calls)
+        return read_record_at(run.reader, run.offsets[index])
+
+    def reset(self, run: _Run) -> None:
+        """Delete the run's container in Tiled (if any) and start a fresh writer at 0."""
+        with contextlib.suppress(KeyError):
+            self.client.delete_contents([run.uid], recursive=True, external_only=False)
+        run.writer, run.cursor, run.dirty = self.new_writer(), 0, False
+        run.events.clear()
+        self.stats.replays += 1
+
+    def deliver(self, run: _Run, upto: int, take: Callable = _nothing,
+                busy: list | None = None) -> None:
+        """Hand documents ``run.cursor .. upto`` to the run's writer (raises on a failure)."""
+        if run.dirty:
+            self.reset(run)
+        if run.writer is None:
+            run.writer = self.new_writer()
+        while run.cursor < upto:
+            name, doc = self.document(run, run.cursor, take)
+            if name == "descriptor":
+                run.streams[doc["uid"]] = doc["name"]
+            elif name == "event":
+                run.events[run.streams.get(doc["descriptor"])] += 1
+            elif name == "event_page":
+                run.events[run.streams.get(doc["descriptor"])] += len(doc["seq_num"])
+            busy = busy if busy is not None else [None]
+            busy[0] = time.monotonic()
+            try:
+                run.writer(name, doc)
+            finally:
+                busy[0] = None
+            if run.cursor < run.attempted:
+                self.stats.redelivered += 1
+            else:
+                self.stats.delivered += 1
+            run.cursor += 1
+            run.attempted = max(run.attempted, run.cursor)
+
+    def verify(self, run: _Run) -> str | None:
+        """Why the run in Tiled is not exactly its journal, or None when it is."""
+        try:
+            node = self.client[run.uid]
+        except KeyError:
+            return "not in Tiled"
+        if run.stop_seen and (node.metadata.get("stop") or {}).get("uid") != run.stop_uid:
+            return "no stop document"
+        for stream, n in run.events.items():
+            base = node[stream].base
+            if n == 0:
+                continue
+            seq = base["internal"].read(["seq_num"])["seq_num"]
+            if len(seq) != n or len(set(seq.tolist())) != n:
+                return f"stream {stream!r}: {len(seq)} rows for {n} events"
+            for key in base:
+                if key == "internal":
+                    continue
+                item = base[key]
+                sources = item.data_sources() or []
+                if sources and sources[0].management != "writable":
+                    continue  # external (detector files): shape set by StreamDatums
+                shape = getattr(item, "shape", None)
+                if shape and shape[0] != n:
+                    return f"stream {stream!r}: {key!r} has {shape[0]} entries for {n} events"
+        return None
+
+    def finish(self, run: _Run) -> bool:
+        """Verify a fully handed-over run; True (journal removed) or mark it for a replay."""
+        why = self.verify(run)
+        if why is not None:
+            logger.warning("run %s in Tiled is not complete (%s): replaying it from %s",
+                           run.uid, why, run.path)
+            run.dirty = True
+            run.failures += 1
+            return False
+        run.close()
+        with contextlib.suppress(FileNotFoundError):
+            run.path.unlink()
+        self.stats.runs_done += 1
+        logger.info("run %s delivered to Tiled and verified", run.uid)
+        return True
+
+    def ready(self, run: _Run) -> bool:
+        """Whether every document of a finished run has been handed over."""
+        finished = run.stop_seen or run.journal is None
+        return finished and not run.dirty and run.writer is not None \
+            and run.cursor == run.written
+
+
+def tiled_answers(client, timeout: float = 2.0) -> bool:
+    """Whether the Tiled server of ``client`` answers ``/healthz`` (no retries, no auth)."""
+    import httpx
+
+    api = str(client.context.api_uri)
+    root = api.split("/api/v1", 1)[0]
+    try:
+        with httpx.Client(trust_env=False, timeout=timeout, verify=False) as http:
+            return http.get(f"{root}/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class SpooledWriter:
+    """Wrap a ``TiledWriter`` so that a slow or dead Tiled never blocks or aborts the scan.
+
+    Documents are journaled to ``spool_dir/label`` (created 0700) and delivered in order by a
+    background thread. After an outage each affected run is deleted in Tiled and replayed from
+    its journal, and every run is verified in Tiled before its journal is removed: none lost,
+    none duplicated, even when a request reached Tiled but its reply did not.
+
+    Parameters
+    ----------
+    writer : bluesky_tiled_plugins.TiledWriter
+        The writer to deliver through (its client, batch size, normalizer are used); a fresh
+        copy of it is made for every run.
+    spool_dir : path, optional
+        Default :func:`default_spool_dir`.
+    label : str
+        Sub-directory of this writer's journals (``"raw"``, ``"derived"``): journals left by
+        an earlier process under the same label are delivered by this one.
+    memory_docs, memory_bytes : int
+        Bound of the in-memory buffer in front of the delivery thread; beyond it documents
+        are read back from the journal.
+    probe_interval_s : float
+        How often an unreachable Tiled is probed.
+
+    Examples
+    --------
+    >>> raw = SpooledWriter(TiledWriter(tiled, batch_size=50), label="raw")  # doctest: +SKIP
+    >>> RE.subscribe(raw)                                                  # doctest: +SKIP
+    """
+
+    def __init__(self, writer, *, spool_dir: str | Path | None = None, label: str = "raw",
+                 memory_docs: int = 512, memory_bytes: int = 64 << 20,
+                 probe_interval_s: float = 1.0) -> None:
+        self.directory = _private_dir(Path(spool_dir or default_spool_dir()).resolve())
+        self.directory = _private_dir(self.directory / label)
+        self.label = label
+        self.stats = SpoolStats()
+        self._delivery = _Delivery(writer, self.stats)
+        self._memory: dict[tuple[str, int], tuple[str, dict, int]] = {}
+        self._memory_bytes = 0
+        self._limits = (memory_docs, memory_bytes)
+        self._probe_interval = probe_interval_s
+        self._runs: dict[str, _Run] = {}
+        self._route_map: dict[str, str] = {}  # descriptor / resource uid -> run uid
+        self._open: list[str] = []  # runs without a stop document, newest last
+        self._cond = threading.Condition(threading.RLock())
+        self._down = False
+        self._busy: list = [None]  # monotonic time a writer call started, None when idle
+        self._closing = False
+        for path in sorted(self.directory.glob("*.journal")):
+            self._adopt(path)
+        self._thread = threading.Thread(target=self._loop, name=f"spool-{label}", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (RunEngine / LiveReconstruction): journal and return ----------
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            self._receive(name, doc)
+        except Exception:  # a subscriber must never raise into the RunEngine
+            self.stats.dropped += 1
+            logger.exception("spool %s: could not journal a %r document", self.label, name)
+
+    def _receive(self, name: str, doc: dict) -> None:
+        with self._cond:
+            self.stats.received += 1
+            run = self._route(name, doc)
+            if run is None or run.journal is None:
+                self.stats.dropped += 1
+                logger.error("spool %s: a %r document of no open run was dropped",
+                             self.label, name)
+                return
+            record = encode_document(name, doc)
+            run.offsets.append(run.journal.append(record))
+            if name == "stop":
+                run.stop_seen, run.stop_uid = True, doc.get("uid")
+                run.journal.sync()
+            busy = self._busy[0]
+            if self._down or (busy is not None and time.monotonic() - busy > _STALLED_S):
+                self.stats.spooled += 1
+            docs, nbytes = self._limits
+            if len(self._memory) < docs and self._memory_bytes + len(record) <= nbytes:
+                self._memory[(run.uid, run.written - 1)] = (name, doc, len(record))
+                self._memory_bytes += len(record)
+            backlog = sum(r.written - r.cursor for r in self._runs.values())
+            self.stats.max_backlog = max(self.stats.max_backlog, backlog)
+            self._cond.notify_all()
+
+    def _route(self, name: str, doc: dict) -> _Run | None:
+        if name == "start":
+            uid = doc["uid"]
+            path = self.directory / f"{uid}.journal"
+            run = _Run(uid=uid, path=path, journal=JournalWriter(path))
+            _try_lock(run.journal.fileno())  # ours: a flush elsewhere leaves it alone
+            self._runs[uid] = run
+            self._open.append(uid)
+            return run
+        if name in _BY_RUN_START:
+            uid = doc.get("run_start")
+        elif name in _BY_DESCRIPTOR:
+            uid = self._route_map.get(doc.get("descriptor"))
+        elif name in _BY_RESOURCE:
+            uid = self._route_map.get(doc.get("resource"))
+        else:
+            uid = None
+        if uid not in self._runs and self._open:
+            uid = self._open[-1]  # e.g. a StreamResource without run_start: the newest run
+        run = self._runs.get(uid)
+        if run is None:
+            return None
+        if name in ("descriptor", "resource", "stream_resource"):
+            self._route_map[doc["uid"]] = run.uid
+        if name == "stop":
+            with contextlib.suppress(ValueError):
+                self._open.remove(run.uid)
+            self._route_map = {k: v for k, v in self._route_map.items() if v != run.uid}
+        return run
+
+    def _adopt(self, path: Path) -> None:
+        run = _open_orphan(path)
+        if run is not None:
+            run.dirty = True  # what reached Tiled before the process ended is unknown
+            logger.info("spool %s: delivering %d documents left in %s", self.label,
+                        run.written, path)
+            self._runs[run.uid] = run
+
+    # -- the delivery thread ----------------------------------------------------------
+    def _pending(self) -> list[_Run]:
+        return [r for r in self._runs.values()
+                if r.failures < self._delivery.max_failures
+                and (r.dirty or r.cursor < r.written or self._delivery.ready(r))]
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._pending():
+                    self._cond.wait(timeout=1.0)
+                if self._closing:
+                    return
+                work = [(run, run.written) for run in self._pending()]
+            if self._down:
+                if not tiled_answers(self._delivery.client):
+                    time.sleep(self._probe_interval)
+                    continue
+                logger.warning("spool %s: Tiled answers again, delivering the backlog",
+                               self.label)
+                self._down = False
+            for run, upto in work:
+                if self._closing:
+                    return
+                ok = self._step(run, upto)
+                with self._cond:
+                    self._cond.notify_all()  # flush() waits on progress
+                if not ok:
+                    break
+
+    def _step(self, run: _Run, upto: int) -> bool:
+        """Advance one run; False when Tiled failed (the loop then probes before going on)."""
+        try:
+            self._delivery.deliver(run, upto, self._take, self._busy)
+            if self._delivery.ready(run) and self._delivery.finish(run):
+                with self._cond:
+                    self._runs.pop(run.uid, None)
+            return True
+        except Exception as exc:
+            run.dirty = True
+            if not _transient(exc):
+                run.failures += 1
+                logger.exception("spool %s: run %s failed in Tiled (%d of %d tries)",
+                                 self.label, run.uid, run.failures,
+                                 self._delivery.max_failures)
+                return True
+            if not self._down:
+                self.stats.outages += 1
+                logger.warning("spool %s: Tiled unreachable (%s); documents are spooled in "
+                               "%s until it answers", self.label, exc, self.directory)
+            self._down = True
+            return False
+
+    def _take(self, key: tuple[str, int]) -> tuple[str, dict] | None:
+        """The buffered copy of a document (then released), or None: read the journal."""
+        with self._cond:
+            item = self._memory.pop(key, None)
+            if item is None:
+                return None
+            self._memory_bytes -= item[2]
+            return item[0], item[1]
+
+    # -- control ---------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every journaled run is delivered and verified (or ``timeout`` s).
+
+        Returns
+        -------
+        bool
+            True when nothing is left to deliver.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._runs_left():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(timeout=0.1 if left is None else min(left, 0.1))
+        return True
+
+    def _runs_left(self) -> list[_Run]:
+        # A run still open (no stop yet) counts only for the documents it has.
+        return [r for r in self._runs.values()
+                if r.failures < self._delivery.max_failures
+                and (r.stop_seen or r.journal is None or r.cursor < r.written or r.dirty)]
+
+    def status(self) -> dict:
+        """Counters (:class:`SpoolStats`) and the runs not yet delivered."""
+        with self._cond:
+            runs = [{"uid": r.uid, "documents": r.written, "delivered": r.cursor,
+                     "stopped": r.stop_seen, "failed": r.failures >= self._delivery.max_failures}
+                    for r in self._runs.values()]
+        return {"label": self.label, "directory": str(self.directory),
+                "tiled_reachable": not self._down, **self.stats.as_dict(), "runs": runs}
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Deliver what is left (up to ``timeout`` s), then stop; undelivered journals stay
+        for ``bluesky-ptychopinn spool flush`` or the next writer of this label.
+
+        Returns
+        -------
+        bool
+            True when everything was delivered.
+        """
+        done = self.flush(timeout) if timeout > 0 else not self._runs_left()
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+        for run in list(self._runs.values()):
+            run.close()
+        return done
+
+
+# -- the CLI's side: journals left behind ------------------------------------------------
+def spool_status(spool_dir: str | Path | None = None) -> list[dict]:
+    """The journals waiting in ``spool_dir``: one dict per run.
+
+    Returns
+    -------
+    list of dict
+        ``label``, ``uid``, ``documents``, ``bytes``, ``stopped`` (its stop document is in),
+        ``in_use`` (a running writer holds it), ``path``.
+    """
+    root = Path(spool_dir or default_spool_dir())
+    out = []
+    for path in sorted(root.glob("*/*.journal")):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            in_use = not _try_lock(fd)
+        finally:
+            os.close(fd)
+        names = [name for _, name, _ in read_journal(path)]
+        out.append({"label": path.parent.name, "uid": path.stem, "documents": len(names),
+                    "bytes": path.stat().st_size, "stopped": "stop" in names,
+                    "in_use": in_use, "path": str(path)})
+    return out
+
+
+def flush_spool(writer, spool_dir: str | Path | None = None, *,
+                label: str | None = None) -> dict:
+    """Deliver, in this thread, every journal no running writer holds, through ``writer``.
+
+    Each run is deleted in Tiled if it is there but not complete, replayed from its journal
+    and verified; a delivered journal is removed.
+
+    Parameters
+    ----------
+    writer : bluesky_tiled_plugins.TiledWriter
+        Template of the writer (client, batch size).
+    spool_dir : path, optional
+        Default :func:`default_spool_dir`.
+    label : str, optional
+        Only this sub-directory (default: all).
+
+    Returns
+    -------
+    dict
+        :class:`SpoolStats` counters plus ``busy`` (journals held by a running writer) and
+        ``failed`` (uid: reason) for runs that could not be delivered.
+    """
+    root = Path(spool_dir or default_spool_dir())
+    stats = SpoolStats()
+    delivery = _Delivery(writer, stats)
+    busy, failed = 0, {}
+    for path in sorted(root.glob(f"{label or '*'}/*.journal")):
+        run = _open_orphan(path)
+        if run is None:
+            busy += 1
+            continue
+        try:
+            # Already complete in Tiled (a crash after the last write)? Then only the journal
+            # goes. Otherwise delete what is there and write it once.
+            run.writer = delivery.new_writer()
+            for _, name, doc in read_journal(path):  # stream counts for the check
+                if name == "descriptor":
+                    run.streams[doc["uid"]] = doc["name"]
+                elif name in ("event", "event_page"):
+                    n = 1 if name == "event" else len(doc["seq_num"])
+                    run.events[run.streams.get(doc["descriptor"])] += n
+            run.cursor = run.written
+            if delivery.verify(run) is None:
+                delivery.finish(run)
+                continue
+            run.dirty, run.cursor = True, 0
+            while run.failures < delivery.max_failures:
+                delivery.deliver(run, run.written)
+                if delivery.finish(run):
+                    break
+            else:
+                failed[run.uid] = "not complete in Tiled after replays"
+        except Exception as exc:
+            failed[run.uid] = f"{type(exc).__name__}: {exc}"
+            logger.exception("spool flush: run %s", run.uid)
+        finally:
+            run.close()
+    return {**stats.as_dict(), "busy": busy, "failed": failed}
