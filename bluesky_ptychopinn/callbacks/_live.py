@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from bluesky.callbacks.core import make_callback_safe
@@ -25,8 +26,10 @@ from event_model import RunRouter
 
 from ..errors import InvalidInputError
 from ..metadata import InvalidMetadataError, PtychoMetadata
+from ..models import DEFAULT_MODEL, ModelRegistry, load_verified_model, verify_model
 from ._derived import DerivedRun, RunState
 from ._emitter import DocumentEmitter
+from ._model_choice import AUTO, choose_model
 from ._settings import (
     DERIVED_UID_MODES,
     RECONSTRUCTION_PLAN_NAME,
@@ -48,8 +51,10 @@ class LiveReconstruction:
     Parameters
     ----------
     model : str, path or torch.nn.Module
-        A registry name (default ``"default"``), a model directory, or a loaded network (which
-        must be picklable for ``isolation="process"``).
+        ``"auto"`` (default): per run, the registered model trained on the probe the run
+        references (``ptycho.probe``), else the ``"default"`` model; the derived run's start
+        document says which and why (``model.chosen``). Or a registry name, a model
+        directory, or a loaded network (which must be picklable for ``isolation="process"``).
     batch_size : int
         Frames per network call (smaller = lower latency, larger = higher throughput).
     snapshot_every : int
@@ -138,7 +143,7 @@ class LiveReconstruction:
 
     def __init__(
         self,
-        model="default",
+        model="auto",
         *,
         batch_size: int = 64,
         snapshot_every: int = 128,
@@ -164,7 +169,6 @@ class LiveReconstruction:
         data_roots: tuple | list = (),
         max_canvas_px: int = 8192,
     ) -> None:
-        from ..models import ModelRegistry, load_verified_model
 
         if backpressure not in ("skip", "block"):
             raise InvalidInputError(f"backpressure: 'skip' or 'block', got {backpressure!r}")
@@ -180,22 +184,20 @@ class LiveReconstruction:
         if not refine_budget_s >= 0:
             raise InvalidInputError(f"refine_budget_s: >= 0 seconds, got {refine_budget_s!r}")
         self.model_path = None
+        self.auto = isinstance(model, str) and model == AUTO
+        self._model_infos: dict[str, dict] = {}
         if isinstance(model, torch.nn.Module):
             self.model, self.model_info = model, {"name": "in-memory", "sha256": None}
         else:
-            path = ModelRegistry().path(model)
+            name = DEFAULT_MODEL if self.auto else model
+            path = ModelRegistry().path(name)
             # Refuses weights or a card that differ from their recorded hashes; the identity
             # holds the hashes of the very bytes loaded (sha256: card + weights), so the run
             # reports what was verified, not what the card claims.
             self.model, card, identity = load_verified_model(path, device="cpu")
             self.model_path = str(path)
-            self.model_info = {
-                "name": str(model), "path": str(path), **identity.as_dict(),
-                "architecture": card["architecture"],
-                "training_probes": card.get("provenance", {}).get("training_data", {})
-                .get("probes", []),
-                "package_version": card.get("package_version"),
-            }
+            self.model_info = _model_info(str(name), path, card, identity)
+            self._model_infos[str(path)] = self.model_info
         self.settings = WorkerSettings(
             batch_size=int(batch_size), snapshot_every=int(snapshot_every), device=device,
             canvas_margin_px=int(canvas_margin_px), flush_after_s=float(flush_after_s),
@@ -266,8 +268,9 @@ class LiveReconstruction:
             return [], []
         uid = start["uid"]
         state = self.runs[uid] = RunState(raw_uid=uid)
-        self._derived[uid] = self._new_derived_run(start, md, state)
-        self._transport.open(uid, md)
+        model_path, model_info = self._choose_model(md)
+        self._derived[uid] = self._new_derived_run(start, md, state, model_info)
+        self._transport.open(uid, md, model_path, model_info)
         transport, backpressure = self._transport, self.backpressure
 
         def enqueue(name: str, doc: dict) -> None:
@@ -276,10 +279,27 @@ class LiveReconstruction:
 
         return [enqueue], []
 
-    def _new_derived_run(self, start: dict, md: PtychoMetadata | None,
-                         state: RunState) -> DerivedRun:
-        return DerivedRun(start, md, self.model_info, self.settings, state, self._emitter.emit,
-                          self._emitter.then)
+    def _new_derived_run(self, start: dict, md: PtychoMetadata | None, state: RunState,
+                         model_info: dict | None = None) -> DerivedRun:
+        return DerivedRun(start, md, model_info or self.model_info, self.settings, state,
+                          self._emitter.emit, self._emitter.then)
+
+    def _choose_model(self, md: PtychoMetadata) -> tuple[str | None, dict]:
+        """``model="auto"``: the model for this run (its directory, ``None`` for the one the
+        reconstruction already holds) and its description with the reason."""
+        if not self.auto:
+            return None, self.model_info
+        choice = choose_model(md)
+        if not choice.matched:
+            logger.warning("run: %s", choice.reason)
+        path = str(Path(choice.path))
+        if path not in self._model_infos:  # verified once per model and session
+            identity = verify_model(path)
+            card = _read_card(path)
+            self._model_infos[path] = _model_info(choice.name, Path(path), card, identity)
+        info = {**self._model_infos[path], "chosen": choice.reason,
+                "trained_on_run_probe": choice.matched}
+        return (None if path == self.model_path else path), info
 
     # -- messages from the reconstruction (a transport's delivery thread) --------------------
     def _deliver(self, kind: str, raw_uid: str, payload: dict) -> None:
@@ -358,3 +378,20 @@ def offer(put: Callable, put_nowait: Callable, item, name: str, doc: dict, state
     except queue.Full:
         with state.lock:
             state.frames_skipped += 1 if name == "event" else len(doc["seq_num"])
+
+
+def _read_card(path: str) -> dict:
+    from ..models._checkpoint import read_model_card
+
+    return read_model_card(Path(path))
+
+
+def _model_info(name: str, path: Path, card: dict, identity) -> dict:
+    """The derived start document's ``model`` entry: what was verified, not what was claimed."""
+    return {
+        "name": name, "path": str(path), **identity.as_dict(),
+        "architecture": card["architecture"],
+        "training_probes": card.get("provenance", {}).get("training_data", {})
+        .get("probes", []),
+        "package_version": card.get("package_version"),
+    }

@@ -155,13 +155,14 @@ class ProcessTransport:
                 self._start_child()
             return self._child
 
-    def open(self, raw_uid: str, md: PtychoMetadata) -> None:
+    def open(self, raw_uid: str, md: PtychoMetadata, model_path: str | None = None,
+             model_info: dict | None = None) -> None:
         child = self._current()
         if child is None:
             self._lost([raw_uid], "the live reconstruction was closed")
             return
         child.runs.add(raw_uid)
-        child.put(("open", raw_uid, md))
+        child.put(("open", raw_uid, md, model_path, model_info))
 
     def put(self, item) -> None:
         child = self._child

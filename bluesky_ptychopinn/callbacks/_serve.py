@@ -4,7 +4,9 @@
 :class:`multiprocessing.Queue`, a bus subscription adapted to ``get(timeout=)``) and keeps one
 :class:`~._reconstruction.RunReconstruction` per raw run uid:
 
-- ``("open", raw_uid, md)``: a new run, with its validated :class:`~..metadata.PtychoMetadata`;
+- ``("open", raw_uid, md[, model_path, model_info])``: a new run, with its validated
+  :class:`~..metadata.PtychoMetadata` and, where the run has its own model
+  (``model="auto"``), that model's directory and description (loaded once, then kept);
 - ``("doc", raw_uid, name, doc)``: one of its raw documents (the start document included);
 - ``("shutdown",)``: return, abandoning the runs still open (the RunEngine side fails them).
 
@@ -61,6 +63,16 @@ def _idle(run: RunReconstruction) -> None:
         run.fail(f"{type(exc).__name__} while flushing: {exc}")
 
 
+def _model(models: dict, path: str) -> torch.nn.Module:
+    """The network saved in ``path``, loaded (and verified) the first time a run needs it."""
+    if path not in models:
+        from ..models import load_verified_model
+
+        models[path] = load_verified_model(path, device="cpu")[0]
+        logger.info("model %s loaded for the runs that reference its probe", path)
+    return models[path]
+
+
 def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
           settings: WorkerSettings, *, alive: Callable[[], bool] = lambda: True) -> None:
     """Reconstruct every run whose documents arrive in ``inbox`` until ``("shutdown",)``.
@@ -78,6 +90,7 @@ def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
     """
     runs: dict[str, RunReconstruction] = {}
     next_idle: dict[str, float] = {}
+    models: dict[str, torch.nn.Module] = {}  # model directory -> network, for model="auto"
     flush = settings.flush_after_s
     try:
         while True:
@@ -91,8 +104,11 @@ def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
             elif item[0] == "shutdown":
                 return
             elif item[0] == "open":
-                _, uid, md = item
-                runs[uid] = RunReconstruction(model, model_info, settings, md, uid, send)
+                uid, md = item[1], item[2]
+                run_model, run_info = model, model_info
+                if len(item) > 3 and item[3] is not None:
+                    run_model, run_info = _model(models, item[3]), item[4]
+                runs[uid] = RunReconstruction(run_model, run_info, settings, md, uid, send)
                 next_idle[uid] = time.monotonic() + flush
             else:
                 _, uid, name, doc = item

@@ -1,12 +1,13 @@
 """Transports move messages, nothing else: raw documents to :func:`~._serve.serve`, its
 messages back to the RunEngine side (:class:`~._derived.DerivedRun`).
 
-Every transport has the same face to :class:`~bluesky_ptychopinn.callbacks.LiveReconstruction`:
-``open(raw_uid, md)``, ``put(item)`` (may wait, gives up if the far side is gone),
-``put_nowait(item)`` (raises :class:`queue.Full`), ``close(timeout)`` and ``pid``; and it calls
-back ``deliver(kind, raw_uid, payload)`` for each message, ``tick()`` when the throttles may
-have something to publish, and ``lost(raw_uids, reason)`` when runs it held can no longer
-finish. This module has the thread transport; :mod:`._process` the process one.
+Every transport has the same face to
+:class:`~bluesky_ptychopinn.callbacks.LiveReconstruction`: ``open(raw_uid, md, model_path,
+model_info)``, ``put(item)`` (may wait, gives up if the far side is gone), ``put_nowait(item)``
+(raises :class:`queue.Full`), ``close(timeout)`` and ``pid``; and it calls back
+``deliver(kind, raw_uid, payload)`` for each message, ``tick()`` when the throttles may have
+something to publish, and ``lost(raw_uids, reason)`` when runs it held can no longer finish.
+This module has the thread transport; :mod:`._process` the process one.
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ class ThreadTransport:
             self._open.clear()
         return msg
 
-    def open(self, raw_uid: str, md: PtychoMetadata) -> None:
+    def open(self, raw_uid: str, md: PtychoMetadata, model_path: str | None = None,
+             model_info: dict | None = None) -> None:
         self._open.add(raw_uid)
-        self._inbox.put(("open", raw_uid, md))
+        self._inbox.put(("open", raw_uid, md, model_path, model_info))
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop; runs still open after ``timeout`` are lost."""
