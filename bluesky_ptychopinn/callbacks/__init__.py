@@ -2,5 +2,7 @@
 
 from ._frames import FramePairer
 from ._live import RECONSTRUCTION_PLAN_NAME, LiveReconstruction, RunState
+from ._plot import LiveReconstructionPlot
 
-__all__ = ["RECONSTRUCTION_PLAN_NAME", "FramePairer", "LiveReconstruction", "RunState"]
+__all__ = ["RECONSTRUCTION_PLAN_NAME", "FramePairer", "LiveReconstruction",
+           "LiveReconstructionPlot", "RunState"]

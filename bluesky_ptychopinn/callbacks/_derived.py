@@ -250,7 +250,20 @@ class DerivedRun:
 
     def _stream(self, name: str, data_keys: dict):
         if name not in self._streams:
-            bundle = self.bundle.compose_descriptor(name=name, data_keys=data_keys)
+            # The image streams say how their pixels map to the sample (scale bars, overlays).
+            configuration = {}
+            if name != "metrics":
+                now = time.time()
+                geometry = {"pixel_size_m": float(self.state.pixel_size_m),
+                            "canvas_origin_px": list(self.state.canvas_origin_px)}
+                configuration = {"canvas": {
+                    "data": geometry, "timestamps": dict.fromkeys(geometry, now),
+                    "data_keys": {
+                        "pixel_size_m": _number(units="m"),
+                        "canvas_origin_px": {"source": "ptychopinn", "dtype": "array",
+                                             "shape": [2], "units": "px"}}}}
+            bundle = self.bundle.compose_descriptor(name=name, data_keys=data_keys,
+                                                    configuration=configuration)
             self.emit("descriptor", bundle.descriptor_doc)
             self._streams[name] = bundle
         return self._streams[name]
