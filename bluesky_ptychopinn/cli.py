@@ -31,6 +31,9 @@ app.add_typer(models_app, name="models")
 bus_app = typer.Typer(help="The message bus (NATS JetStream) for remote workers.",
                       no_args_is_help=True)
 app.add_typer(bus_app, name="bus")
+spool_app = typer.Typer(help="Documents spooled to disk while Tiled was unreachable.",
+                        no_args_is_help=True)
+app.add_typer(spool_app, name="spool")
 
 console = Console(stderr=True)
 
@@ -617,3 +620,60 @@ def worker(
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
+
+
+_SPOOL_DIR_HELP = ("Spool directory (default $PTYCHOPINN_SPOOL or "
+                   "~/.local/share/bluesky-ptychopinn/spool).")
+
+
+@spool_app.command("status")
+def spool_status_cmd(
+    spool_dir: Path = typer.Option(None, help=_SPOOL_DIR_HELP),
+) -> None:
+    """List the runs whose documents wait in the spool for Tiled."""
+    from .catalog import default_spool_dir, spool_status
+
+    runs = spool_status(spool_dir)
+    table = Table("label", "run", "documents", "MB", "stop", "state")
+    for run in runs:
+        table.add_row(run["label"], run["uid"], str(run["documents"]),
+                      f"{run['bytes'] / 1e6:.1f}", "yes" if run["stopped"] else "no",
+                      "being delivered (writer running)" if run["in_use"] else "waiting")
+    if runs:
+        Console().print(table)
+    console.print(f"{len(runs)} run(s) spooled in {spool_dir or default_spool_dir()}")
+
+
+@spool_app.command("flush")
+def spool_flush_cmd(
+    spool_dir: Path = typer.Option(None, help=_SPOOL_DIR_HELP),
+    tiled: str = typer.Option(None, "--tiled", envvar="TILED_URI",
+                              help="Tiled URI (default: $TILED_URI, else the embedded catalog)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="TILED_API_KEY",
+                                help="Tiled API key (default $TILED_API_KEY)."),
+    data_dir: Path = typer.Option(None, help="Embedded catalog directory when no --tiled."),
+    label: str = typer.Option(None, help="Only this writer's runs (raw, derived)."),
+    batch_size: int = typer.Option(50, help="TiledWriter batch size for the replayed runs."),
+) -> None:
+    """Deliver the spooled runs no running writer holds to Tiled (each verified, once)."""
+    from bluesky_tiled_plugins import TiledWriter
+
+    from .catalog import EmbeddedTiled, connect, flush_spool
+
+    server = None
+    try:
+        if tiled:
+            client = connect(tiled, api_key=api_key)
+        else:
+            readable = [data_dir.parent / "detector"] if data_dir is not None else []
+            server = EmbeddedTiled(data_dir, readable=readable).start()
+            client = server.client()
+        report = flush_spool(TiledWriter(client, batch_size=batch_size), spool_dir, label=label)
+    except PtychoError as exc:
+        _fail(exc)
+    finally:
+        if server is not None:
+            server.stop()
+    print(json.dumps(report, indent=2))
+    if report["failed"]:
+        raise typer.Exit(code=1)

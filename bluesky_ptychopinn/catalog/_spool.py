@@ -211,8 +211,12 @@ class _Delivery:
 
     def reset(self, run: _Run) -> None:
         """Delete the run's container in Tiled (if any) and start a fresh writer at 0."""
-        with contextlib.suppress(KeyError):
+        try:
             self.client.delete_contents([run.uid], recursive=True, external_only=False)
+        except Exception as exc:  # 404: it never got there (or a replay already removed it)
+            response = getattr(exc, "response", None)
+            if getattr(response, "status_code", None) != 404:
+                raise
         run.writer, run.cursor, run.dirty = self.new_writer(), 0, False
         run.events.clear()
         self.stats.replays += 1

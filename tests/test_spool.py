@@ -1,0 +1,236 @@
+"""Tiled outages (issue 11): SpooledWriter keeps the scan going and delivers every document once.
+
+A real Tiled server in a child process is killed (SIGKILL) and started again on the same port
+and data directory while a real RunEngine scans the simulated beamline; raw and derived runs
+are then compared with the documents emitted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import tiled.client.utils as tiled_utils
+from _tiled_process import TiledProcess
+from bluesky import RunEngine
+from bluesky_tiled_plugins import TiledWriter
+from typer.testing import CliRunner
+
+from bluesky_ptychopinn.callbacks import LiveReconstruction
+from bluesky_ptychopinn.catalog import SpooledWriter, spool_status
+from bluesky_ptychopinn.catalog._journal import JournalWriter, encode_document, read_journal
+from bluesky_ptychopinn.cli import app
+from bluesky_ptychopinn.devices import sim_beamline
+from bluesky_ptychopinn.plans import ptycho_scan
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc = TiledProcess(tmp_path_factory.mktemp("outage")).start()
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+def fail_fast(monkeypatch):
+    # The Tiled client retries a dead server for 45 s per request; 2 s makes a 5 s outage
+    # fail the writer's calls, so that the delete-and-replay path is what is tested.
+    monkeypatch.setattr(tiled_utils, "TILED_RETRY_TIMEOUT", 2.0)
+
+
+def _collector():
+    docs: list[tuple[str, dict]] = []
+    return docs, lambda name, doc: docs.append((name, doc))
+
+
+def _scan(bl, RE, n_side=8):
+    dx = bl.pixel_size_m
+    return RE(ptycho_scan(bl.detector, bl.stage, geometry=bl.ptycho_metadata(),
+                          pattern="raster", extent_m=(5 * dx * (n_side - 1),) * 2,
+                          step_m=5 * dx))
+
+
+def _events_by_stream(docs):
+    streams = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
+    out: dict[str, list[dict]] = {}
+    for name, doc in docs:
+        if name == "event":
+            out.setdefault(streams[doc["descriptor"]], []).append(doc)
+    return out
+
+
+def _assert_in_tiled_exactly(client, docs):
+    """The run in Tiled holds every event once, with the emitted arrays and scalars."""
+    start = next(d for n, d in docs if n == "start")
+    stop = next(d for n, d in docs if n == "stop")
+    run = client[start["uid"]]
+    assert run.metadata["stop"]["uid"] == stop["uid"]
+    for stream, events in _events_by_stream(docs).items():
+        base = run[stream].base
+        seq = np.asarray(base["internal"].read(["seq_num"])["seq_num"])
+        assert sorted(seq.tolist()) == [e["seq_num"] for e in events]  # none lost, none twice
+        order = np.argsort(seq)
+        for key, value in events[0]["data"].items():
+            if isinstance(value, np.ndarray) and value.ndim >= 1 and key in base:
+                stored = base[key].read()
+                assert stored.shape[0] == len(events), key
+                np.testing.assert_array_equal(stored, np.stack([e["data"][key] for e in events]))
+        scalars = [k for k, v in events[0]["data"].items() if np.isscalar(v)]
+        if scalars:
+            table = base["internal"].read(scalars)
+            for key in scalars:
+                np.testing.assert_array_equal(np.asarray(table[key])[order],
+                                              [e["data"][key] for e in events])
+
+
+def test_journal_round_trips_arrays_exactly_and_stops_at_a_torn_record(tmp_path):
+    doc = {"uid": "e1", "data": {"f32": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+                                 "u32": np.array([[2**32 - 1, 0]], dtype=np.uint32),
+                                 "c64": np.array([1 + 2j], dtype=np.complex64),
+                                 "flag": np.bool_(True), "zero_d": np.array(3.5),
+                                 "f_order": np.asfortranarray(np.eye(3, dtype=np.int16)),
+                                 "i64": np.int64(-3), "text": "a", "nested": [[1, 2.5]],
+                                 "f64": np.float64(np.nan)}}
+    journal = JournalWriter(tmp_path / "run.journal")
+    journal.append(encode_document("event", doc))
+    record = encode_document("stop", {"uid": "s"})
+    journal.append(record[: len(record) // 2])  # a crash in the middle of an append
+    journal.close()
+    [(_, name, back)] = list(read_journal(tmp_path / "run.journal"))
+    assert name == "event"
+    for key, value in doc["data"].items():
+        if isinstance(value, (np.ndarray, np.generic)) and key != "f64":
+            assert type(back["data"][key]) is type(value), key
+            assert back["data"][key].dtype == value.dtype
+            np.testing.assert_array_equal(back["data"][key], value)
+    assert back["data"]["nested"] == [[1, 2.5]] and back["data"]["text"] == "a"
+    assert np.isnan(back["data"]["f64"])  # np.float64 is a float: JSON keeps the same double
+
+
+def test_an_outage_during_a_scan_costs_the_scan_nothing_and_loses_nothing(server, tmp_path,
+                                                                          fail_fast):
+    client = server.client()
+    live = LiveReconstruction("default", isolation="thread", refine=None, torch_threads=1,
+                              batch_size=16, snapshot_every=16, publish_interval_s=0.0)
+    raw = SpooledWriter(TiledWriter(client, batch_size=10), spool_dir=tmp_path, label="raw",
+                        probe_interval_s=0.2)
+    derived = SpooledWriter(TiledWriter(client, batch_size=1), spool_dir=tmp_path,
+                            label="derived", probe_interval_s=0.2)
+    assert (tmp_path.stat().st_mode & 0o777) == 0o700
+    RE = RunEngine(call_returns_result=True)
+    raw_docs, keep_raw = _collector()
+    derived_docs, keep_derived = _collector()
+    RE.subscribe(raw)
+    RE.subscribe(keep_raw)
+    live.subscribe(derived)
+    live.subscribe(keep_derived)
+    RE.subscribe(live)
+    bl = sim_beamline("cells", write_path=None, seed=11)  # frames inline: arrays via the spool
+    bl.detector.dead_time = 0.15  # ~10 s scans: the server goes and comes back within one
+
+    t0 = time.monotonic()
+    assert _scan(bl, RE).exit_status == "success"
+    baseline = time.monotonic() - t0
+    live.wait(timeout=60)
+    assert raw.flush(60) and derived.flush(60)
+    before = len(raw_docs)
+    raw_docs.clear()
+    derived_docs.clear()
+
+    events = {"n": 0}
+    restarted = threading.Event()
+
+    def outage(name, doc):
+        if name == "event":
+            events["n"] += 1
+            if events["n"] == 8:
+                def kill_and_restart():
+                    server.kill()
+                    time.sleep(1.0)
+                    server.start()  # ~7 s on 2 cores: Tiled is away for ~8 s
+                    restarted.set()
+                threading.Thread(target=kill_and_restart, daemon=True).start()
+
+    RE.subscribe(outage)
+    t0 = time.monotonic()
+    result = _scan(bl, RE)
+    duration = time.monotonic() - t0
+    assert result.exit_status == "success"
+    assert restarted.wait(60)
+    assert duration < 1.3 * baseline + 2.0, (duration, baseline)  # the RunEngine never waited
+    live.wait(timeout=60)
+    assert raw.flush(90) and derived.flush(90), (raw.status(), derived.status())
+    raw_status, derived_status = raw.status(), derived.status()
+    assert raw_status["outages"] >= 1 and raw_status["replays"] >= 1, raw_status
+    assert raw_status["spooled"] > 0 and raw_status["dropped"] == 0
+    assert raw_status["received"] == before + len(raw_docs)
+    assert derived_status["dropped"] == 0
+    _assert_in_tiled_exactly(client, raw_docs)
+    assert next(d for n, d in derived_docs if n == "stop")["exit_status"] == "success"
+    _assert_in_tiled_exactly(client, derived_docs)
+    assert not list(tmp_path.glob("*/*.journal"))  # delivered and verified: journals gone
+    raw.close()
+    derived.close()
+    live.close()
+
+
+def test_a_request_applied_by_tiled_whose_reply_was_lost_is_not_duplicated(server, tmp_path):
+    client = server.client()
+    raw = SpooledWriter(TiledWriter(client, batch_size=5), spool_dir=tmp_path, label="raw")
+    make = raw._delivery.new_writer
+    calls = {"n": 0}
+
+    def writer_losing_one_reply():
+        inner = make()
+
+        def write(name, doc):
+            inner(name, doc)  # reaches Tiled ...
+            calls["n"] += 1
+            if calls["n"] == 20:  # ... but the caller sees the connection drop
+                raise httpx.ReadError("connection reset after the request was sent")
+        return write
+
+    raw._delivery.new_writer = writer_losing_one_reply
+    RE = RunEngine(call_returns_result=True)
+    docs, keep = _collector()
+    RE.subscribe(raw)
+    RE.subscribe(keep)
+    assert _scan(sim_beamline("cells", write_path=None, seed=12), RE, n_side=6).exit_status \
+        == "success"
+    assert raw.flush(60), raw.status()
+    assert raw.status()["replays"] == 1 and raw.status()["redelivered"] >= 19
+    _assert_in_tiled_exactly(client, docs)
+    raw.close()
+
+
+def test_spool_status_and_flush_deliver_what_an_ended_process_left(server, tmp_path,
+                                                                   fail_fast, monkeypatch):
+    writer = TiledWriter(server.client(), batch_size=10)  # built while Tiled is up, as usual
+    server.kill()
+    raw = SpooledWriter(writer, spool_dir=tmp_path, label="raw")
+    RE = RunEngine(call_returns_result=True)
+    docs, keep = _collector()
+    RE.subscribe(raw)
+    RE.subscribe(keep)
+    t0 = time.monotonic()
+    assert _scan(sim_beamline("cells", write_path=None, seed=13), RE, n_side=5).exit_status \
+        == "success"
+    assert time.monotonic() - t0 < 15  # with no Tiled at all
+    assert not raw.close(timeout=0)  # the process "ends": its journal stays
+    runner = CliRunner()
+    status = runner.invoke(app, ["spool", "status", "--spool-dir", str(tmp_path)])
+    assert status.exit_code == 0 and "1 run(s) spooled" in status.output, status.output
+    [entry] = spool_status(tmp_path)
+    assert entry["documents"] == len(docs) and entry["stopped"] and not entry["in_use"]
+
+    server.start()
+    monkeypatch.setenv("TILED_API_KEY", server.api_key)
+    flushed = runner.invoke(app, ["spool", "flush", "--spool-dir", str(tmp_path),
+                                  "--tiled", server.uri])
+    assert flushed.exit_code == 0, flushed.output
+    assert '"runs_done": 1' in flushed.output
+    _assert_in_tiled_exactly(server.client(), docs)
+    assert spool_status(tmp_path) == []
