@@ -2,10 +2,10 @@
 
 A record is ``MAGIC | payload length (u64) | crc32 (u32) | payload``; the payload is a JSON
 header ``[name, doc]`` in which every numpy array (and numpy scalar) is replaced by a reference,
-followed by the arrays in ``.npy`` format (``np.float64`` scalars, a subclass of ``float``, are
-written by JSON as the same double and come back as ``float``) (``allow_pickle=False``: dtype, shape and bytes are
-kept, and reading a journal never runs code). A record cut short by a crash, or damaged, ends
-the journal there: everything before it is read back, nothing after it.
+followed by the arrays in ``.npy`` format (``allow_pickle=False``: dtype, shape and bytes are
+kept, and reading a journal never runs code; ``np.float64`` scalars, a subclass of ``float``,
+are written by JSON as the same double and come back as ``float``). A record cut short by a
+crash, or damaged, ends the journal there: everything before it is read back, nothing after.
 
 Only numpy and the standard library are used (the project depends on nothing like msgpack).
 """
