@@ -107,6 +107,8 @@ def write_card(card: dict, rows: list[dict], crops: dict[int, float], args) -> N
         f"- architecture: `{json.dumps(card['architecture'])}`, {card.get('n_parameters')} "
         "parameters",
         f"- weights sha256: `{card['sha256']}`",
+        f"- model sha256 (card + weights, `card_sha256`; `bluesky-ptychopinn models verify`): "
+        f"`{card.get('card_sha256', 'unsigned')}`",
         f"- training data: {data.get('kind')}; probes "
         + ", ".join(f"{p['name']} ({p['modes']} mode{'s' if p['modes'] > 1 else ''})"
                     for p in data.get("probes", []))
