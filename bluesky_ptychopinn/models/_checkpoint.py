@@ -236,27 +236,47 @@ def _refuse_unverified(directory: Path, card: dict, identity: ModelIdentity) -> 
             f"saved; if the edit is deliberate: {_SIGN_HINT} {directory}")
 
 
-def _build(directory: Path, card: dict, weights_bytes: bytes) -> PtychoPINN:
-    """The network of ``card`` with the weights in ``weights_bytes``, shapes checked."""
-    weights = directory / WEIGHTS_NAME
+def _config(directory: Path, card: dict) -> PtychoPINNConfig:
     try:
-        config = PtychoPINNConfig(**card["architecture"])
+        return PtychoPINNConfig(**card["architecture"])
     except Exception as exc:  # pydantic's ValidationError, or TypeError for odd JSON
         raise CheckpointError(f"{directory / CONFIG_NAME}: invalid architecture: {exc}") from exc
-    model = PtychoPINN(config)
+
+
+def _tensors(directory: Path, weights_bytes: bytes) -> dict[str, torch.Tensor]:
     try:
-        state = load_safetensors(weights_bytes)
+        return load_safetensors(weights_bytes)
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights}: cannot read safetensors ({exc})") from exc
-    expected = model.state_dict()
+        raise CheckpointError(f"{directory / WEIGHTS_NAME}: cannot read safetensors ({exc})"
+                              ) from exc
+
+
+def _check_fit(directory: Path, config: PtychoPINNConfig, state: dict) -> None:
+    """Tensor names and shapes against the architecture, on the meta device: nothing is
+    allocated, so a card asking for a huge network is refused before it costs memory."""
+    with torch.device("meta"):
+        expected = PtychoPINN(config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"{weights}: weights do not match the architecture in {CONFIG_NAME} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
-        )
+            f"{directory / WEIGHTS_NAME}: weights do not match the architecture in "
+            f"{CONFIG_NAME} (missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape "
+            f"{wrong[:3]})")
+
+
+def _checked(directory: Path, card: dict, weights_bytes: bytes
+             ) -> tuple[PtychoPINNConfig, dict[str, torch.Tensor]]:
+    """The architecture and the tensors, once they are known to fit each other."""
+    config = _config(directory, card)
+    state = _tensors(directory, weights_bytes)
+    _check_fit(directory, config, state)
+    return config, state
+
+
+def _build(config: PtychoPINNConfig, state: dict[str, torch.Tensor]) -> PtychoPINN:
+    model = PtychoPINN(config)  # as large as the weights file: _check_fit came first
     model.load_state_dict(state)
     return model
 
@@ -294,10 +314,14 @@ def load_verified_model(
     directory = Path(directory)
     card, weights_bytes = _read_files(directory)
     identity = _identity(card, weights_bytes)
+    if verify and not identity.weights_sha256_verified:
+        _refuse_unverified(directory, card, identity)
+    # A card that cannot describe these tensors gets the specific message (invalid
+    # architecture, wrong shapes) before the card hash is judged; nothing is built yet.
+    config, state = _checked(directory, card, weights_bytes)
     if verify:
         _refuse_unverified(directory, card, identity)
-    model = _build(directory, card, weights_bytes)
-    return model.to(device).eval(), card, identity
+    return _build(config, state).to(device).eval(), card, identity
 
 
 def load_model(
@@ -337,7 +361,7 @@ def verify_model(directory: str | Path) -> ModelIdentity:
     """
     directory = Path(directory)
     card, weights_bytes = _read_files(directory)
-    _build(directory, card, weights_bytes)
+    _checked(directory, card, weights_bytes)
     return _identity(card, weights_bytes)
 
 
@@ -374,7 +398,7 @@ def sign_model(directory: str | Path, *, accept_weights: bool = False) -> ModelI
             f"{directory / WEIGHTS_NAME}: sha256 {identity.weights_sha256[:16]}... differs "
             f"from the card's ({str(card['sha256'])[:16]}...); if the weights were replaced on "
             "purpose, sign with --accept-weights")
-    _build(directory, card, weights_bytes)  # never sign a card that cannot be loaded
+    _build(*_checked(directory, card, weights_bytes))  # never sign a card that cannot load
     signed = _signed({**card, "sha256": identity.weights_sha256})
     _write_card(directory, signed)
     return _identity(signed, weights_bytes)
