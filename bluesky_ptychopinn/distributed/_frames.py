@@ -77,7 +77,7 @@ class PathMap:
     def pending(self) -> bool:
         return False
 
-    def pump(self) -> list[Doc]:
+    def pump(self, force: bool = False) -> list[Doc]:
         return []
 
     def finish(self) -> list[Doc]:
@@ -104,13 +104,13 @@ class TiledFrames:
         Tiled is asked how many frames it serves at most this often (a look costs one HTTP
         request; the beamline's writer adds frames in batches).
     max_read : int
-        Frames per HTTP read.
+        Frames per HTTP read, at most.
     """
 
     client: object
     timeout_s: float = 120.0
     poll_s: float = 0.25
-    max_read: int = 256
+    max_read: int = 64
     image_key: str | None = None
     raw_uid: str | None = None
     #: descriptor uid -> stream name, for descriptors whose image is external
@@ -125,6 +125,7 @@ class TiledFrames:
     _nodes: dict = field(default_factory=dict)  # stream -> Tiled array client of the image
     _shape: dict = field(default_factory=dict)  # stream -> frames it served at the last look
     _asked: dict = field(default_factory=dict)  # stream -> monotonic time of the last look
+    _pumped: float = -1e9  # monotonic time of the last read attempt
 
     # -- documents in ------------------------------------------------------------------------
     def __call__(self, name: str, doc: dict) -> list[Doc]:
@@ -199,8 +200,17 @@ class TiledFrames:
         self._shape[stream] = int(node.shape[0])
         return self._shape[stream]
 
-    def pump(self) -> list[Doc]:
-        """Release the held events (in order) whose frames Tiled serves now."""
+    def pump(self, force: bool = False) -> list[Doc]:
+        """Release the held events (in order) whose frames Tiled serves now.
+
+        Reads go in blocks: unless ``force``, nothing is read while fewer than ``max_read``
+        events wait and the last read is less than ``poll_s`` old (one HTTP request per
+        frame would make a backlog crawl).
+        """
+        now = time.monotonic()
+        if not force and len(self.waiting) < self.max_read and now - self._pumped < self.poll_s:
+            return []
+        self._pumped = now
         out: list[Doc] = []
         while self.waiting:
             first = self.waiting[0]
@@ -230,11 +240,11 @@ class TiledFrames:
 
     def finish(self) -> list[Doc]:
         """At the stop document: wait (up to ``timeout_s``) for the frames still missing."""
-        out = self.pump()
+        out = self.pump(force=True)
         deadline = time.monotonic() + self.timeout_s
         while self.waiting and time.monotonic() < deadline:
             time.sleep(self.poll_s)
-            out.extend(self.pump())
+            out.extend(self.pump(force=True))
         if self.waiting:
             self.frames_missing = len(self.waiting)
             logger.warning("run %s: %d frames never appeared in Tiled within %.0f s; their "

@@ -144,6 +144,17 @@ class DocumentPublisher:
 
     # -- the RunEngine side ----------------------------------------------------------------
     def __call__(self, name: str, doc: dict) -> None:
+        try:
+            self._take(name, doc)
+        except Exception:
+            # A document that cannot be encoded is lost to the bus, not to the scan:
+            # counted here, logged (or raised with BLUESKY_DEBUG_CALLBACKS=1) by
+            # make_callback_safe, which publish_documents wraps around this callback.
+            with self._cond:
+                self._stats.dropped += 1
+            raise
+
+    def _take(self, name: str, doc: dict) -> None:
         run = self._runs.run_of(name, doc)
         if run is None:  # a document outside any run (none in practice): still published
             run, index = "norun", uuid.uuid4().hex
@@ -327,7 +338,9 @@ def publish_documents(RE, bus: str = "nats://127.0.0.1:4222", *, beamline: str =
     >>> handle.stats                                                             # doctest: +SKIP
     PublisherStats(published=2051, buffered=0, dropped=0, ...)
     """
+    from bluesky.callbacks.core import make_callback_safe
+
     publisher = DocumentPublisher(bus, beamline=beamline, max_buffer=max_buffer, **kwargs)
-    token = RE.subscribe(publisher)
+    token = RE.subscribe(make_callback_safe(publisher, logger=logger))
     publisher.unsubscribe = lambda: RE.unsubscribe(token)
     return publisher

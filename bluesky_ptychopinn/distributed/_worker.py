@@ -264,6 +264,7 @@ class Worker:
         except Exception as exc:
             logger.exception("%s: run %s failed on this worker: %s", o.name, raw_uid, exc)
             heartbeat.cancel()
+            await self._close_open_run(raw_uid)
             # Back to the queue, after a pause: another worker (or this one) redoes it whole.
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(5.0 * delivery, 60.0))
@@ -301,13 +302,15 @@ class Worker:
                 try:
                     m = await sub.next_msg(timeout=0.2)
                 except asyncio.TimeoutError:
-                    if adapter.pending():
-                        self._feed(await asyncio.to_thread(adapter.pump))
+                    if adapter.pending():  # a pause in the documents: read what is there
+                        self._feed(await asyncio.to_thread(adapter.pump, True))
                     if time.monotonic() - last > o.run_idle_timeout_s:
                         logger.warning("run %s: no document for %.0f s; closing it", raw_uid,
                                        o.run_idle_timeout_s)
                         self._feed(await asyncio.to_thread(adapter.finish))
-                        self._feed([("stop", _abandoned_stop(raw_uid, o.run_idle_timeout_s))])
+                        self._feed([("stop", _abandoned_stop(
+                            raw_uid, "fail",
+                            f"no document on the bus for {o.run_idle_timeout_s:.0f} s"))])
                         break
                     continue
                 last = time.monotonic()
@@ -325,7 +328,8 @@ class Worker:
                     derived = guard.outcomes.get(state.derived_uid) if state else None
                     if derived is not None and derived.status == "kept":
                         # Finished before (its ack was lost): nothing to redo.
-                        self._feed([("stop", _abandoned_stop(raw_uid, 0, "success"))])
+                        self._feed([("stop", _abandoned_stop(raw_uid, "success",
+                                                                     "already reconstructed"))])
                         break
         finally:
             with contextlib.suppress(Exception):
@@ -341,6 +345,19 @@ class Worker:
                      "written %.2f s later", raw_uid, t_done - t_stop, time.monotonic() - t_done)
         self.progress.frames_total += state.frames_done
         return outcome, state
+
+    async def _close_open_run(self, raw_uid: str) -> None:
+        """Close a run the live callback still has open, so that its next delivery (maybe to
+        this worker) starts from a clean state; its derived run ends ``"fail"`` and is
+        replaced when the run is redone."""
+        state = self.live.latest(raw_uid)
+        if state is None or state.finished.is_set():
+            return
+        try:
+            self._feed([("stop", _abandoned_stop(raw_uid, "fail", "worker error"))])
+            await asyncio.to_thread(self.live.wait, raw_uid, 60.0)
+        except Exception as exc:
+            logger.warning("run %s: could not close it on this worker: %s", raw_uid, exc)
 
     def _feed(self, docs) -> None:
         for name, doc in docs:
@@ -379,12 +396,10 @@ def _probe_tiled(uri: str, timeout: float = 3.0) -> None:
         raise TiledUnavailableError(f"cannot reach Tiled at {uri}: {exc}") from exc
 
 
-def _abandoned_stop(raw_uid: str, idle_s: float, exit_status: str = "fail") -> dict:
+def _abandoned_stop(raw_uid: str, exit_status: str, reason: str) -> dict:
     """A stop document for the live callback only (the raw run on the bus has none)."""
     return {"uid": str(uuid.uuid4()), "time": time.time(), "run_start": raw_uid,
-            "exit_status": exit_status,
-            "reason": f"no document on the bus for {idle_s:.0f} s" if idle_s else "",
-            "num_events": {}}
+            "exit_status": exit_status, "reason": reason, "num_events": {}}
 
 
 def run_worker(options: WorkerOptions, max_runs: int | None = None) -> int:
