@@ -295,6 +295,14 @@ class LiveReconstruction:
         path = str(Path(choice.path))
         if path not in self._model_infos:  # verified once per model and session
             identity = verify_model(path)
+            if not (identity.weights_sha256_verified and identity.card_sha256_verified):
+                # An edited or unsigned model never reconstructs a run silently.
+                logger.error("model %s does not match its recorded hashes (run "
+                             "`bluesky-ptychopinn models verify`); using %r", path,
+                             DEFAULT_MODEL)
+                info = {**self.model_info, "trained_on_run_probe": False,
+                        "chosen": f"{choice.name!r} failed verification; {DEFAULT_MODEL!r} used"}
+                return None, info
             card = _read_card(path)
             self._model_infos[path] = _model_info(choice.name, Path(path), card, identity)
         info = {**self._model_infos[path], "chosen": choice.reason,

@@ -232,6 +232,17 @@ class _ThreadedServer(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the host process keeps its own handlers
         pass
 
+    async def startup(self, sockets=None) -> None:
+        # Tiled runs its blocking storage calls in anyio's worker threads, and two writers
+        # appending table partitions at once (two TiledWriters, e.g. raw and derived runs or
+        # two remote workers) then reach the one DuckDB connection from two threads: DuckDB
+        # aborts the whole process (seen in tests/test_distributed.py). One worker thread
+        # serialises them; the event loop still serves requests concurrently.
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        await super().startup(sockets=sockets)
+
 
 class EmbeddedTiled:
     """A persistent local Tiled server for raw and derived runs.
