@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, OutputExistsError
 
 __all__ = ["run_reconstruction", "reconstruct_with_model", "refine_after_model",
            "score_against"]
@@ -103,8 +103,12 @@ def run_reconstruction(
     model: str | None = None,
     refine: bool = False,
     refine_seconds: float | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary.
+
+    An existing output is never replaced unless ``overwrite`` (checked before any work, so a
+    long reconstruction is not lost at the end); the output's directory is created.
 
     With ``model`` and ``refine``, the network's image is refined by ``engine`` for ``epochs``
     passes (or ``refine_seconds``) from the start the data prefers, and the estimate with the
@@ -114,9 +118,14 @@ def run_reconstruction(
     from .io import PtychoDataset, read_dataset, write_dataset
     from .recon import PIEOptions, pie_reconstruct
 
+    output = Path(output) if output else file.with_name(f"{file.stem}_recon.cxi")
+    existing = [p for p in (output, output.with_suffix(".png")) if p.exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]} exists; choose another output with --output "
+                                "or replace it with --overwrite")
+    output.parent.mkdir(parents=True, exist_ok=True)
     ds = read_dataset(file)
     device = None if device == "auto" else device
-    output = Path(output) if output else file.with_name(f"{file.stem}_recon.cxi")
     start = time.perf_counter()
     refinement = network_obj = None
     if model:

@@ -103,6 +103,8 @@ def reconstruct(
                                 "that explains the frames better."),
     refine_seconds: float = typer.Option(None, "--refine-seconds",
                                          help="With --refine: stop refining after this long."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing output (and its PNG)."),
 ) -> None:
     """Reconstruct a dataset (ePIE/rPIE, or a network with --model); write the result, a PNG
     with amplitude, phase, probe and FRC curves when the file holds a ground truth."""
@@ -112,7 +114,7 @@ def reconstruct(
         summary = run_reconstruction(
             file, engine=engine, epochs=epochs, probe_update=probe_update, output=output,
             device=device, seed=seed, model=model, refine=refine,
-            refine_seconds=refine_seconds,
+            refine_seconds=refine_seconds, overwrite=overwrite,
         )
     except PtychoError as exc:
         _fail(exc)

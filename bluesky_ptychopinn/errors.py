@@ -12,6 +12,7 @@ __all__ = [
     "InvalidInputError",
     "FileFormatError",
     "CheckpointError",
+    "OutputExistsError",
 ]
 
 
@@ -46,3 +47,7 @@ class FileFormatError(InvalidInputError):
 
 class CheckpointError(PtychoError, ValueError):
     """A model checkpoint is corrupt, has a wrong hash or does not match its config."""
+
+
+class OutputExistsError(PtychoError, FileExistsError):
+    """An output file exists and replacing it was not asked for."""

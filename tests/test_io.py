@@ -519,3 +519,39 @@ def test_writers_validate_before_writing(dataset, tmp_path):
         with pytest.raises(InvalidInputError, match=r"PtychoDataset\.diffraction.*negative"):
             writer(dataset, tmp_path / name)
         assert not (tmp_path / name).exists()
+
+
+def test_reconstruct_never_overwrites_silently_and_creates_the_output_directory(tmp_path):
+    """A reconstruction is never lost at the end: an existing output is refused before any
+    work (naming the CLI flags), and a missing output directory is created."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bluesky_ptychopinn import physics
+    from bluesky_ptychopinn.io import PtychoDataset, write_dataset
+
+    probe = physics.make_probe("zone_plate", 32, 40e-9, 8_800)
+    obj = np.exp(0.3j * np.random.default_rng(0).random((80, 80))).astype(np.complex64)
+    pos = physics.scan_pattern("raster", (24.0, 24.0), step=8.0) + 40
+    counts = physics.simulate_diffraction(obj, probe, pos, photons=1e5, seed=0).counts.numpy()
+    source = write_dataset(PtychoDataset(counts, pos, probe, energy_ev=8_800,
+                                         detector_distance_m=2.0, detector_pixel_size_m=75e-6),
+                           tmp_path / "scan.cxi")
+    out = tmp_path / "new" / "dir" / "recon.cxi"
+
+    def run(*extra):
+        cli = str(Path(sys.executable).with_name("bluesky-ptychopinn"))
+        return subprocess.run([cli, "reconstruct", str(source), "--epochs", "1", "-o", str(out),
+                               *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert out.is_file() and out.with_suffix(".png").is_file()
+    before = out.stat().st_mtime_ns
+    second = run()
+    assert second.returncode != 0 and "--overwrite" in second.stderr + second.stdout
+    assert "PosixPath" not in second.stderr + second.stdout
+    assert out.stat().st_mtime_ns == before
+    assert run("--overwrite").returncode == 0 and out.stat().st_mtime_ns != before
