@@ -51,3 +51,19 @@ def test_the_plot_shows_what_tiled_stores(tiled, tmp_path):
     assert plot._scale > 0 and np.isfinite(plot.frames_per_s)
     plot._fig.savefig(tmp_path / "live.png")
     assert (tmp_path / "live.png").stat().st_size > 10_000
+
+
+
+def test_the_browsing_snippet_of_the_beamline_docs_runs(tiled):
+    """docs/beamline.md "Browsing and replaying", run as written against the runs above."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "beamline.md").read_text()
+    section = text[text.index("## Browsing and replaying"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {"tiled": tiled.client()}
+    exec(code, namespace)
+    assert namespace["raw"].start["plan_name"] == "ptycho_scan"
+    assert namespace["run"].start["original_run_uid"] == namespace["raw"].start["uid"]
+    assert namespace["phase"].ndim == 2 and namespace["probe"].ndim == 3
