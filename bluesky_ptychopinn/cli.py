@@ -487,7 +487,12 @@ def replay(
     model: str = typer.Option("default", help="Model name or directory."),
     tiled: str = typer.Option(None, "--tiled", envvar="TILED_URI",
                               help="Tiled URI (default: $TILED_URI, else the embedded catalog)."),
-    data_dir: Path = typer.Option(None, help="Embedded catalog directory when no --tiled."),
+    api_key: str = typer.Option(None, "--api-key", envvar="TILED_API_KEY",
+                                help="API key of the --tiled server (default: $TILED_API_KEY)."),
+    data_dir: Path = typer.Option(
+        None, help="Embedded catalog directory when no --tiled (default: ./demo-output/tiled, "
+                   "the catalog `make demo` writes, if it exists; else $PTYCHOPINN_DATA or "
+                   "~/.local/share/bluesky-ptychopinn/tiled)."),
     refine: bool = typer.Option(True, help="Also refine iteratively (rPIE) beside the network; "
                                 "the derived run gets 'refined' and 'final' streams."),
     refine_budget_s: float = typer.Option(5.0, "--refine-budget-s",
@@ -499,9 +504,10 @@ def replay(
     server = None
     try:
         if tiled:
-            client = connect(tiled)
+            client = connect(tiled, api_key=api_key)
         else:
-            data = data_dir
+            demo_catalog = Path("demo-output") / "tiled"
+            data = data_dir or (demo_catalog if demo_catalog.is_dir() else None)
             readable = [data.parent / "detector"] if data is not None else []
             server = EmbeddedTiled(data, readable=readable).start()
             client = server.client()
