@@ -15,6 +15,7 @@ Keys we add (optional, ignored by PtychoPINN): ``energy_ev``, ``detector_distanc
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -63,6 +64,16 @@ def _counts(data, path: Path, conversions: list[str]) -> tuple[np.ndarray, str]:
         if (amplitude[finite] < 0).any():
             raise FileFormatError(path, "diffraction", "expected amplitudes >= 0 (sqrt of "
                                   f"counts), got negative values (min {amplitude[finite].min():g})")
+        values = amplitude[finite]
+        if values.size and values.max() > 1 and np.array_equal(values, np.round(values)):
+            # sqrt(counts) is almost never an integer: these are very likely counts stored
+            # under the amplitude key, and squaring them would square the photon numbers.
+            warnings.warn(
+                f"{path}: 'diffraction' holds only integer values (max {values.max():g}): "
+                "these look like photon counts, but the PtychoPINN contract stores amplitudes "
+                "(sqrt of counts) there; they are squared as the contract says. Store counts "
+                "under 'diff3d' (or convert with sqrt) if they are counts.",
+                UserWarning, stacklevel=3)
         # Square in float64 then round once: the closest float32 to amplitude**2.
         counts = np.square(amplitude, dtype=np.float64).astype(np.float32)
         conversions.append("diffraction was amplitude (sqrt of counts) -> squared to photon "
