@@ -45,6 +45,57 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+@app.command("import")
+def import_(
+    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="HDF5 or NPZ file."),
+    dst: Path = typer.Argument(..., help="The project's CXI (or NPZ) to write."),
+    frames: str = typer.Option(None, "--frames", help="Key of the (n, N, N) frames."),
+    positions: str = typer.Option(None, "--positions", help="Key of the (n, 2) positions."),
+    probe: str = typer.Option(None, "--probe", help="Key of the probe (default: estimated "
+                              "from the mean pattern)."),
+    frames_are: str = typer.Option("counts", "--frames-are", help="counts or amplitude."),
+    dc: str = typer.Option("centre", "--dc", help="Zero frequency at the centre or corner."),
+    positions_are: str = typer.Option("centre", "--positions-are",
+                                      help="Probe centres, or the window's top-left corner."),
+    units: str = typer.Option("m", "--units", help="Positions in m or px (object pixels)."),
+    xy: bool = typer.Option(False, "--xy", help="Positions are (x, y) per row, not (y, x)."),
+    energy_ev: float = typer.Option(None, "--energy-ev", help="Photon energy, eV."),
+    distance_m: float = typer.Option(None, "--distance-m", help="Sample-detector distance."),
+    detector_pixel_m: float = typer.Option(None, "--detector-pixel-m",
+                                           help="Detector pixel size, m."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing DST."),
+) -> None:
+    """Convert a foreign layout to the project's conventions (docs/own-data.md); without
+    --frames/--positions, list the file's arrays."""
+    from .errors import InvalidInputError, OutputExistsError
+    from .io import write_dataset
+    from .io._import import import_arrays, list_arrays
+
+    try:
+        if not frames or not positions:
+            for key, shape in list_arrays(src).items():
+                console.print(f"{key}  {shape}", highlight=False)
+            raise InvalidInputError("pass --frames KEY and --positions KEY (the arrays are "
+                                    "listed above)")
+        missing = [flag for flag, v in (("--energy-ev", energy_ev), ("--distance-m", distance_m),
+                                        ("--detector-pixel-m", detector_pixel_m)) if v is None]
+        if missing:
+            raise InvalidInputError(f"the geometry is needed: pass {', '.join(missing)}")
+        if dst.exists() and not overwrite:
+            raise OutputExistsError(f"{dst} exists; choose another DST or pass --overwrite")
+        ds = import_arrays(src, frames=frames, positions=positions, probe=probe,
+                           frames_are=frames_are, dc=dc, positions_are=positions_are,
+                           units=units, yx=not xy, energy_ev=energy_ev, distance_m=distance_m,
+                           detector_pixel_m=detector_pixel_m)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_dataset(ds, dst)
+    except PtychoError as exc:
+        _fail(exc)
+    for line in ds.metadata["conversions"]:
+        console.print(f"- {line}", highlight=False)
+    console.print(f"wrote {dst} ({len(ds.positions_px)} frames of {ds.frame_size} px)")
+
+
 @app.command()
 def simulate(
     output: Path = typer.Argument(..., help="File to write (.cxi or .npz)."),

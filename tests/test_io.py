@@ -578,3 +578,49 @@ def test_integer_amplitudes_warn_that_they_look_like_counts(tmp_path):
              ycoords=np.arange(3.0) + 10)
     with pytest.warns(UserWarning, match="look like photon counts"):
         read_npz(path)
+
+
+def test_import_converts_a_foreign_layout_and_records_every_conversion(tmp_path):
+    """`bluesky-ptychopinn import`: a bare HDF5 (amplitudes, DC at the corner, (x, y) window
+    corners in metres) becomes the project's CXI; positions match the true probe centres up to
+    the recorded shift, frames match the counts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import h5py
+
+    from bluesky_ptychopinn import physics
+    from bluesky_ptychopinn.geometry import object_pixel_size_m
+    from bluesky_ptychopinn.io import read_dataset
+
+    n, energy, dist, pix = 32, 8800.0, 2.0, 75e-6
+    dx = object_pixel_size_m(energy, dist, pix, n)
+    probe = physics.make_probe("zone_plate", n, dx, energy)
+    obj = np.exp(0.3j * np.random.default_rng(0).random((90, 90))).astype(np.complex64)
+    centres = physics.scan_pattern("raster", (30.0, 30.0), step=6.0) + 45
+    counts = physics.simulate_diffraction(obj, probe, centres, photons=1e5,
+                                          seed=0).counts.numpy()
+    src = tmp_path / "foreign.h5"
+    with h5py.File(src, "w") as f:
+        f["entry/amp"] = np.fft.ifftshift(np.sqrt(counts), axes=(-2, -1))
+        f["entry/pos_xy"] = ((centres - n / 2) * dx)[:, ::-1]
+    cli = str(Path(sys.executable).with_name("bluesky-ptychopinn"))
+    base = [cli, "import", str(src), str(tmp_path / "out" / "scan.cxi")]
+    listing = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    said = listing.stdout + listing.stderr
+    assert listing.returncode != 0 and "entry/amp" in said and "--frames" in said
+    done = subprocess.run([*base, "--frames", "entry/amp", "--positions", "entry/pos_xy",
+                           "--frames-are", "amplitude", "--dc", "corner", "--positions-are",
+                           "corner", "--xy", "--units", "m", "--energy-ev", str(energy),
+                           "--distance-m", str(dist), "--detector-pixel-m", str(pix)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ds = read_dataset(tmp_path / "out" / "scan.cxi")
+    np.testing.assert_allclose(ds.diffraction, counts, rtol=1e-4, atol=1e-3)
+    offset = ds.positions_px - centres
+    np.testing.assert_allclose(offset, offset[0] + 0 * offset, atol=1e-6)  # one rigid shift
+    conversions = " ".join(ds.metadata["written_from"]["conversions"])  # the import's
+    assert ds.metadata["import"]["source"] == str(src)
+    for word in ("amplitude", "DC", "corner", "(x, y)", "metres"):
+        assert word in conversions
