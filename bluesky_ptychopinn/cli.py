@@ -398,9 +398,11 @@ def train(
 
     Run under `torchrun --nproc_per_node K` for multi-GPU / multi-node DDP.
     """
+    import numpy as np
+
     from .io import ProbeLibrary, read_dataset
     from .models import ptychopinn, save_model
-    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe
+    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe, resample_probe
     from .training import (
         GroupedSamples,
         TrainConfig,
@@ -423,7 +425,14 @@ def train(
                     probes[name] = make_probe(name, frame_size, geometry.object_pixel_size_m,
                                               geometry.energy_ev)
                 else:
-                    probes[name] = ProbeLibrary().get(name)[0]
+                    library_probe = np.asarray(ProbeLibrary().get(name)[0])
+                    if library_probe.shape[-1] != frame_size:
+                        # A probe measured with larger frames: the same field of view at the
+                        # coarser pixel of frames cropped to N (what the model will see).
+                        console.print(f"probe {name}: {library_probe.shape[-1]} px resampled "
+                                      f"to {frame_size} px (Fourier crop)", highlight=False)
+                        library_probe = resample_probe(library_probe, frame_size)
+                    probes[name] = library_probe
             experiments = synthetic_experiments(probes, classes,
                                                 objects_per_class=objects_per_class, seed=seed,
                                                 progress=True)

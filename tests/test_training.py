@@ -129,3 +129,26 @@ def test_ddp_with_two_gloo_processes_ends_with_identical_weights(tmp_path):
     assert {r["world"] for r in ranks} == {2}
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own shard
+
+
+def test_train_resamples_a_library_probe_measured_with_larger_frames(tmp_path):
+    """`train --probe NAME -N 64` with a 128-px library probe once failed after simulating."""
+    from pathlib import Path
+
+    from bluesky_ptychopinn.io import ProbeLibrary
+    from bluesky_ptychopinn.models._checkpoint import read_model_card
+
+    library = tmp_path / "probes"
+    ProbeLibrary(library).add("measured128", physics.make_probe("zone_plate", 128, 20e-9, 8800),
+                              energy_ev=8800, pixel_size_m=20e-9)
+    cli = str(Path(sys.executable).with_name("bluesky-ptychopinn"))
+    done = subprocess.run([cli, "train", str(tmp_path / "model"), "--probe", "measured128",
+                           "-N", "64", "--class", "dead_leaves", "--objects-per-class", "1",
+                           "--epochs", "1", "--channels", "1", "--base-width", "4",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PTYCHOPINN_PROBE_LIBRARY": str(library)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "128 px resampled to 64 px" in done.stdout + done.stderr
+    card = read_model_card(tmp_path / "model")
+    assert card["architecture"]["frame_size"] == 64
+    assert card["provenance"]["training_data"]["probes"][0]["name"] == "measured128"
