@@ -381,12 +381,18 @@ def train(
     classes: list[str] = typer.Option(
         ["dead_leaves", "blurred_white_noise", "procedural", "simplex"], "--class",
         help="Synthetic object classes (repeat)."),
-    objects_per_class: int = typer.Option(2, help="Synthetic objects per class and probe."),
+    objects_per_class: int = typer.Option(4, help="Synthetic objects per class and probe."),
+    object_size: int = typer.Option(160, help="Synthetic object side, pixels."),
+    step_px: float = typer.Option(4.0, help="Scan step of the synthetic experiments, pixels."),
+    photons: tuple[float, float] = typer.Option((1e5, 1e6), help="Photons per frame, range."),
+    contrast: tuple[float, float] = typer.Option(
+        (0.1, 1.0), help="Contrast augmentation: phase span pi*U(LO, HI); '1 1' = full."),
+    threads: int = typer.Option(None, help="torch threads (default: torch's)."),
     frame_size: int = typer.Option(64, "--frame-size", "-N", help="Model N (frames are cropped)."),
     channels: int = typer.Option(4, help="C: 4 (overlap constraint) or 1."),
     base_width: int = typer.Option(8, help="Width of the first encoder block."),
     epochs: int = typer.Option(16, help="Epochs."),
-    finetune_epochs: int = typer.Option(0, help="Extra epochs with the encoder frozen."),
+    finetune_epochs: int = typer.Option(2, help="Extra epochs with the encoder frozen."),
     batch_size: int = typer.Option(16, help="Groups per batch."),
     lr: float = typer.Option(1e-3, help="Learning rate."),
     loss: str = typer.Option("poisson", help="poisson, mae, or supervised (baseline)."),
@@ -399,24 +405,39 @@ def train(
     Run under `torchrun --nproc_per_node K` for multi-GPU / multi-node DDP.
     """
     import numpy as np
+    import torch
 
     from .io import ProbeLibrary, read_dataset
     from .models import ptychopinn, save_model
     from .physics import PROBE_MODELS, ExperimentGeometry, make_probe, resample_probe
-    from .training import (
-        GroupedSamples,
-        TrainConfig,
-        TrainingExperiment,
-        probe_sha256,
-        synthetic_experiments,
-    )
+    from .training import GroupedSamples, TrainConfig, TrainingExperiment
     from .training import train as run_training
+    from .training._recipe import ProbeCentricRecipe, train_probe_centric
 
+    if threads:
+        torch.set_num_threads(int(threads))
+    checkpoint = output / "checkpoint"
+    resumed = bool(resume and checkpoint.is_dir() and any(checkpoint.iterdir()))
+    extra = {"checkpoint_dir": str(checkpoint) if resume else None,
+             "log_csv": str(output / "training.csv")}
     try:
+        output.mkdir(parents=True, exist_ok=True)
         if experiment:
             experiments = [TrainingExperiment.from_dataset(read_dataset(p), frame_size,
                                                            name=p.stem) for p in experiment]
-            source = {"kind": "experimental", "files": [str(p) for p in experiment]}
+            grouping = "quadrant" if channels == 4 else "single"
+            data = GroupedSamples(experiments, channels=channels, grouping=grouping, seed=seed)
+            model = ptychopinn(frame_size=frame_size, channels=channels, base_width=base_width)
+            config = TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs,
+                                 batch_size=batch_size, lr=lr, loss=loss, device=device,
+                                 seed=seed, **extra)
+            result = run_training(model, data, config)
+            provenance = {
+                "training_data": {"kind": "experimental", "files": [str(p) for p in experiment],
+                                  "experiments": len(experiments), "grouping": grouping,
+                                  "patterns": int(sum(len(e.counts) for e in experiments))},
+                "training": {"config": config.model_dump(), "history": result.history,
+                             "resumed": resumed}}
         else:
             geometry = ExperimentGeometry(frame_size=frame_size)
             probes = {}
@@ -433,28 +454,17 @@ def train(
                                       f"to {frame_size} px (Fourier crop)", highlight=False)
                         library_probe = resample_probe(library_probe, frame_size)
                     probes[name] = library_probe
-            experiments = synthetic_experiments(probes, classes,
-                                                objects_per_class=objects_per_class, seed=seed,
-                                                progress=True)
-            source = {"kind": "probe-centric synthetic", "object_classes": classes,
-                      "probes": [{"name": k, "sha256": probe_sha256(v)}
-                                 for k, v in probes.items()]}
-        grouping = "quadrant" if channels == 4 else "single"
-        data = GroupedSamples(experiments, channels=channels, grouping=grouping, seed=seed)
-        model = ptychopinn(frame_size=frame_size, channels=channels, base_width=base_width)
-        config = TrainConfig(epochs=epochs, finetune_epochs=finetune_epochs,
-                             batch_size=batch_size, lr=lr, loss=loss, device=device, seed=seed,
-                             checkpoint_dir=str(output / "checkpoint") if resume else None,
-                             log_csv=str(output / "training.csv"))
-        output.mkdir(parents=True, exist_ok=True)
-        result = run_training(model, data, config)
+            recipe = ProbeCentricRecipe(
+                object_classes=tuple(classes), objects_per_class=objects_per_class,
+                object_size=object_size, step_px=step_px, photons=tuple(photons),
+                contrast=tuple(contrast), channels=channels, base_width=base_width,
+                epochs=epochs, finetune_epochs=finetune_epochs, batch_size=batch_size, lr=lr,
+                loss=loss, seed=seed, device=device, extra=extra)
+            result, provenance = train_probe_centric(probes, recipe, geometry=geometry,
+                                                     resumed=resumed)
     except PtychoError as exc:
         _fail(exc)
-    save_model(result.model, output, provenance={
-        "training_data": {**source, "experiments": len(experiments),
-                          "patterns": int(sum(len(e.counts) for e in experiments)),
-                          "grouping": grouping},
-        "training": {"config": config.model_dump(), "history": result.history}})
+    save_model(result.model, output, provenance=provenance)
     console.print(f"saved {output} (best validation loss {result.best_val:.4f}, "
                   f"{result.patterns_per_s:.0f} patterns/s)")
 

@@ -152,3 +152,27 @@ def test_train_resamples_a_library_probe_measured_with_larger_frames(tmp_path):
     card = read_model_card(tmp_path / "model")
     assert card["architecture"]["frame_size"] == 64
     assert card["provenance"]["training_data"]["probes"][0]["name"] == "measured128"
+
+
+def test_train_cli_defaults_are_the_shipped_recipe():
+    """`bluesky-ptychopinn train` and scripts/train_default_model.py call the same function
+    with the same defaults (2 vs 4 objects per class and fine-tune 0 vs 2 once differed)."""
+    import inspect
+
+    from bluesky_ptychopinn import cli
+    from bluesky_ptychopinn.training._recipe import ProbeCentricRecipe
+
+    recipe = ProbeCentricRecipe()
+    options = {name: p.default.default for name, p in inspect.signature(cli.train).parameters
+               .items() if hasattr(p.default, "default")}
+    for name in ("objects_per_class", "object_size", "step_px", "channels", "base_width",
+                 "epochs", "finetune_epochs", "batch_size", "lr", "loss", "seed"):
+        assert options[name] == getattr(recipe, name), name
+    for name in ("photons", "contrast"):
+        assert tuple(options[name]) == tuple(getattr(recipe, name)), name
+    assert tuple(options["classes"]) == tuple(recipe.object_classes)
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = (root / "scripts" / "train_default_model.py").read_text()
+    assert "train_probe_centric(" in script
