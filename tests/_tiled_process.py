@@ -38,11 +38,14 @@ class TiledProcess:
 
     def start(self, timeout: float = 60.0) -> TiledProcess:
         code = "from bluesky_ptychopinn.cli import app; app()"
+        log = open(self.data_dir.parent / "server.log", "ab")  # noqa: SIM115 (the child's)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, "serve", "--port", str(self.port),
              "--data-dir", str(self.data_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            # the server's own log, kept next to the data directory for a post-mortem
+            stdout=log, stderr=log,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        log.close()  # the child has its own copy
         deadline = time.monotonic() + timeout
         with httpx.Client(trust_env=False) as http:
             while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ import tiled.client.utils as tiled_utils
 from _tiled_process import TiledProcess
 from bluesky import RunEngine
 from bluesky_tiled_plugins import TiledWriter
+from event_model import unpack_event_page
 from typer.testing import CliRunner
 
 from bluesky_ptychopinn.callbacks import LiveReconstruction
@@ -59,6 +60,8 @@ def _events_by_stream(docs):
     for name, doc in docs:
         if name == "event":
             out.setdefault(streams[doc["descriptor"]], []).append(doc)
+        elif name == "event_page":  # the derived run's metrics
+            out.setdefault(streams[doc["descriptor"]], []).extend(unpack_event_page(doc))
     return out
 
 
@@ -210,27 +213,37 @@ def test_spool_status_and_flush_deliver_what_an_ended_process_left(server, tmp_p
                                                                    fail_fast, monkeypatch):
     writer = TiledWriter(server.client(), batch_size=10)  # built while Tiled is up, as usual
     server.kill()
-    raw = SpooledWriter(writer, spool_dir=tmp_path, label="raw")
-    RE = RunEngine(call_returns_result=True)
-    docs, keep = _collector()
-    RE.subscribe(raw)
-    RE.subscribe(keep)
-    t0 = time.monotonic()
-    assert _scan(sim_beamline("cells", write_path=None, seed=13), RE, n_side=5).exit_status \
-        == "success"
-    assert time.monotonic() - t0 < 15  # with no Tiled at all
-    assert not raw.close(timeout=0)  # the process "ends": its journal stays
+    scans = {}
+    for seed, label in [(13, "raw"), (14, "other")]:
+        spooled = SpooledWriter(writer, spool_dir=tmp_path, label=label)
+        RE = RunEngine(call_returns_result=True)
+        docs, keep = _collector()
+        RE.subscribe(spooled)
+        RE.subscribe(keep)
+        t0 = time.monotonic()
+        assert _scan(sim_beamline("cells", write_path=None, seed=seed), RE, n_side=5) \
+            .exit_status == "success"
+        assert time.monotonic() - t0 < 15  # with no Tiled at all
+        assert not spooled.close(timeout=0)  # the process "ends": its journal stays
+        scans[label] = docs
     runner = CliRunner()
     status = runner.invoke(app, ["spool", "status", "--spool-dir", str(tmp_path)])
-    assert status.exit_code == 0 and "1 run(s) spooled" in status.output, status.output
-    [entry] = spool_status(tmp_path)
-    assert entry["documents"] == len(docs) and entry["stopped"] and not entry["in_use"]
+    assert status.exit_code == 0 and "2 run(s) spooled" in status.output, status.output
+    entries = {e["label"]: e for e in spool_status(tmp_path)}
+    assert entries["raw"]["documents"] == len(scans["raw"]) and entries["raw"]["stopped"]
+    assert not entries["raw"]["in_use"]
 
     server.start()
     monkeypatch.setenv("TILED_API_KEY", server.api_key)
     flushed = runner.invoke(app, ["spool", "flush", "--spool-dir", str(tmp_path),
-                                  "--tiled", server.uri])
+                                  "--tiled", server.uri, "--label", "raw"])
     assert flushed.exit_code == 0, flushed.output
     assert '"runs_done": 1' in flushed.output
-    _assert_in_tiled_exactly(server.client(), docs)
+    client = server.client()
+    _assert_in_tiled_exactly(client, scans["raw"])
+    # The next writer of a label delivers what an earlier process left under it.
+    later = SpooledWriter(TiledWriter(client, batch_size=10), spool_dir=tmp_path, label="other")
+    assert later.flush(60), later.status()
+    _assert_in_tiled_exactly(client, scans["other"])
+    later.close()
     assert spool_status(tmp_path) == []

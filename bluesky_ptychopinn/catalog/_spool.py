@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._journal import JournalWriter, encode_document, read_journal, read_record_at
+from ._journal import JournalWriter, encode_document, read_headers, read_record_at
 
 __all__ = ["SpooledWriter", "SpoolStats", "default_spool_dir", "flush_spool", "spool_status"]
 
@@ -172,10 +172,15 @@ def _open_orphan(path: Path) -> _Run | None:
         os.close(fd)
         return None
     run = _Run(uid=path.stem, path=path, lock_fd=fd)
-    for offset, name, doc in read_journal(path):
+    for offset, name, doc in read_headers(path):
         run.offsets.append(offset)
         if name == "stop":
             run.stop_seen, run.stop_uid = True, doc.get("uid")
+        elif name == "descriptor":  # stream counts, for the check of a run already in Tiled
+            run.streams[doc["uid"]] = doc["name"]
+        elif name in ("event", "event_page"):
+            n = 1 if name == "event" else len(doc["seq_num"])
+            run.events[run.streams.get(doc["descriptor"])] += n
     return run
 
 
@@ -306,7 +311,7 @@ def tiled_answers(client, timeout: float = 2.0) -> bool:
     api = str(client.context.api_uri)
     root = api.split("/api/v1", 1)[0]
     try:
-        with httpx.Client(trust_env=False, timeout=timeout, verify=False) as http:
+        with httpx.Client(trust_env=False, timeout=timeout) as http:
             return http.get(f"{root}/healthz").status_code == 200
     except httpx.HTTPError:
         return False
@@ -506,7 +511,8 @@ class SpooledWriter:
         Returns
         -------
         bool
-            True when nothing is left to deliver.
+            True when nothing is left to deliver; False on the timeout, or when a run could
+            not be delivered (``status()["runs"]`` says which; its journal stays).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -515,7 +521,8 @@ class SpooledWriter:
                 if left is not None and left <= 0:
                     return False
                 self._cond.wait(timeout=0.1 if left is None else min(left, 0.1))
-        return True
+            return not any(r.failures >= self._delivery.max_failures
+                           for r in self._runs.values())
 
     def _runs_left(self) -> list[_Run]:
         # A run still open (no stop yet) counts only for the documents it has.
@@ -569,7 +576,7 @@ def spool_status(spool_dir: str | Path | None = None) -> list[dict]:
             in_use = not _try_lock(fd)
         finally:
             os.close(fd)
-        names = [name for _, name, _ in read_journal(path)]
+        names = [name for _, name, _ in read_headers(path)]
         out.append({"label": path.parent.name, "uid": path.stem, "documents": len(names),
                     "bytes": path.stat().st_size, "stopped": "stop" in names,
                     "in_use": in_use, "path": str(path)})
@@ -611,12 +618,6 @@ def flush_spool(writer, spool_dir: str | Path | None = None, *,
             # Already complete in Tiled (a crash after the last write)? Then only the journal
             # goes. Otherwise delete what is there and write it once.
             run.writer = delivery.new_writer()
-            for _, name, doc in read_journal(path):  # stream counts for the check
-                if name == "descriptor":
-                    run.streams[doc["uid"]] = doc["name"]
-                elif name in ("event", "event_page"):
-                    n = 1 if name == "event" else len(doc["seq_num"])
-                    run.events[run.streams.get(doc["descriptor"])] += n
             run.cursor = run.written
             if delivery.verify(run) is None:
                 delivery.finish(run)
