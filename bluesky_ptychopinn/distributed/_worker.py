@@ -151,7 +151,9 @@ class Worker:
         self.live = LiveReconstruction(
             o.model, isolation="thread", derived_uid="deterministic", device=o.device,
             torch_threads=o.torch_threads, batch_size=o.batch_size,
-            refine="rpie" if o.refine else None, refine_budget_s=o.refine_budget_s)
+            refine="rpie" if o.refine else None, refine_budget_s=o.refine_budget_s,
+            # Files are read only inside the data roots: the local side of every path map.
+            data_roots=[local for _, local in self.path_map])
         # Small write batches: a viewer of the derived run sees snapshots as they come.
         self.guard = DerivedRunGuard(self.client, TiledWriter(self.client, batch_size=1))
         self.live.subscribe(self.guard)
