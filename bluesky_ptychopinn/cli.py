@@ -38,6 +38,19 @@ app.add_typer(spool_app, name="spool")
 console = Console(stderr=True)
 
 
+def _tiled_client(tiled: str | None, api_key: str | None, data_dir: Path | None):
+    """``(client, server)``: a client of ``--tiled``, else of an embedded catalog in
+    ``data_dir`` started here (it may read the detector files beside it); stop the server
+    when done (``None`` for ``--tiled``)."""
+    from .catalog import EmbeddedTiled, connect
+
+    if tiled:
+        return connect(tiled, api_key=api_key), None
+    readable = [data_dir.parent / "detector"] if data_dir is not None else []
+    server = EmbeddedTiled(data_dir, readable=readable).start()
+    return server.client(), server
+
+
 def _fail(exc: Exception) -> None:
     # soft_wrap: one line whatever the terminal width (scripts grep it; rich would wrap at 80)
     # escape: a message with [brackets] (a list, a path) must not be read as rich markup
@@ -569,18 +582,14 @@ def replay(
                                           help="Seconds of refinement after the last frame."),
 ) -> None:
     """Re-stream an archived raw run through the live callback with a (newer) model."""
-    from .catalog import EmbeddedTiled, connect, replay_run
+    from .catalog import replay_run
 
     server = None
+    demo_catalog = Path("demo-output") / "tiled"
+    if data_dir is None and demo_catalog.is_dir():
+        data_dir = demo_catalog
     try:
-        if tiled:
-            client = connect(tiled, api_key=api_key)
-        else:
-            demo_catalog = Path("demo-output") / "tiled"
-            data = data_dir or (demo_catalog if demo_catalog.is_dir() else None)
-            readable = [data.parent / "detector"] if data is not None else []
-            server = EmbeddedTiled(data, readable=readable).start()
-            client = server.client()
+        client, server = _tiled_client(tiled, api_key, data_dir)
         state = replay_run(client, uid, model=model, torch_threads=1,
                            refine="rpie" if refine else None, refine_budget_s=refine_budget_s)
     except PtychoError as exc:
@@ -736,16 +745,11 @@ def spool_flush_cmd(
     """Deliver the spooled runs no running writer holds to Tiled (each verified, once)."""
     from bluesky_tiled_plugins import TiledWriter
 
-    from .catalog import EmbeddedTiled, connect, flush_spool
+    from .catalog import flush_spool
 
     server = None
     try:
-        if tiled:
-            client = connect(tiled, api_key=api_key)
-        else:
-            readable = [data_dir.parent / "detector"] if data_dir is not None else []
-            server = EmbeddedTiled(data_dir, readable=readable).start()
-            client = server.client()
+        client, server = _tiled_client(tiled, api_key, data_dir)
         report = flush_spool(TiledWriter(client, batch_size=batch_size), spool_dir, label=label)
     except PtychoError as exc:
         _fail(exc)

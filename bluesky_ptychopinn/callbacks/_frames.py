@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import queue
 import stat
 import threading
 from dataclasses import dataclass, field
@@ -34,26 +35,46 @@ class ReadTimeout(OSError):
     """A detector file did not answer in time (a FIFO, a hung network mount)."""
 
 
-def _with_timeout(call, timeout_s: float, what: str):
-    """``call()`` in a daemon thread; :class:`ReadTimeout` if it has not returned in time (the
-    thread is abandoned: a read stuck in the kernel cannot be interrupted, but it no longer
-    holds the run, and the other runs go on)."""
-    result: dict = {}
+class _TimedReader:
+    """One daemon thread that runs a source's reads; a read that does not return in time
+    raises :class:`ReadTimeout` (the thread is abandoned: a read stuck in the kernel cannot be
+    interrupted, but it no longer holds the run, and the other runs go on). One thread per
+    source, not per read: reads are on the per-frame path."""
 
-    def target() -> None:
-        try:
-            result["value"] = call()
-        except BaseException as exc:  # handed to the caller
-            result["error"] = exc
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.stuck = self.stopped = False
+        threading.Thread(target=self._run, daemon=True, name="ptychopinn-read").start()
 
-    thread = threading.Thread(target=target, daemon=True, name="ptychopinn-read")
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise ReadTimeout(f"{what}: no answer in {timeout_s:g} s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            call, result, done = job
+            try:
+                result["value"] = call()
+            except BaseException as exc:  # handed to the caller
+                result["error"] = exc
+            done.set()
+
+    def stop(self) -> None:
+        """End the thread once the reads queued before are done (a stuck one never ends)."""
+        self.stopped = True
+        self._jobs.put(None)
+
+    def call(self, call, timeout_s: float, what: str):
+        if self.stuck or self.stopped:
+            raise ReadTimeout(f"{what}: an earlier read never returned" if self.stuck
+                              else f"{what}: the source is closed")
+        result, done = {}, threading.Event()
+        self._jobs.put((call, result, done))
+        if not done.wait(timeout_s):
+            self.stuck = True
+            raise ReadTimeout(f"{what}: no answer in {timeout_s:g} s")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
 
 
 @dataclass
@@ -62,6 +83,7 @@ class _HDF5Source:
     dataset: str
     timeout_s: float = READ_TIMEOUT_S
     handle: h5py.File | None = None
+    reader: _TimedReader = field(default_factory=_TimedReader)
 
     def _open(self) -> h5py.File:
         mode = self.path.stat().st_mode
@@ -71,8 +93,8 @@ class _HDF5Source:
         return h5py.File(self.path, "r", swmr=True, libver="latest")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        return _with_timeout(lambda: self._read(start, stop), self.timeout_s,
-                             f"reading {self.path}")
+        return self.reader.call(lambda: self._read(start, stop), self.timeout_s,
+                                f"reading {self.path}")
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         if self.handle is None:
@@ -85,9 +107,10 @@ class _HDF5Source:
         return np.asarray(dset[start:stop])
 
     def close(self) -> None:
-        if self.handle is not None:
+        self.reader.stop()
+        if self.handle is not None and not self.reader.stuck:
             self.handle.close()
-            self.handle = None
+        self.handle = None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from event_model import RunRouter
 from ..errors import InvalidInputError
 from ..metadata import InvalidMetadataError, PtychoMetadata
 from ..models import DEFAULT_MODEL, ModelRegistry, load_verified_model, verify_model
+from ..models._checkpoint import read_model_card
 from ._derived import DerivedRun, RunState
 from ._emitter import DocumentEmitter
 from ._model_choice import AUTO, choose_model
@@ -303,7 +304,7 @@ class LiveReconstruction:
                 info = {**self.model_info, "trained_on_run_probe": False,
                         "chosen": f"{choice.name!r} failed verification; {DEFAULT_MODEL!r} used"}
                 return None, info
-            card = _read_card(path)
+            card = read_model_card(Path(path))
             self._model_infos[path] = _model_info(choice.name, Path(path), card, identity)
         info = {**self._model_infos[path], "chosen": choice.reason,
                 "trained_on_run_probe": choice.matched}
@@ -386,12 +387,6 @@ def offer(put: Callable, put_nowait: Callable, item, name: str, doc: dict, state
     except queue.Full:
         with state.lock:
             state.frames_skipped += 1 if name == "event" else len(doc["seq_num"])
-
-
-def _read_card(path: str) -> dict:
-    from ..models._checkpoint import read_model_card
-
-    return read_model_card(Path(path))
 
 
 def _model_info(name: str, path: Path, card: dict, identity) -> dict:

@@ -80,6 +80,7 @@ class RunReconstruction(DocumentRouter):
         self.pairer = FramePairer(md.detector_key, keys.y, keys.x,
                                   data_roots=DataRoots(extra=settings.data_roots))
         self.sanitizer = FrameSanitizer(raw_uid)
+        self._masked: np.ndarray | None = None  # the detector mask the refiner has
         self.outliers = 0  # positions far outside the declared scan or the canvas limit
         self.canvas_centre_px = np.zeros(2)
         self.recon: StreamingReconstructor | None = None
@@ -304,8 +305,10 @@ class RunReconstruction(DocumentRouter):
                 # Until the refiner has started, every network image is a candidate start.
                 snap = self.recon.snapshot()
                 self.refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
-            if self.sanitizer.bad_pixels is not None:
-                self.refiner.refiner.mask_pixels(_centre_crop(self.sanitizer.bad_pixels, n))
+            bad = self.sanitizer.bad_pixels
+            if bad is not None and bad is not self._masked:  # only when the mask grew
+                self.refiner.refiner.mask_pixels(_centre_crop(bad, n))
+                self._masked = bad
             self.refiner.add(counts, positions_px)
         if len(self.recon.crop_candidates) > 1:
             self.crop_chooser.observe(counts, positions_px)

@@ -38,7 +38,8 @@ class FrameSanitizer:
     shape : tuple of int or None
         The frame shape of the run (its first frames').
     bad_pixels : numpy.ndarray or None
-        Detector pixels masked so far (True = bad), union over the frames seen.
+        Detector pixels masked so far (True = bad), union over the frames seen; replaced by a
+        new array whenever it grows, never changed in place.
     rejected : collections.Counter
         Frames rejected, by cause.
     clipped_pixels : int
@@ -89,10 +90,10 @@ class FrameSanitizer:
         if keep.any() and bad[keep].any():
             seen = bad[keep].any(axis=0)
             new = seen if self.bad_pixels is None else (seen & ~self.bad_pixels)
-            if new.any():
+            if new.any():  # a new array only when the mask changes (callers compare identity)
                 logger.warning("run %s: %d detector pixel(s) NaN/inf or saturated: masked",
                                self.run, int(new.sum()))
-            self.bad_pixels = seen if self.bad_pixels is None else (self.bad_pixels | seen)
+                self.bad_pixels = seen if self.bad_pixels is None else (self.bad_pixels | seen)
         counts = counts[keep]
         if self.bad_pixels is not None and len(counts):
             counts = self._fill(counts, self.bad_pixels)
