@@ -191,6 +191,17 @@ async def _reannounce(url: str, beamline: str, uids: list[str], tag: str) -> Non
     await nc.close()
 
 
+def _poll_from_start(client, stop: threading.Event, seen: list):
+    """A RunEngine subscriber that starts :func:`_poll_snapshots` at each raw start."""
+
+    def on_start(name, doc):
+        if name == "start":
+            threading.Thread(target=_poll_snapshots, args=(client, doc["uid"], stop, seen),
+                             daemon=True).start()
+
+    return on_start
+
+
 def _poll_snapshots(client, raw_uid: str, stop: threading.Event, seen: list) -> None:
     """The time each derived snapshot first became readable in Tiled (``seen[k]``: snapshot k).
 
@@ -244,13 +255,7 @@ def latency(tiled, bus, work: Path, points: int, exposure_s: float, ack_wait_s: 
         RE, handle = _engine(tiled, bus.url, "lat", sent)
         bl = sim_beamline("cells", write_path=tiled.detector_dir, seed=2, exposure_s=exposure_s)
         stop, seen = threading.Event(), []
-
-        def first_run(name, doc):
-            if name == "start":
-                threading.Thread(target=_poll_snapshots, args=(client, doc["uid"], stop, seen),
-                                 daemon=True).start()
-
-        RE.subscribe(first_run)
+        RE.subscribe(_poll_from_start(client, stop, seen))
         uid, _ = _scan(RE, bl, points)
         handle.flush(60)
         w.wait_for(f"finished run {uid}")
@@ -268,13 +273,7 @@ def latency(tiled, bus, work: Path, points: int, exposure_s: float, ack_wait_s: 
     RE.subscribe(live)
     bl = sim_beamline("cells", write_path=tiled.detector_dir, seed=3, exposure_s=exposure_s)
     stop, seen = threading.Event(), []
-
-    def start_poll(name, doc):
-        if name == "start":
-            threading.Thread(target=_poll_snapshots, args=(client, doc["uid"], stop, seen),
-                             daemon=True).start()
-
-    RE.subscribe(start_poll)
+    RE.subscribe(_poll_from_start(client, stop, seen))
     uid, _ = _scan(RE, bl, points)
     live.wait(uid, timeout=300)
     time.sleep(0.3)
