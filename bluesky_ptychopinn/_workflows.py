@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def frames_for_model(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | None = None,
-                       device: str | None = None, seed: int = 0, probe_update: bool = True):
+                       device: str | None = None, seed: int = 0, probe_update: bool = True,
+                       batch_size: int | None = None, alpha_object: float | None = None):
     """The hybrid on a file: rPIE from the start the data prefers (flat, the network's object
     or its high-pass), on the network's canvas, with the dataset's probe at the model's
     sampling. Returns the final :class:`~bluesky_ptychopinn.recon.RefinedSnapshot` (with the
@@ -43,9 +45,11 @@ def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | N
 
     frames, positions = frames_for_model(ds, n)
     probe = ds.probe if ds.probe.shape[-1] == n else resample_probe(ds.probe, n)
+    tuning = {"batch_size": batch_size, "alpha_object": alpha_object}
+    tuning = {key: value for key, value in tuning.items() if value is not None}
     refiner = StreamingRefiner(probe, object_shape=snap.object.shape, origin_px=snap.origin_px,
                                options=PIEOptions(device=device, seed=seed, progress=False,
-                                                  probe_update=probe_update))
+                                                  probe_update=probe_update, **tuning))
     refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
     refiner.add(frames, positions)
     thread = RefinerThread(refiner, duty=1.0)
@@ -65,9 +69,14 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
     model's coarser pixel (the same boundary code as training). Returns the final
     :class:`~bluesky_ptychopinn.recon.Snapshot` on the dataset's object grid when the sizes
     agree. ``crop``: the stitched central square of each predicted patch (default: the
-    :class:`~bluesky_ptychopinn.recon.StreamingReconstructor` default).
+    :class:`~bluesky_ptychopinn.recon.StreamingReconstructor` default); ``"auto"``: the
+    candidate whose stitched object best explains a sample of the frames (Fourier-magnitude
+    residual with the dataset's probe), as the live engine chooses before it has a refined
+    image. The crop used is in the snapshot's ``stats["crop"]``.
     """
+    from .physics import resample_probe
     from .recon import StreamingReconstructor
+    from .recon._crop_choice import CropChooser
 
     n = model.config.frame_size
     frames, positions = frames_for_model(ds, n)
@@ -75,7 +84,15 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
     recon = StreamingReconstructor(model, object_shape=shape, batch_size=batch_size,
                                    device=device, crop=crop)
     recon.add(frames, positions)
-    return recon.finish()
+    if crop == "auto":
+        # As live: the crop whose stitched object best explains a sample of the frames.
+        chooser = CropChooser()
+        chooser.observe(frames, positions)
+        probe = ds.probe if ds.frame_size == n else resample_probe(ds.probe, n)
+        chooser.choose(recon, probe)
+    snap = recon.finish()
+    snap.stats["crop"] = int(recon.crop)
+    return snap
 
 
 def score_against(recon: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None,
@@ -91,6 +108,55 @@ def score_against(recon: np.ndarray, truth: np.ndarray, weight: np.ndarray | Non
     return compare_objects(recon[box], truth[box], taper_px=taper_px, register=register)
 
 
+def reference_on_grid(truth: np.ndarray, frame_size: int, snap, n: int) -> np.ndarray:
+    """The reference object on a network result's canvas.
+
+    A model of size ``n`` on frames of ``frame_size`` > ``n`` reconstructs on a grid whose pixel
+    is ``frame_size / n`` times larger (the frames are centre-cropped); its canvas may also have
+    grown past the reference's. The reference is band-limited and sampled where the canvas's
+    pixels lie (:func:`~bluesky_ptychopinn.physics.resample_object`), so that a score compares
+    like with like instead of two different grids.
+    """
+    from .physics import resample_object
+
+    factor = frame_size / n
+    if factor == 1 and truth.shape == snap.object.shape and not any(snap.origin_px):
+        return truth
+    return resample_object(truth, factor, snap.object.shape, snap.origin_px)
+
+
+def apply_geometry(ds, *, energy_ev: float | None = None, pixel_m: float | None = None):
+    """Fill or correct a dataset's geometry from the command line, recording what changed.
+
+    ``energy_ev`` replaces the file's energy (the object pixel follows when the file gives
+    distance and detector pixel). ``pixel_m`` (the object pixel) is for files without a full
+    geometry; one that contradicts a full geometry is refused rather than silently winning.
+    """
+    from .physics import object_pixel_size_m
+
+    conversions = ds.metadata.setdefault("conversions", [])
+    if energy_ev is not None:
+        if not energy_ev > 0:
+            raise InvalidInputError(f"--energy-ev must be positive, got {energy_ev:g}")
+        conversions.append(f"energy {ds.energy_ev} eV -> {energy_ev:g} eV (--energy-ev)")
+        ds.energy_ev = float(energy_ev)
+        if ds.has_geometry:
+            ds.object_pixel_size_m = object_pixel_size_m(
+                ds.energy_ev, ds.detector_distance_m, ds.detector_pixel_size_m, ds.frame_size)
+    if pixel_m is not None:
+        if not pixel_m > 0:
+            raise InvalidInputError(f"--pixel-m must be positive, got {pixel_m:g}")
+        if ds.has_geometry and abs(pixel_m - ds.object_pixel_size_m) > 1e-3 * pixel_m:
+            raise InvalidInputError(
+                f"--pixel-m {pixel_m:.4g} contradicts the file's geometry (energy, distance and "
+                f"detector pixel give {ds.object_pixel_size_m:.4g} m); leave --pixel-m out, or "
+                "correct the file with `bluesky-ptychopinn import`")
+        conversions.append(f"object pixel {ds.object_pixel_size_m} m -> {pixel_m:g} m "
+                           "(--pixel-m)")
+        ds.object_pixel_size_m = float(pixel_m)
+    return ds
+
+
 def run_reconstruction(
     file: Path,
     *,
@@ -104,6 +170,12 @@ def run_reconstruction(
     refine: bool = False,
     refine_seconds: float | None = None,
     overwrite: bool = False,
+    crop: int | str | None = None,
+    batch_size: int | None = None,
+    alpha: float | None = None,
+    energy_ev: float | None = None,
+    pixel_m: float | None = None,
+    include_frames: bool = False,
 ) -> dict:
     """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary.
 
@@ -113,99 +185,187 @@ def run_reconstruction(
     With ``model`` and ``refine``, the network's image is refined by ``engine`` for ``epochs``
     passes (or ``refine_seconds``) from the start the data prefers, and the estimate with the
     lower Fourier-magnitude residual is written; the summary scores both.
+
+    The written file is self-consistent: the object, the positions *on the object's grid*
+    (``canvas = positions - origin``), the object pixel size, the probe at that sampling (the
+    one the engine used or refined) and, in CXI files or with ``include_frames``, the frames
+    actually reconstructed (centre-cropped when a model of a smaller N ran). NPZ results leave
+    the frames out by default. ``crop``: the network's stitching crop (pixels or "auto");
+    ``batch_size`` / ``alpha``: rPIE's batch and object alpha (the refinement's too).
     """
-    from .figures import reconstruction_figure
-    from .io import PtychoDataset, read_dataset, write_dataset
-    from .recon import PIEOptions, pie_reconstruct
+    from .io import read_dataset
 
     output = Path(output) if output else file.with_name(f"{file.stem}_recon.cxi")
     existing = [p for p in (output, output.with_suffix(".png")) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} exists; choose another output with --output "
                                 "or replace it with --overwrite")
+    if output.suffix.lower() not in (".npz", ".cxi", ".h5", ".hdf5", ".nxs"):
+        raise InvalidInputError(f"--output {output}: expected a .cxi, .h5 or .npz file")
     output.parent.mkdir(parents=True, exist_ok=True)
-    ds = read_dataset(file)
-    device = None if device == "auto" else device
+    ds = apply_geometry(read_dataset(file), energy_ev=energy_ev, pixel_m=pixel_m)
+    if output.suffix.lower() != ".npz" and not ds.has_geometry:
+        raise InvalidInputError(
+            f"--output {output}: a CXI file needs the detector distance and pixel size, which "
+            f"{file} lacks; write an NPZ result (-o {output.with_suffix('.npz')}) or give the "
+            "geometry with `bluesky-ptychopinn import --distance-m --detector-pixel-m`")
+    pie = {"seed": seed, "probe_update": probe_update, "device": None if device == "auto"
+           else device}
+    if batch_size is not None:
+        pie["batch_size"] = batch_size
+    if alpha is not None:
+        pie["alpha_object"] = alpha
     start = time.perf_counter()
-    refinement = network_obj = None
     if model:
-        from .models import ModelRegistry
-
-        net, card = ModelRegistry().load(model, device=device or "cpu")
-        snap = reconstruct_with_model(ds, net, device=device)
-        obj, probe, weight = snap.object, ds.probe, snap.weight
-        positions = ds.positions_px
-        extra = {"uncertainty": snap.uncertainty}
-        label = f"model {model}"
-        if refine:
-            n = net.config.frame_size
-            network_obj = obj
-            refined = refine_after_model(ds, snap, n, epochs=epochs, seconds=refine_seconds,
-                                         device=device, seed=seed, probe_update=probe_update)
-            refinement = {"engine": "rpie", "epochs": round(refined.epochs, 2),
-                          "start": refined.start, "residual": refined.residual,
-                          "network_residual": refined.network_residual, "best": refined.best,
-                          "seconds": round(refined.busy_s, 2)}
-            if refined.best == "refined":
-                obj = refined.object
-                if n == ds.frame_size:
-                    probe = refined.probe
-            extra["network phase"] = np.angle(network_obj)
-            label = f"model {model} + rpie ({refined.epochs:.0f} epochs, shown: {refined.best})"
+        result = _network_result(ds, model, crop=crop, refine=refine, epochs=epochs,
+                                 refine_seconds=refine_seconds, pie=pie)
     else:
-        result = pie_reconstruct(
-            ds.diffraction, ds.positions_px, ds.probe,
-            object_shape=ds.object.shape if ds.object is not None else None, mask=ds.mask,
-            options=PIEOptions(engine=engine, n_epochs=epochs, probe_update=probe_update,
-                               seed=seed, device=device),
-        )
-        # A re-centred probe goes with moved positions (the object stays in the input frame).
-        obj, probe, positions = result.object, result.probe, result.positions
-        import torch
-
-        from .physics import scatter_patches
-
-        n = ds.frame_size
-        weight = scatter_patches(torch.ones(len(positions), n, n),
-                                 torch.as_tensor(positions, dtype=torch.float32),
-                                 obj.shape).numpy()
-        extra = {}
-        label = f"{engine}, {epochs} epochs"
-    seconds = time.perf_counter() - start
-    summary = {"input": str(file), "method": label, "seconds": round(seconds, 2),
-               "frames": int(len(ds.positions_px)), "output": str(output)}
-    moved = np.asarray(ds.positions_px, dtype=np.float64) - np.asarray(positions, np.float64)
-    if np.any(moved):
-        # The probe was re-centred by this roll (dy, dx); the written positions, which go with
-        # the written probe, are the scan's minus it.
-        summary["probe_recentred_px"] = [float(v) for v in moved[0]]
-    if refinement is not None:
-        summary["refinement"] = refinement
-        if ds.object is not None and ds.object.shape == obj.shape:
-            network_scores = score_against(network_obj, ds.object, weight)
+        result = _iterative_result(ds, engine=engine, epochs=epochs, pie=pie)
+    summary = {"input": str(file), "method": result.label,
+               "seconds": round(time.perf_counter() - start, 2),
+               "frames": int(len(ds.positions_px)), "output": str(output),
+               "object_pixel_m": result.pixel_m, "canvas_origin_px": list(result.origin_px),
+               "probe": result.probe_source, **result.summary}
+    frc_curves = threshold = None
+    if result.truth is not None:
+        if result.network_object is not None:
+            network_scores = score_against(result.network_object, result.truth, result.weight)
             summary["network_frc_auc_0.5_phase"] = round(
                 float(network_scores["frc_auc_0.5_phase"]), 4)
-    frc_curves, threshold = None, None
-    if ds.object is not None and ds.object.shape == obj.shape:
-        scores = score_against(obj, ds.object, weight)
+        scores = score_against(result.object, result.truth, result.weight)
         for key in ("frc_auc_0.5_phase", "frc_auc_1.0_phase", "frc_auc_0.5_amplitude",
                     "nrmse", "resolution_phase"):
             summary[key] = round(float(scores[key]), 4)
         frc_curves = {"phase": (scores["frc_phase"].freq, scores["frc_phase"].frc),
                       "amplitude": (scores["frc_amplitude"].freq, scores["frc_amplitude"].frc)}
         threshold = (scores["frc_phase"].freq, scores["threshold"])
-    out_ds = PtychoDataset(ds.diffraction, positions, probe, energy_ev=ds.energy_ev,
-                           detector_distance_m=ds.detector_distance_m,
-                           detector_pixel_size_m=ds.detector_pixel_size_m, mask=ds.mask,
-                           object=obj.astype(np.complex64),
-                           metadata={"reconstruction": summary})
-    write_dataset(out_ds, output)
+    _write_result(ds, result, output, summary, include_frames=include_frames)
     png = output.with_suffix(".png")
-    title = f"{file.name}: {label}" + (
+    title = f"{file.name}: {result.label}" + (
         f", FRC-AUC(0-0.5) phase {summary['frc_auc_0.5_phase']:.3f}"
         if "frc_auc_0.5_phase" in summary else "")
-    reconstruction_figure(png, obj, probe=probe, truth=ds.object, frc=frc_curves,
-                          threshold=threshold, title=title, extra=extra)
+    from .figures import reconstruction_figure
+
+    reconstruction_figure(png, result.object, probe=result.probe, truth=result.truth,
+                          frc=frc_curves, threshold=threshold, title=title, extra=result.extra)
     summary["figure"] = str(png)
     output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+@dataclass
+class _Result:
+    """What one reconstruction produced, all on one grid (the object's)."""
+
+    object: np.ndarray
+    probe: np.ndarray
+    positions_px: np.ndarray  # on the object's grid: canvas = positions - origin
+    weight: np.ndarray
+    frames: np.ndarray  # the frames reconstructed (cropped to the model's N)
+    mask: np.ndarray | None
+    pixel_m: float | None
+    origin_px: tuple[float, float]
+    label: str
+    probe_source: str
+    truth: np.ndarray | None = None  # the reference on the same grid
+    network_object: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
+                    refine_seconds: float | None, pie: dict) -> _Result:
+    from .models import ModelRegistry
+    from .physics import crop_frames, resample_probe
+
+    net, _card = ModelRegistry().load(model, device=pie["device"] or "cpu")
+    n = net.config.frame_size
+    factor = ds.frame_size / n
+    snap = reconstruct_with_model(ds, net, device=pie["device"], crop=crop)
+    frames, positions = frames_for_model(ds, n)
+    probe = ds.probe if ds.frame_size == n else resample_probe(ds.probe, n)
+    probe_source = ("the file's probe" if factor == 1 else
+                    f"the file's probe Fourier-resampled {ds.frame_size} -> {n} px") + \
+        " (the network itself uses no probe)"
+    result = _Result(
+        object=snap.object, probe=probe, positions_px=positions - np.asarray(snap.origin_px),
+        weight=snap.weight, frames=frames,
+        mask=None if ds.mask is None else crop_frames(ds.mask[None], n)[0],
+        pixel_m=None if ds.object_pixel_size_m is None else ds.object_pixel_size_m * factor,
+        origin_px=snap.origin_px, label=f"model {model}", probe_source=probe_source,
+        truth=None if ds.object is None else reference_on_grid(ds.object, ds.frame_size, snap, n),
+        extra={"uncertainty": snap.uncertainty},
+    )
+    result.summary["crop_px"] = snap.stats["crop"]
+    if factor != 1:
+        result.summary["frames_cropped"] = f"{ds.frame_size} -> {n} px (the model's N)"
+    if refine:
+        options = {k: v for k, v in pie.items() if k != "probe_update"}
+        refined = refine_after_model(ds, snap, n, epochs=epochs, seconds=refine_seconds,
+                                     probe_update=pie["probe_update"], **options)
+        result.summary["refinement"] = {
+            "engine": "rpie", "epochs": round(refined.epochs, 2), "start": refined.start,
+            "residual": refined.residual, "network_residual": refined.network_residual,
+            "best": refined.best, "seconds": round(refined.busy_s, 2)}
+        result.network_object = snap.object
+        result.extra["network phase"] = np.angle(snap.object)
+        if refined.best == "refined":
+            result.object = refined.object
+            if pie["probe_update"]:
+                result.probe = refined.probe
+                result.probe_source = "refined by rPIE from " + probe_source.split(" (")[0]
+        result.label = (f"model {model} + rpie ({refined.epochs:.0f} epochs, shown: "
+                        f"{refined.best})")
+    return result
+
+
+def _iterative_result(ds, *, engine: str, epochs: int, pie: dict) -> _Result:
+    import torch
+
+    from .physics import scatter_patches
+    from .recon import PIEOptions, pie_reconstruct
+
+    res = pie_reconstruct(
+        ds.diffraction, ds.positions_px, ds.probe,
+        object_shape=ds.object.shape if ds.object is not None else None, mask=ds.mask,
+        options=PIEOptions(engine=engine, n_epochs=epochs, **pie))
+    n = ds.frame_size
+    positions = np.asarray(res.positions, np.float64)
+    weight = scatter_patches(torch.ones(len(positions), n, n),
+                             torch.as_tensor(positions, dtype=torch.float32),
+                             res.object.shape).numpy()
+    result = _Result(
+        object=res.object, probe=res.probe, positions_px=positions, weight=weight,
+        frames=ds.diffraction, mask=ds.mask, pixel_m=ds.object_pixel_size_m, origin_px=(0.0, 0.0),
+        label=f"{engine}, {epochs} epochs",
+        probe_source=f"refined by {engine}" if pie["probe_update"] else "the file's (fixed)",
+        truth=ds.object)
+    result.summary["options"] = {"batch_size": res.options.batch_size,
+                                 "alpha_object": res.options.resolved_alphas()[0],
+                                 "alpha_probe": res.options.resolved_alphas()[1]}
+    moved = np.asarray(ds.positions_px, dtype=np.float64) - positions
+    if np.any(moved):
+        # The probe was re-centred by this roll (dy, dx); the written positions, which go with
+        # the written probe, are the scan's minus it (the object stays in the input's frame).
+        result.summary["probe_recentred_px"] = [float(v) for v in moved[0]]
+    return result
+
+
+def _write_result(ds, result: _Result, output: Path, summary: dict, *,
+                  include_frames: bool) -> None:
+    """One self-consistent file: object, probe and positions on one grid, its pixel size."""
+    from .io import PtychoDataset, write_dataset
+
+    frame_size = result.frames.shape[-1]
+    pixel = result.pixel_m
+    geometry = {"energy_ev": ds.energy_ev, "detector_distance_m": ds.detector_distance_m,
+                "detector_pixel_size_m": ds.detector_pixel_size_m}
+    if ds.has_geometry and frame_size != ds.frame_size:
+        pixel = None  # recomputed from the geometry at the cropped N: the same value
+    out = PtychoDataset(
+        result.frames, result.positions_px, result.probe.astype(np.complex64), **geometry,
+        object_pixel_size_m=pixel, mask=result.mask, object=result.object.astype(np.complex64),
+        metadata={"reconstruction": summary, "source": str(summary["input"]),
+                  "conversions": list(ds.metadata.get("conversions", []))})
+    options = {"frames": include_frames} if output.suffix.lower() == ".npz" else {}
+    write_dataset(out, output, **options)

@@ -169,20 +169,56 @@ def reconstruct(
                                          help="With --refine: stop refining after this long."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing output (and its PNG)."),
+    crop: str = typer.Option("auto", help="With --model: side (px) of the central region of "
+                             "each predicted patch that is stitched, or 'auto': the size whose "
+                             "stitched object best explains the frames."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1,
+                                   help="Positions per rPIE/ePIE update (default 16)."),
+    alpha: float = typer.Option(None, help="Object alpha: rPIE's regularisation weight in "
+                                "(0, 1] (default 0.1), ePIE's step (default 1)."),
+    energy_ev: float = typer.Option(None, "--energy-ev",
+                                    help="Photon energy (eV) when the file has none or a "
+                                    "wrong one."),
+    pixel_m: float = typer.Option(None, "--pixel-m", help="Object pixel size (m) when the file "
+                                  "has no detector geometry."),
+    include_frames: bool = typer.Option(False, "--include-frames",
+                                        help="Also store the frames in an NPZ result (CXI "
+                                        "results always hold the frames reconstructed)."),
 ) -> None:
     """Reconstruct a dataset (ePIE/rPIE, or a network with --model); write the result, a PNG
-    with amplitude, phase, probe and FRC curves when the file holds a ground truth."""
+    with amplitude, phase, probe and FRC curves when the file holds a ground truth.
+
+    The result holds the object, the probe at the object's sampling and the positions on the
+    object's grid, with its pixel size and canvas origin (a model of a smaller N works on
+    centre-cropped frames, hence a coarser pixel).
+    """
     from ._workflows import run_reconstruction
 
     try:
         summary = run_reconstruction(
             file, engine=engine, epochs=epochs, probe_update=probe_update, output=output,
             device=device, seed=seed, model=model, refine=refine,
-            refine_seconds=refine_seconds, overwrite=overwrite,
+            refine_seconds=refine_seconds, overwrite=overwrite, crop=_crop_option(crop),
+            batch_size=batch_size, alpha=alpha, energy_ev=energy_ev, pixel_m=pixel_m,
+            include_frames=include_frames,
         )
     except PtychoError as exc:
         _fail(exc)
     print(json.dumps(summary, indent=2))
+
+
+def _crop_option(value: str | None) -> int | str | None:
+    """``--crop``: a positive number of pixels or ``auto``."""
+    if value is None or value == "auto":
+        return value
+    try:
+        crop = int(value)
+    except ValueError:
+        crop = 0
+    if crop < 1:
+        raise typer.BadParameter(f"expected a positive number of pixels or 'auto', got {value!r}",
+                                 param_hint="--crop")
+    return crop
 
 
 @probes_app.command("list")
@@ -492,7 +528,7 @@ def evaluate(
     png: Path = typer.Option(None, help="Figure with FRC curves of every method."),
 ) -> None:
     """FRC-AUC table of models (and optionally an iterative engine) against ground truth."""
-    from ._workflows import reconstruct_with_model, score_against
+    from ._workflows import reconstruct_with_model, reference_on_grid, score_against
     from .io import read_dataset
     from .models import ModelRegistry
 
@@ -510,7 +546,10 @@ def evaluate(
             results = {}
             for name, net in nets.items():
                 snap = reconstruct_with_model(ds, net)
-                results[name] = score_against(snap.object, ds.object, snap.weight)
+                # A model of a smaller N sees cropped frames: score on its (coarser) grid.
+                truth = reference_on_grid(ds.object, ds.frame_size, snap,
+                                          net.config.frame_size)
+                results[name] = score_against(snap.object, truth, snap.weight)
             if engine:
                 from .recon import PIEOptions, pie_reconstruct
 

@@ -85,6 +85,10 @@ def _counts(data, path: Path, conversions: list[str]) -> tuple[np.ndarray, str]:
         counts = require(data, "diff3d", path, ndim=3, kinds=REAL)
         conversions.append("diff3d taken as photon counts (no conversion)")
         return counts, "diff3d"
+    if has(data, "frames_omitted"):
+        raise FileFormatError(path, "diffraction", "none: this is a reconstruction result written "
+                              "without its frames (`reconstruct --include-frames` keeps them); "
+                              "its objectGuess and probeGuess load with numpy.load")
     raise FileFormatError(path, "diffraction", "missing (required: 'diffraction' amplitudes or "
                           "legacy 'diff3d' counts)")
 
@@ -165,7 +169,8 @@ def read_npz(path: str | Path) -> PtychoDataset:
 
 
 def write_npz(
-    dataset: PtychoDataset, path: str | Path, *, amplitude: bool = True, compress: bool = True
+    dataset: PtychoDataset, path: str | Path, *, amplitude: bool = True, compress: bool = True,
+    frames: bool = True,
 ) -> Path:
     """Write ``dataset`` in the PtychoPINN NPZ contract plus our optional keys.
 
@@ -180,6 +185,10 @@ def write_npz(
         counts in their own dtype.
     compress : bool
         Deflate the archive (Poisson frames with many zeros shrink several-fold).
+    frames : bool
+        Store the diffraction frames (default). False writes a result file (object, probe,
+        positions, geometry) without them, marked ``frames_omitted``; :func:`read_npz` then
+        says so instead of reporting a missing key.
 
     Returns
     -------
@@ -198,7 +207,9 @@ def write_npz(
         "xcoords": dataset.positions_px[:, 1],
         "ycoords": dataset.positions_px[:, 0],
     }
-    if amplitude:
+    if not frames:
+        arrays["frames_omitted"] = np.bool_(True)
+    elif amplitude:
         arrays["diffraction"] = np.sqrt(dataset.diffraction, dtype=np.float64).astype(np.float32)
     else:
         arrays["diff3d"] = dataset.diffraction

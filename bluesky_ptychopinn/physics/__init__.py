@@ -27,7 +27,13 @@ from ._probes import (
     zone_plate_probe,
 )
 from ._propagation import back_propagate, diffraction_intensity, exit_waves, far_field
-from ._resample import bin_frames, crop_frames, crop_probe_real_space, resample_probe
+from ._resample import (
+    bin_frames,
+    crop_frames,
+    crop_probe_real_space,
+    resample_object,
+    resample_probe,
+)
 from ._scan import (
     SCAN_PATTERNS,
     concentric_circles_scan,
@@ -70,6 +76,7 @@ __all__ = [
     "raster_scan",
     "required_object_shape",
     "rescale_positions",
+    "resample_object",
     "resample_probe",
     "scan_pattern",
     "scatter_patches",

@@ -18,7 +18,8 @@ import torch
 from ..errors import InvalidInputError
 from ._propagation import back_propagate, far_field
 
-__all__ = ["crop_frames", "bin_frames", "resample_probe", "crop_probe_real_space"]
+__all__ = ["crop_frames", "bin_frames", "resample_probe", "crop_probe_real_space",
+           "resample_object"]
 
 
 def _center_crop_or_pad(array: torch.Tensor, size: int) -> torch.Tensor:
@@ -110,3 +111,64 @@ def crop_probe_real_space(probe, size: int):
     tensor = torch.from_numpy(np.asarray(probe)) if is_numpy else probe
     out = _center_crop_or_pad(tensor, size)
     return out.numpy().copy() if is_numpy else out
+
+
+def resample_object(obj: np.ndarray, factor: float, shape: tuple[int, int],
+                    origin_px: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """An object on a grid whose pixel is ``factor`` times larger: what a reconstruction from
+    frames cropped N -> N / ``factor`` can see, on that reconstruction's canvas.
+
+    The object is band-limited to the cropped detector's square window (spatial frequencies
+    below 1 / (2 ``factor``) cycles per old pixel in each axis, as the cropped frames are), then
+    sampled where the coarse canvas's pixels lie: pixel (i, j) of the result is the old object's
+    coordinate ((i + origin_y) ``factor``, (j + origin_x) ``factor``), both grids having their
+    origin at the centre of pixel (0, 0) (docs/conventions.md). Outside the old object the
+    result is 0.
+
+    Parameters
+    ----------
+    obj : numpy.ndarray
+        (H, W) complex object at the old (fine) pixel.
+    factor : float
+        New pixel / old pixel (N / n for frames cropped from N to n), >= 1.
+    shape : (int, int)
+        Shape of the coarse canvas.
+    origin_px : (float, float)
+        Coarse-pixel coordinate of canvas pixel (0, 0), e.g. a
+        :class:`~bluesky_ptychopinn.recon.Snapshot`'s ``origin_px``.
+
+    Returns
+    -------
+    numpy.ndarray
+        complex64 ``shape`` array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y, x = np.mgrid[:64, :64]
+    >>> fine = np.exp(1j * np.sin(2 * np.pi * x / 32))
+    >>> coarse = resample_object(fine, 2, (32, 32))
+    >>> bool(np.allclose(coarse[8:24, 8:24], fine[16:48:2, 16:48:2], atol=0.05))
+    True
+    """
+    from scipy import ndimage
+
+    obj = np.asarray(obj)
+    if obj.ndim != 2 or not factor >= 1:
+        raise InvalidInputError(
+            f"object: cannot resample shape {obj.shape} by a pixel factor {factor!r} (>= 1)")
+    obj = obj.astype(np.complex128)
+    if factor > 1:
+        # The square window of a cropped detector, applied as an ideal low-pass.
+        spectrum = np.fft.fft2(obj)
+        fy = np.abs(np.fft.fftfreq(obj.shape[0]))[:, None]
+        fx = np.abs(np.fft.fftfreq(obj.shape[1]))[None, :]
+        spectrum *= (fy < 0.5 / factor) & (fx < 0.5 / factor)
+        obj = np.fft.ifft2(spectrum)
+    rows = (np.arange(shape[0]) + origin_px[0]) * factor
+    cols = (np.arange(shape[1]) + origin_px[1]) * factor
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    out = np.empty(shape, np.complex64)
+    out.real = ndimage.map_coordinates(obj.real, grid, order=3, mode="constant", cval=0.0)
+    out.imag = ndimage.map_coordinates(obj.imag, grid, order=3, mode="constant", cval=0.0)
+    return out
