@@ -157,6 +157,32 @@ def apply_geometry(ds, *, energy_ev: float | None = None, pixel_m: float | None 
     return ds
 
 
+def use_probe(ds, reference: str) -> None:
+    """Replace ``ds.probe`` by a library probe (by name) or a probe file, at the dataset's
+    sampling; the change is recorded in ``ds.metadata["conversions"]``."""
+    from .io import ProbeLibrary, read_probe
+    from .physics import probe_at_sampling
+
+    library = ProbeLibrary()
+    if reference in library:
+        array, meta = library.get(reference)
+        pixel, source = meta.get("pixel_size_m"), f"probe library: {reference}"
+    elif Path(reference).is_file():
+        array, info = read_probe(reference)
+        pixel, source = info.get("pixel_size_m"), f"file {reference}"
+    else:
+        raise InvalidInputError(f"--probe {reference}: neither a probe in the library "
+                                f"({library.root}) nor a file")
+    n = np.shape(array)[-1]
+    try:
+        ds.probe = probe_at_sampling(array, pixel, ds.frame_size, ds.object_pixel_size_m)
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"--probe {reference}: {exc}") from None
+    ds.metadata.setdefault("conversions", []).append(
+        f"probe from {source} ({n} px of {pixel} m) at {ds.frame_size} px of "
+        f"{ds.object_pixel_size_m} m (--probe)")
+
+
 def run_reconstruction(
     file: Path,
     *,
@@ -176,6 +202,7 @@ def run_reconstruction(
     energy_ev: float | None = None,
     pixel_m: float | None = None,
     include_frames: bool = False,
+    probe: str | None = None,
 ) -> dict:
     """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary.
 
@@ -192,6 +219,9 @@ def run_reconstruction(
     actually reconstructed (centre-cropped when a model of a smaller N ran). NPZ results leave
     the frames out by default. ``crop``: the network's stitching crop (pixels or "auto");
     ``batch_size`` / ``alpha``: rPIE's batch and object alpha (the refinement's too).
+    ``probe``: a probe library name or a probe file to use instead of the file's probe,
+    resampled to the frames' size and object pixel
+    (:func:`~bluesky_ptychopinn.physics.probe_at_sampling`).
     """
     from .io import read_dataset
 
@@ -204,6 +234,8 @@ def run_reconstruction(
         raise InvalidInputError(f"--output {output}: expected a .cxi, .h5 or .npz file")
     output.parent.mkdir(parents=True, exist_ok=True)
     ds = apply_geometry(read_dataset(file), energy_ev=energy_ev, pixel_m=pixel_m)
+    if probe is not None:
+        use_probe(ds, probe)
     if output.suffix.lower() != ".npz" and not ds.has_geometry:
         raise InvalidInputError(
             f"--output {output}: a CXI file needs the detector distance and pixel size, which "

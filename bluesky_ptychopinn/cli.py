@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import PtychoError
+from .errors import InvalidInputError, PtychoError
 
 app = typer.Typer(
     name="bluesky-ptychopinn",
@@ -181,6 +181,9 @@ def reconstruct(
                                     "wrong one."),
     pixel_m: float = typer.Option(None, "--pixel-m", help="Object pixel size (m) when the file "
                                   "has no detector geometry."),
+    probe: str = typer.Option(None, help="Use this probe (a library name, e.g. from "
+                              "`calibrate`, or a probe file) instead of the file's, resampled "
+                              "to the frames' size and pixel."),
     include_frames: bool = typer.Option(False, "--include-frames",
                                         help="Also store the frames in an NPZ result (CXI "
                                         "results always hold the frames reconstructed)."),
@@ -200,7 +203,7 @@ def reconstruct(
             device=device, seed=seed, model=model, refine=refine,
             refine_seconds=refine_seconds, overwrite=overwrite, crop=_crop_option(crop),
             batch_size=batch_size, alpha=alpha, energy_ev=energy_ev, pixel_m=pixel_m,
-            include_frames=include_frames,
+            include_frames=include_frames, probe=probe,
         )
     except PtychoError as exc:
         _fail(exc)
@@ -235,11 +238,15 @@ def probes_list(
         table.add_column(column)
     for meta in library.list():
         table.add_row(
-            meta["name"], str(meta.get("instrument", "")), f"{meta.get('energy_ev', 0):g}",
+            meta["name"], str(meta.get("instrument", "")), _number(meta.get("energy_ev")),
             f"{meta.get('pixel_size_m', 0) * 1e9:.2f}", "x".join(map(str, meta["shape"])),
             meta["sha256"][:12],
         )
     Console().print(table)
+
+
+def _number(value) -> str:
+    return "unknown" if value is None else f"{value:g}"
 
 
 @probes_app.command("show")
@@ -270,30 +277,52 @@ def probes_add(
                                  "name (zone_plate, airy, pinhole, kb, mixed)."),
     instrument: str = typer.Option("", help="Instrument / beamline."),
     energy_ev: float = typer.Option(None, help="Photon energy (eV); read from the file if there."),
-    pixel_m: float = typer.Option(None, help="Object pixel size (m); read from the file if there."),
-    frame_size: int = typer.Option(64, "--frame-size", "-N", help="N for model probes."),
+    pixel_m: float = typer.Option(None, "--pixel-m",
+                                  help="Object pixel size (m) the probe is sampled at; read from "
+                                  "the file if there."),
+    frame_size: int = typer.Option(None, "--frame-size", "-N",
+                                   help="Pixels: of a model probe (default 64); a file's probe is "
+                                   "resampled to N px of the same field of view (the probe for "
+                                   "frames centre-cropped to N)."),
     root: Path = typer.Option(None, help="Library directory."),
-    overwrite: bool = typer.Option(False, help="Replace an existing probe."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing probe."),
 ) -> None:
     """Add a probe to the library from a file or from a probe model."""
-    from .io import ProbeLibrary
-    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe
+    from .io import ProbeLibrary, read_probe
+    from .physics import PROBE_MODELS, ExperimentGeometry, make_probe, probe_at_sampling
 
     try:
         library = ProbeLibrary(root)
         if source in PROBE_MODELS:
-            geometry = ExperimentGeometry(energy_ev or 8_800.0, frame_size=frame_size)
+            geometry = ExperimentGeometry(energy_ev or 8_800.0, frame_size=frame_size or 64)
             pixel = pixel_m or geometry.object_pixel_size_m
-            probe = make_probe(source, frame_size, pixel, geometry.energy_ev)
+            probe = make_probe(source, geometry.frame_size, pixel, geometry.energy_ev)
             meta = library.add(name, probe, instrument=instrument or f"simulated {source}",
                                energy_ev=geometry.energy_ev, pixel_size_m=pixel,
                                overwrite=overwrite)
         else:
-            meta = library.add(name, source, instrument=instrument, energy_ev=energy_ev,
-                               pixel_size_m=pixel_m, overwrite=overwrite)
+            probe, info = read_probe(source)
+            pixel = pixel_m if pixel_m is not None else info.get("pixel_size_m")
+            if pixel is None:
+                raise InvalidInputError(f"{source} does not give the probe's pixel size: "
+                                        "give it with --pixel-m")
+            n, provenance = probe.shape[-1], None
+            if frame_size is not None and frame_size != n:
+                probe = probe_at_sampling(probe, pixel, frame_size, pixel * n / frame_size)
+                provenance = {"resampled": f"{n} px of {pixel:.4g} m -> {frame_size} px of "
+                              f"{pixel * n / frame_size:.4g} m (Fourier crop, same field of "
+                              "view)"}
+                console.print(provenance["resampled"], highlight=False)
+                pixel = pixel * n / frame_size
+            meta = library.add(name, probe, instrument=instrument,
+                               energy_ev=energy_ev if energy_ev is not None
+                               else info.get("energy_ev"), pixel_size_m=pixel,
+                               overwrite=overwrite, source=info["source"],
+                               provenance=provenance)
     except PtychoError as exc:
         _fail(exc)
-    console.print(f"added {meta['name']} ({'x'.join(map(str, meta['shape']))}) to {library.root}")
+    console.print(f"added {meta['name']} ({'x'.join(map(str, meta['shape']))}, pixel "
+                  f"{meta['pixel_size_m']:.3g} m) to {library.root}", highlight=False)
 
 
 @app.command()

@@ -332,7 +332,7 @@ def test_probe_library_add_list_get_show_remove(dataset, tmp_path):
     assert library.show("from-cxi")["source"] == str(tmp_path / "a.cxi")
     with pytest.raises(InvalidInputError, match="already exists"):
         library.add("from-npy", probe, energy_ev=8_000, pixel_size_m=40e-9)
-    with pytest.raises(InvalidInputError, match="pixel_size_m unknown"):
+    with pytest.raises(InvalidInputError, match="pixel size unknown.*--pixel-m"):
         library.add("bare", probe, energy_ev=8_000)
     library.add("from-npy", 2 * probe, energy_ev=9_000, pixel_size_m=40e-9, overwrite=True)
     assert library.show("from-npy")["energy_ev"] == 9_000.0

@@ -7,17 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from ..io import ProbeLibrary, read_probe
 from ..io._probe_library import probe_array_sha256
-from ..physics import PROBE_MODELS, make_probe, resample_probe
+from ..physics import PROBE_MODELS, make_probe, probe_at_sampling
 
 __all__ = ["resolve_run_probe"]
 
 logger = logging.getLogger(__name__)
-
-# A library probe sampled within this fraction of the run's object pixel is used as it is.
-_PIXEL_TOLERANCE = 0.01
-
 
 def _inline(reference: dict) -> np.ndarray | None:
     """An inline small probe: ``{"amplitude": [[...]], "phase": [[...]]}`` ((N, N) or (M, N, N))."""
@@ -29,21 +26,15 @@ def _inline(reference: dict) -> np.ndarray | None:
 
 
 def _sampled(probe: np.ndarray, pixel_m: float | None, size: int, dx: float) -> np.ndarray | None:
-    """``probe`` at ``size`` px of ``dx``, or None when its sampling cannot be matched.
-
-    A probe of N px at pixel d maps onto frames cropped to n px (pixel d N / n) by a Fourier
-    crop (``resample_probe``); other samplings would need interpolation of a complex field,
-    which we do not guess at.
-    """
-    probe = probe[None] if probe.ndim == 2 else probe
-    n = probe.shape[-1]
-    if pixel_m is None:
-        return probe if n == size else None
-    if abs(pixel_m - dx) <= _PIXEL_TOLERANCE * dx and n == size:
-        return probe
-    if abs(pixel_m * n / size - dx) <= _PIXEL_TOLERANCE * dx:
-        return resample_probe(probe, size)
-    return None
+    """``probe`` at ``size`` px of ``dx``, or None when its sampling cannot be matched exactly
+    (:func:`~bluesky_ptychopinn.physics.probe_at_sampling`: a real-space crop/pad, a Fourier
+    crop, or both; other samplings would need interpolation of a complex field, which we do
+    not guess at)."""
+    try:
+        return probe_at_sampling(probe, pixel_m, size, dx)
+    except InvalidInputError as exc:
+        logger.info("%s", exc)
+        return None
 
 
 def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float,

@@ -246,6 +246,8 @@ class ProbeLibrary:
         energy_ev: float | None = None,
         pixel_size_m: float | None = None,
         overwrite: bool = False,
+        source: str | None = None,
+        provenance: dict | None = None,
     ) -> dict:
         """Store a probe under ``name``, normalised to sum |P|^2 = 1.
 
@@ -258,12 +260,18 @@ class ProbeLibrary:
         instrument : str
             Instrument / beamline.
         energy_ev : float, optional
-            Photon energy; default what the file says. Required one way or the other.
+            Photon energy; default what the file says, else recorded as unknown (nothing
+            reads it back but people: the probe's sampling is its pixel size).
         pixel_size_m : float, optional
             Object pixel size the probe is sampled at; default what the file says. Required one
             way or the other.
         overwrite : bool
             Replace an existing probe of that name.
+        source : str, optional
+            Where the probe came from, in words (default: the file, or "array").
+        provenance : dict, optional
+            JSON-serialisable record of how the probe was made (e.g. a calibration's run uid,
+            engine and final error, or a resampling), stored under ``provenance``.
 
         Returns
         -------
@@ -272,15 +280,18 @@ class ProbeLibrary:
         """
         data_path, meta_path = self._paths(name)
         if (data_path.exists() or meta_path.exists()) and not overwrite:
-            raise InvalidInputError(f"probe {name!r} already exists in {self.root}; pass "
-                                    "overwrite=True to replace it")
+            raise InvalidInputError(f"probe {name!r} already exists in {self.root}; replace it "
+                                    "with overwrite=True (--overwrite)")
         array, info = read_probe(probe)
         energy_ev = energy_ev if energy_ev is not None else info.get("energy_ev")
         pixel_size_m = pixel_size_m if pixel_size_m is not None else info.get("pixel_size_m")
+        if pixel_size_m is None:
+            raise InvalidInputError(f"probe {name!r}: pixel size unknown (not in "
+                                    f"{info['source']}); give it (pixel_size_m=, or --pixel-m "
+                                    "on the command line)")
         for label, value in (("energy_ev", energy_ev), ("pixel_size_m", pixel_size_m)):
             if value is None:
-                raise InvalidInputError(f"probe {name!r}: {label} unknown (not in "
-                                        f"{info['source']}); pass {label}=")
+                continue
             try:
                 good = bool(np.isfinite(float(value)) and float(value) > 0)
             except (TypeError, ValueError):
@@ -290,12 +301,15 @@ class ProbeLibrary:
         power = float(np.sum(np.abs(array.astype(np.complex128)) ** 2))
         array = (array / np.sqrt(power)).astype(np.complex64)
         meta = {
-            "name": name, "instrument": instrument, "energy_ev": float(energy_ev),
+            "name": name, "instrument": instrument,
+            "energy_ev": None if energy_ev is None else float(energy_ev),
             "pixel_size_m": float(pixel_size_m), "shape": list(array.shape),
-            "modes": int(array.shape[0]), "source": info["source"],
+            "modes": int(array.shape[0]), "source": source or info["source"],
             "sha256": probe_array_sha256(array), "created": _utc_now(),
             "normalization": "sum |P|^2 = 1", "input_power": power,
         }
+        if provenance:
+            meta["provenance"] = json.loads(json.dumps(provenance))  # refuse what JSON cannot
         self.root.mkdir(parents=True, exist_ok=True)
         _replace_atomically(data_path, lambda h: np.savez(
             h, probe=array, pixel_size_m=np.float64(pixel_size_m)))

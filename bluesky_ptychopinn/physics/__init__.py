@@ -31,6 +31,7 @@ from ._resample import (
     bin_frames,
     crop_frames,
     crop_probe_real_space,
+    probe_at_sampling,
     resample_object,
     resample_probe,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "raster_scan",
     "required_object_shape",
     "rescale_positions",
+    "probe_at_sampling",
     "resample_object",
     "resample_probe",
     "scan_pattern",

@@ -19,7 +19,7 @@ from ..errors import InvalidInputError
 from ._propagation import back_propagate, far_field
 
 __all__ = ["crop_frames", "bin_frames", "resample_probe", "crop_probe_real_space",
-           "resample_object"]
+           "resample_object", "probe_at_sampling"]
 
 
 def _center_crop_or_pad(array: torch.Tensor, size: int) -> torch.Tensor:
@@ -172,3 +172,91 @@ def resample_object(obj: np.ndarray, factor: float, shape: tuple[int, int],
     out.real = ndimage.map_coordinates(obj.real, grid, order=3, mode="constant", cval=0.0)
     out.imag = ndimage.map_coordinates(obj.imag, grid, order=3, mode="constant", cval=0.0)
     return out
+
+
+#: Relative pixel-size mismatch accepted as "the same sampling" (a 1 % magnification error).
+PIXEL_TOLERANCE = 0.01
+
+
+def probe_at_sampling(probe, pixel_m: float | None, size: int,
+                      target_pixel_m: float | None) -> np.ndarray:
+    """A probe of any size and pixel, at ``size`` x ``size`` pixels of ``target_pixel_m``.
+
+    Three exact cases, tried in order (a pixel within 1 % counts as the same):
+
+    - the same pixel: the field of view is cropped or zero-padded in real space (refused when
+      the crop would cut off more than 1 % of the probe's power);
+    - the same field of view (``N pixel = size target``, e.g. frames cropped from N to size):
+      Fourier resampling, :func:`resample_probe`;
+    - otherwise Fourier resampling to the target pixel (when ``N pixel / target`` is within
+      1 % of a whole number of pixels) followed by the real-space crop or pad.
+
+    Parameters
+    ----------
+    probe : array_like
+        (N, N) or (M, N, N) complex probe.
+    pixel_m : float or None
+        Its object pixel size; None (unknown) is accepted only when N == ``size``.
+    size : int
+        Pixels needed (the frame size).
+    target_pixel_m : float or None
+        Object pixel size needed; None: the probe's own.
+
+    Returns
+    -------
+    numpy.ndarray
+        complex64 (M, size, size).
+
+    Raises
+    ------
+    InvalidInputError
+        When no exact resampling exists, saying why.
+
+    Examples
+    --------
+    >>> from bluesky_ptychopinn.physics import make_probe
+    >>> p = make_probe("zone_plate", 128, 22e-9, 8_800)
+    >>> probe_at_sampling(p, 22e-9, 64, 44e-9).shape        # frames cropped 128 -> 64
+    (1, 64, 64)
+    >>> probe_at_sampling(p, 22e-9, 160, 22e-9).shape       # a larger field of view
+    (1, 160, 160)
+    """
+    array = np.asarray(probe, dtype=np.complex64)
+    array = array[None] if array.ndim == 2 else array
+    n = array.shape[-1]
+    if array.ndim != 3 or array.shape[-2] != n or size < 2:
+        raise InvalidInputError(f"probe: cannot resample shape {array.shape} to {size} px")
+    if pixel_m is None or target_pixel_m is None:
+        if n == size:
+            return array
+        if pixel_m is None:
+            raise InvalidInputError(
+                f"probe: {n} px of unknown pixel size cannot be matched to {size} px frames; "
+                "give the probe's pixel size")
+        target_pixel_m = pixel_m
+
+    def same(a: float, b: float) -> bool:
+        return abs(a - b) <= PIXEL_TOLERANCE * b
+
+    if same(pixel_m, target_pixel_m):
+        return _real_space_fit(array, size) if n != size else array
+    if same(pixel_m * n, target_pixel_m * size):
+        return resample_probe(array, size)
+    m = pixel_m * n / target_pixel_m
+    if abs(m - round(m)) <= PIXEL_TOLERANCE * m and round(m) >= 2:
+        return _real_space_fit(resample_probe(array, int(round(m))), size)
+    raise InvalidInputError(
+        f"probe: {n} px of {pixel_m:.4g} m cannot be resampled exactly to {size} px of "
+        f"{target_pixel_m:.4g} m ({m:.2f} px of field of view is not a whole number); "
+        "measure or calibrate the probe at this geometry")
+
+
+def _real_space_fit(probe: np.ndarray, size: int) -> np.ndarray:
+    """Crop or zero-pad in real space, refusing to cut off a visible part of the beam."""
+    out = crop_probe_real_space(probe, size)
+    kept = float(np.sum(np.abs(out) ** 2)) / max(float(np.sum(np.abs(probe) ** 2)), 1e-30)
+    if kept < 0.99:
+        raise InvalidInputError(
+            f"probe: cropping {probe.shape[-1]} -> {size} px would cut off {100 * (1 - kept):.1f}"
+            " % of the beam's power; use larger frames or a smaller probe")
+    return np.ascontiguousarray(out, dtype=np.complex64)
