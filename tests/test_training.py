@@ -48,16 +48,36 @@ def test_unsupervised_training_reduces_the_physics_loss():
     assert result.patterns_per_s > 0
 
 
-def test_progress_prints_one_line_per_epoch_when_output_is_not_a_terminal(capsys):
+def test_progress_prints_batch_and_epoch_lines_when_output_is_not_a_terminal(capsys):
+    """A batch-job log shows progress within an epoch (per batch, at most every
+    ``log_every_s``) and one line per epoch, each with an ETA."""
     data = GroupedSamples([_experiment(0)], channels=1, grouping="single")
     model = ptychopinn(frame_size=32, channels=1, base_width=4, depth=2)
-    train(model, data, TrainConfig(epochs=2, batch_size=8, max_batches_per_epoch=2,
-                                   progress=True))
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith("epoch ")]
-    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+    train(model, data, TrainConfig(epochs=2, batch_size=8, max_batches_per_epoch=3,
+                                   progress=True, log_every_s=0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    epochs = [line for line in lines if " batch " not in line]
+    batches = [line for line in lines if " batch " in line]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert [line.split(" loss")[0] for line in batches] == [
+        f"epoch {e} batch {b}/3" for e in (1, 2) for b in (1, 2, 3)]
     assert all("loss" in line and "patt/s" in line and "ETA" in line for line in lines)
-    assert lines[-1].endswith("ETA 00:00:00")
+    assert epochs[-1].endswith("ETA 00:00:00")
+
+
+def test_the_eta_follows_the_recent_batch_rate_not_a_slow_start():
+    """A first epoch slowed by a contended machine does not set the ETA: it is the remaining
+    batches times the median of the recent batch durations."""
+    from bluesky_ptychopinn.training._progress import TrainingProgress
+
+    progress = TrainingProgress(False, total_batches=1_000, window=50)
+    for _ in range(100):  # contended: 3 s a batch
+        progress.batch(1, 1, 100, loss=1.0, seconds=3.0, patterns=8)
+    assert progress.eta_s() == pytest.approx(900 * 3.0)
+    for _ in range(100):  # the machine is free again: 0.5 s a batch
+        progress.batch(2, 1, 100, loss=1.0, seconds=0.5, patterns=8)
+    progress.batch(3, 1, 100, loss=1.0, seconds=60.0, patterns=8)  # one stalled batch
+    assert progress.eta_s() == pytest.approx(799 * 0.5)
 
 
 def test_training_is_deterministic_with_a_seed():

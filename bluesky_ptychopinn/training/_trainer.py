@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import InvalidInputError
 from ..models import PhysicsDecoder, PtychoPINN, poisson_nll
 from ._data import GroupedSamples
+from ._progress import TrainingProgress
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -52,6 +53,8 @@ class TrainConfig(BaseModel):
     log_csv: str | None = None
     tensorboard: bool = False
     progress: bool = True
+    log_every_s: float = Field(10.0, ge=0, description="least seconds between two per-batch "
+                               "log lines when the output is not a terminal")
     max_batches_per_epoch: int | None = None
 
 
@@ -207,8 +210,27 @@ def train(
     total_epochs = config.epochs + config.finetune_epochs
     use_bf16 = config.bf16 and device.type == "cuda"
     writer = _tensorboard(config) if rank == 0 else None
-    progress = _progress(config.progress and rank == 0)
-    task = progress.add_task("training", total=total_epochs, completed=start_epoch, status="")
+    def loader_for(epoch: int):
+        sampler = (
+            torch.utils.data.distributed.DistributedSampler(
+                train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
+            )
+            if distributed
+            else None
+        )
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return torch.utils.data.DataLoader(
+            train_set, batch_size=config.batch_size, shuffle=sampler is None,
+            sampler=sampler, generator=torch.Generator().manual_seed(config.seed + epoch),
+            drop_last=len(train_set) > config.batch_size,
+        )
+
+    per_epoch = len(loader_for(start_epoch))
+    if config.max_batches_per_epoch:
+        per_epoch = min(per_epoch, config.max_batches_per_epoch)
+    progress = TrainingProgress(config.progress and rank == 0, total_epochs * per_epoch,
+                                start_epoch * per_epoch, log_every_s=config.log_every_s)
     patterns, busy = 0, 0.0
     bad_epochs = 0
     with progress:
@@ -220,23 +242,11 @@ def train(
                 config.finetune_lr_factor)
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
-            sampler = (
-                torch.utils.data.distributed.DistributedSampler(
-                    train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed
-                )
-                if distributed
-                else None
-            )
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                train_set, batch_size=config.batch_size, shuffle=sampler is None,
-                sampler=sampler, generator=torch.Generator().manual_seed(config.seed + epoch),
-                drop_last=len(train_set) > config.batch_size,
-            )
+            loader = loader_for(epoch)
             net.train()
             t0 = time.perf_counter()
             running, n_batches = 0.0, 0
+            t_batch = t0
             for b, batch in enumerate(loader):
                 if config.max_batches_per_epoch and b >= config.max_batches_per_epoch:
                     break
@@ -251,7 +261,12 @@ def train(
                 optimizer.step()
                 running += float(loss.detach())
                 n_batches += 1
-                patterns += batch[0].shape[0] * batch[0].shape[1]
+                in_batch = batch[0].shape[0] * batch[0].shape[1]
+                patterns += in_batch
+                now = time.perf_counter()
+                progress.batch(epoch + 1, b + 1, per_epoch, loss=float(loss.detach()),
+                               seconds=now - t_batch, patterns=in_batch)
+                t_batch = now
             elapsed = time.perf_counter() - t0
             busy += elapsed
             val = _evaluate(net, decoder, data, val_set, config, device) if n_val else math.nan
@@ -267,9 +282,7 @@ def train(
             _append_csv(config.log_csv, record, rank)
             status = (f"loss {record['loss']:.4f} val {val:.4f} "
                       f"{record['patterns_per_s']:.0f} patt/s")
-            progress.update(task, advance=1, status=status)
-            _log_epoch_line(progress, epoch + 1, total_epochs, status, busy / (
-                epoch + 1 - start_epoch))
+            progress.epoch(epoch + 1, total_epochs, status)
             monitored = val if n_val else record["loss"]
             if monitored < best_val:
                 best_val, bad_epochs = monitored, 0
@@ -323,32 +336,6 @@ def _tensorboard(config: TrainConfig):
         logger.warning("tensorboard is not installed; metrics go to the CSV only")
         return None
     return SummaryWriter(log_dir=str(Path(config.log_csv or "runs").with_suffix("")) + "_tb")
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not enabled,
-    )
-
-
-def _log_epoch_line(progress, epoch: int, total: int, status: str, epoch_s: float) -> None:
-    """One plain line per epoch when the output is not a terminal (nohup, batch-job logs),
-    where rich draws no live bar and a long run would otherwise print nothing until it ends."""
-    if progress.disable or progress.console.is_terminal:
-        return
-    remaining = (total - epoch) * epoch_s
-    progress.console.print(f"epoch {epoch}/{total}: {status}, "
-                           f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}",
-                           highlight=False, soft_wrap=True)
 
 
 def seed_everything(seed: int) -> None:
