@@ -67,3 +67,25 @@ def test_the_browsing_snippet_of_the_beamline_docs_runs(tiled):
     assert namespace["raw"].start["plan_name"] == "ptycho_scan"
     assert namespace["run"].start["original_run_uid"] == namespace["raw"].start["uid"]
     assert namespace["phase"].ndim == 2 and namespace["probe"].ndim == 3
+
+
+def test_partial_events_and_a_late_refined_row():
+    """Documents as the Tiled watcher delivers them: one array per event, streams unordered;
+    a "refined" row arriving after the "final" one does not replace it."""
+    plot = LiveReconstructionPlot()
+    plot("start", {"uid": "d", "plan_name": "ptychopinn_reconstruction",
+                   "original_run_uid": "r", "model": {"name": "m"}})
+    canvas = {"canvas": {"data": {"pixel_size_m": 1e-8, "canvas_origin_px": [0, 0]}}}
+    for name in ("snapshots", "refined", "final"):
+        plot("descriptor", {"uid": name, "name": name, "configuration": canvas})
+    rng = np.random.default_rng(1)
+    network, final, late = (rng.standard_normal((16, 12)) for _ in range(3))
+    plot("event", {"descriptor": "snapshots", "data": {"object_phase": network}})
+    assert "uncertainty" not in plot.images
+    plot("event", {"descriptor": "final", "data": {"object_phase": final}})
+    plot("event", {"descriptor": "refined", "data": {"object_phase": late}})
+    np.testing.assert_array_equal(plot.images["network"].get_array(), network)
+    np.testing.assert_array_equal(plot.images["refined"].get_array(), final)
+    path = np.array([[2.0, 3.0], [2.0, 8.0], [9.0, 8.0]])
+    plot("scan_path", {"run_start": "d", "positions_px": path})
+    np.testing.assert_array_equal(plot.path_line.get_xydata(), path[:, ::-1])

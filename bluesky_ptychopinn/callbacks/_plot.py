@@ -3,10 +3,11 @@
 :class:`LiveReconstructionPlot` consumes the *derived* run's documents (subscribe it to a
 :class:`~bluesky_ptychopinn.callbacks.LiveReconstruction`) and shows, as they arrive, the
 network's phase, the refined phase (when the refinement runs) on the same colour range, the
-network's uncertainty, and frames per second, with a scale bar in micrometres. Like bluesky's
-``LiveImage`` it is a :class:`~bluesky.callbacks.mpl_plotting.QtAwareCallback`: with a Qt
-backend the drawing happens on the GUI thread, so it never blocks the RunEngine or the
-reconstruction; with Agg (headless) it draws in the caller's thread.
+network's uncertainty, and frames per second, with a scale bar in micrometres (and the scan
+path, when ``bluesky-ptychopinn watch`` feeds it from Tiled). Like bluesky's ``LiveImage`` it
+is a :class:`~bluesky.callbacks.mpl_plotting.QtAwareCallback`: with a Qt backend the drawing
+happens on the GUI thread, so it never blocks the RunEngine or the reconstruction; with Agg
+(headless) it draws in the caller's thread.
 
 Examples
 --------
@@ -63,6 +64,9 @@ class LiveReconstructionPlot(QtAwareCallback):
         ``"network"``, ``"refined"``, ``"uncertainty"``: the matplotlib ``AxesImage`` objects.
     frames_per_s : float
         The latest throughput reported by the derived run's metrics.
+    scan_path_px : numpy.ndarray
+        (n, 2) scan positions drawn over the network image (see :meth:`scan_path`), and
+        ``path_line`` the matplotlib line showing them (``None`` until then).
     """
 
     def __init__(self, fig=None, *, cmap: str = "twilight_shifted", **kwargs) -> None:
@@ -76,6 +80,9 @@ class LiveReconstructionPlot(QtAwareCallback):
         self._active = False
         self._scale = None
         self._title = ""
+        self.path_line = None
+        self.scan_path_px = np.zeros((0, 2))
+        self._final_shown = False
 
     # -- documents ------------------------------------------------------------------------
     def start(self, doc: dict) -> None:
@@ -95,6 +102,8 @@ class LiveReconstructionPlot(QtAwareCallback):
             ax.set_yticks([])
         self._axes = dict(zip(("network", "refined", "uncertainty"), axes, strict=True))
         self.images, self._phases, self._streams, self._scale = {}, {}, {}, None
+        self.path_line, self.scan_path_px = None, np.zeros((0, 2))
+        self._final_shown = False
         self.frames_per_s = math.nan
         raw = doc.get("original_run_uid", "")[:8]
         self._title = f"reconstruction of run {raw} (model {doc['model'].get('name')})"
@@ -110,13 +119,21 @@ class LiveReconstructionPlot(QtAwareCallback):
     def event(self, doc: dict) -> None:
         if not self._active:
             return
+        # An event may carry only some of its stream's keys (a Tiled watcher receives each
+        # array on its own): draw what is there.
         stream, data = self._streams.get(doc["descriptor"]), doc["data"]
         if stream == "snapshots":
-            self._show("network", np.asarray(data["object_phase"]))
-            self._show("uncertainty", np.asarray(data["uncertainty"]), phase=False)
-        elif stream in ("refined", "final"):
-            self._show("refined", np.asarray(data["object_phase"]))
-        elif stream == "metrics":
+            if "object_phase" in data:
+                self._show("network", np.asarray(data["object_phase"]))
+            if "uncertainty" in data:
+                self._show("uncertainty", np.asarray(data["uncertainty"]), phase=False)
+        elif stream in ("refined", "final") and "object_phase" in data:
+            # Streams watched through Tiled arrive on separate sockets: a late "refined" row
+            # never replaces the final image.
+            if stream == "final" or not self._final_shown:
+                self._show("refined", np.asarray(data["object_phase"]))
+            self._final_shown |= stream == "final"
+        elif stream == "metrics" and "frames_per_s" in data:
             self.frames_per_s = float(data["frames_per_s"])
         self._redraw()
 
@@ -130,6 +147,26 @@ class LiveReconstructionPlot(QtAwareCallback):
         for k in range(len(doc["seq_num"])):
             self.event({"descriptor": doc["descriptor"],
                         "data": {key: v[k] for key, v in doc["data"].items()}})
+
+    def scan_path(self, doc: dict) -> None:
+        """Overlay the scan path on the network image (not an event-model document).
+
+        ``doc["positions_px"]``: (n, 2) probe centres (y, x) in pixels of the image streams'
+        canvas, in acquisition order (the raw run's positions, converted by
+        :mod:`bluesky_ptychopinn.catalog` ``watch``).
+        """
+        if not self._active:
+            return
+        path = np.asarray(doc["positions_px"], dtype=float).reshape(-1, 2)
+        self.scan_path_px = path
+        ax = self._axes["network"]
+        if self.path_line is None:
+            (self.path_line,) = ax.plot(path[:, 1], path[:, 0], color="white", linewidth=0.6,
+                                        marker=".", markersize=2, alpha=0.6,
+                                        scalex=False, scaley=False)
+        else:
+            self.path_line.set_data(path[:, 1], path[:, 0])
+        self._redraw()
 
     def stop(self, doc: dict) -> None:
         if not self._active:

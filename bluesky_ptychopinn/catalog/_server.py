@@ -259,6 +259,11 @@ class EmbeddedTiled:
         TCP port on 127.0.0.1 (0 = any free port).
     api_key : str, optional
         Default: read from / generated into ``data_dir/api_key``.
+    streaming : bool
+        Serve Tiled's websocket streaming (``/api/v1/stream/single/...``, what
+        ``bluesky-ptychopinn watch`` subscribes to) from an in-process ``memory`` streaming
+        cache: no Redis, since one process serves. ``False``: a server without it (as an
+        external one may be).
 
     Examples
     --------
@@ -267,7 +272,8 @@ class EmbeddedTiled:
     """
 
     def __init__(self, data_dir: str | Path | None = None, *, readable=(), port: int = 0,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, streaming: bool = True) -> None:
+        self.streaming = streaming
         self.data_dir = Path(data_dir or default_data_dir()).resolve()
         self.readable = [Path(p).resolve() for p in readable]
         self.port = port
@@ -296,7 +302,10 @@ class EmbeddedTiled:
             readable_storage=self.readable or None,
             init_if_not_exists=True,
             specs=[{"name": "CatalogOfBlueskyRuns", "version": "3.0"}],
-            cache_config=StreamingCacheConfig(uri="memory").model_dump(),
+            # The websocket streams' cache: updates of each node (new children, array
+            # patches, table appends) kept an hour, at most 1000 at a time, for replay.
+            cache_config=(StreamingCacheConfig(uri="memory").model_dump() if self.streaming
+                          else None),
         )
         app = build_app(
             catalog,
