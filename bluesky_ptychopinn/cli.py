@@ -477,6 +477,9 @@ def train(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     resume: bool = typer.Option(True, help="Resume from OUTPUT/checkpoint if present."),
     seed: int = typer.Option(0, help="Random seed."),
+    register: str = typer.Option(None, help="Also register the model under this name in the "
+                                 "user model directory ($PTYCHOPINN_MODELS), where "
+                                 "`--model NAME` and LiveReconstruction(model='auto') find it."),
 ) -> None:
     """Train a model: probe-centric synthetic data (default) or experimental files.
 
@@ -486,12 +489,16 @@ def train(
     import torch
 
     from .io import ProbeLibrary, read_dataset
-    from .models import ptychopinn, save_model
+    from .models import ModelRegistry, ptychopinn, save_model
     from .physics import PROBE_MODELS, ExperimentGeometry, make_probe, resample_probe
     from .training import GroupedSamples, TrainConfig, TrainingExperiment
     from .training import train as run_training
     from .training._recipe import ProbeCentricRecipe, train_probe_centric
 
+    registry = ModelRegistry()
+    if register is not None and (registry.root / register).exists():
+        _fail(InvalidInputError(f"--register {register}: {registry.root / register} exists; "
+                                "choose another name"))
     if threads:
         torch.set_num_threads(int(threads))
     checkpoint = output / "checkpoint"
@@ -545,6 +552,9 @@ def train(
     save_model(result.model, output, provenance=provenance)
     console.print(f"saved {output} (best validation loss {result.best_val:.4f}, "
                   f"{result.patterns_per_s:.0f} patterns/s)")
+    if register is not None:
+        save_model(result.model, registry.root / register, provenance=provenance)
+        console.print(f"registered as {register!r} in {registry.root}", highlight=False)
 
 
 @app.command()
@@ -771,6 +781,11 @@ def worker(
         run_worker(options, max_runs=max_runs)
     except (PtychoError, ValueError) as exc:
         _fail(exc)
+
+
+from ._cli_watch import watch  # noqa: E402
+
+app.command()(watch)
 
 
 def main() -> None:  # pragma: no cover - console entry
