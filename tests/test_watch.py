@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import matplotlib
 
@@ -102,8 +103,10 @@ def test_watch_shows_the_live_run_as_tiled_stores_it(tiled, tmp_path):
     assert 1 <= len(frames) <= 3  # bounded
 
 
-def _synthetic_derived_run(client, n: int = 3, shape=(24, 20)) -> tuple[str, list]:
-    """A derived run written by TiledWriter without a reconstruction (no raw run)."""
+def _synthetic_derived_run(client, n: int = 3, shape=(24, 20), *, before_stop=None
+                           ) -> tuple[str, list]:
+    """A derived run written by TiledWriter without a reconstruction (no raw run);
+    ``before_stop()`` is called after the first event."""
     bundle = compose_run(metadata={"plan_name": "ptychopinn_reconstruction",
                                    "original_run_uid": "not-stored", "model": {"name": "m"}})
     writer = TiledWriter(client, batch_size=1)
@@ -116,10 +119,12 @@ def _synthetic_derived_run(client, n: int = 3, shape=(24, 20)) -> tuple[str, lis
     writer("descriptor", stream.descriptor_doc)
     rng = np.random.default_rng(0)
     phases = [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
-    for phase in phases:
+    for k, phase in enumerate(phases):
         writer("event", stream.compose_event(
             data={"object_phase": phase, "uncertainty": np.abs(phase)},
             timestamps={"object_phase": 0.0, "uncertainty": 0.0}))
+        if k == 0 and before_stop is not None:
+            before_stop()
     writer("stop", bundle.compose_stop())
     return bundle.start_doc["uid"], phases
 
@@ -157,6 +162,70 @@ def test_websocket_delivers_every_array_of_a_run(tiled):
     np.testing.assert_array_equal(last["object_phase"], phases[-1])
     np.testing.assert_array_equal(last["uncertainty"], np.abs(phases[-1]))
     assert seen[-1][0] == "stop" and seen[-1][1]["exit_status"] == "success"
+
+
+@pytest.mark.parametrize("mode", ["websocket", "polling"])
+def test_a_run_under_way_when_the_watch_begins_is_followed(tiled, mode):
+    seen, started = [], {}
+
+    def begin_watching():  # the run exists and has one snapshot already
+        started["thread"], started["box"] = _watch_in_thread(
+            tiled.client(), lambda n, d: seen.append((n, d)), once=True, timeout=30, mode=mode,
+            poll_interval_s=0.2)
+
+    uid, phases = _synthetic_derived_run(tiled.client(), n=4, before_stop=begin_watching)
+    started["thread"].join(timeout=40)
+    assert started["box"]["result"].finished == [uid]
+    shown = [d["data"]["object_phase"] for n, d in seen
+             if n == "event" and "object_phase" in d["data"]]
+    np.testing.assert_array_equal(shown[-1], phases[-1])
+    assert [n for n, _ in seen].count("start") == 1 and seen[-1][0] == "stop"
+
+
+def test_an_external_tiled_server_streams_to_the_watcher(tmp_path):
+    """tiled's own `tiled serve catalog --cache memory` in another process: the URI is all
+    the watcher knows."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from tiled.client import from_uri
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _tiled_process import free_port
+
+    port = free_port()
+    tiled_cli = shutil.which("tiled", path=str(Path(sys.executable).parent))
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (the child's)
+    proc = subprocess.Popen([tiled_cli, "serve", "catalog", "--temp", "--api-key", "secret",
+                             "--port", str(port), "--cache", "memory"], stdout=log, stderr=log)
+    log.close()
+    uri = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "no tiled server"
+            time.sleep(0.2)
+        seen = []
+        thread, box = _watch_in_thread(from_uri(uri, api_key="secret"),
+                                       lambda n, d: seen.append((n, d)), once=True,
+                                       timeout=30, mode="websocket")
+        uid, phases = _synthetic_derived_run(from_uri(uri, api_key="secret"))
+        thread.join(timeout=40)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert box["result"].finished == [uid] and box["result"].mode == "websocket"
+    shown = [d["data"]["object_phase"] for n, d in seen
+             if n == "event" and "object_phase" in d["data"]]
+    np.testing.assert_array_equal(shown[-1], phases[-1])
 
 
 def test_the_command_writes_the_pngs_of_a_new_run(tiled, tmp_path):

@@ -264,6 +264,7 @@ class DerivedRunWatcher:
             subscriptions = list(self._subscriptions.values())[::-1]  # leaves first
             self._subscriptions.clear()
         for sub in subscriptions:
+            _discard_updates(sub)
             try:
                 sub.disconnect()
             except Exception:
@@ -619,6 +620,30 @@ class DerivedRunWatcher:
                 pass
         if stopped:
             self._finish(run)
+
+
+class _Discard:
+    """An executor that drops what it is given (see :func:`_discard_updates`)."""
+
+    def submit(self, *args, **kwargs) -> None:
+        return None
+
+    def shutdown(self, *args, **kwargs) -> None:
+        return None
+
+
+def _discard_updates(subscription) -> None:
+    """Drop the updates a subscription still receives while it disconnects.
+
+    tiled 0.2.20 shuts a subscription's executor down while its receiving thread may be
+    handing it one more message, which then dies with "cannot schedule new futures after
+    shutdown" on stderr; we want no more updates anyway.
+    """
+    for name in ("child_created", "child_metadata_updated", "new_data", "stream_closed",
+                 "disconnected"):
+        registry = getattr(subscription, name, None)
+        if registry is not None and hasattr(registry, "_executor"):
+            registry._executor = _Discard()
 
 
 def _plain(node):
