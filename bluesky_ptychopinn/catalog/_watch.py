@@ -245,6 +245,13 @@ class DerivedRunWatcher:
                 self.mode = "polling"
         if self.mode == "websocket":
             self._subscribe(self.client, None, on_child=self._on_root_child, start=None)
+            if self.client.uri not in self._subscriptions:  # the probe passed, this did not
+                if self.requested_mode == "websocket":
+                    raise TiledUnavailableError(f"Tiled at {self._where}: no websocket stream")
+                logger.warning("Tiled at %s: no websocket stream: polling every %.1f s "
+                               "instead", self._where, self.poll_interval_s)
+                self.mode = "polling"
+        if self.mode == "websocket":
             if self.include_running:
                 self._attach_running()
         else:
@@ -485,7 +492,33 @@ class DerivedRunWatcher:
         # start=1: replay what the cache holds of this node since its creation (a node is
         # created, then written at once: its first rows precede our subscription). The root:
         # only what is new (runs under way are listed by _attach_running).
-        sub.start_in_thread(start, max_size=self.max_size)
+        if not self._start_subscription(sub, start):
+            with self._lock:  # not followed (a data node: the run's stop does not wait for it)
+                self._subscriptions.pop(uri, None)
+                self._keep.pop(uri, None)
+                if run is not None:
+                    run.open_nodes.discard(uri)
+
+    def _start_subscription(self, sub, start: int | None, timeout: float = 30.0) -> bool:
+        """``sub.start_in_thread(start)``, without its unbounded wait for the connection
+        (tiled 0.2.20 waits forever when the handshake fails, or when the watcher closed
+        the subscription meanwhile)."""
+        run_ = getattr(sub, "_run", None)
+        connected = getattr(sub, "_connected_event", None)
+        if run_ is None or connected is None:  # another tiled: its own method
+            sub.start_in_thread(start, max_size=self.max_size)
+            return True
+        thread = threading.Thread(target=run_, args=(start, self.max_size), daemon=True,
+                                  name=f"tiled-subscription-{sub}")
+        sub._thread = thread  # joined by sub.disconnect()
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not connected.wait(0.1):
+            if not thread.is_alive() or self._closed.is_set() or time.monotonic() > deadline:
+                if not self._closed.is_set():
+                    logger.warning("watch: no stream from %s (not followed)", sub)
+                return False
+        return True
 
     def _on_root_child(self, key: str, node, metadata: dict, fresh: bool) -> None:
         start = metadata.get("start") or {}
