@@ -64,7 +64,7 @@ def run_demo(
         RE = RunEngine(call_returns_result=True)
         RE.subscribe(TiledWriter(client, batch_size=50))
         live = LiveReconstruction(model, batch_size=64, snapshot_every=128, torch_threads=1)
-        live.subscribe(TiledWriter(client, batch_size=50))
+        live.subscribe(TiledWriter(client, batch_size=1))  # written as it goes: watchable
         RE.subscribe(live)
         dx = bl.pixel_size_m
         fov = bl.field_of_view_m

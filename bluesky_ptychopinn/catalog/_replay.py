@@ -53,7 +53,7 @@ def replay_run(client, uid: str, *, model="default", batch_size: int = 64,
     live = LiveReconstruction(model, batch_size=batch_size, torch_threads=torch_threads,
                               refine=refine, refine_budget_s=refine_budget_s, crop=crop)
     try:
-        writer = TiledWriter(client, batch_size=50)
+        writer = TiledWriter(client, batch_size=1)  # written as it goes: `watch` shows it live
         live.subscribe(writer)
         for name, doc in run.documents():
             live(name, doc)
