@@ -53,8 +53,11 @@ __all__ = [
     "CalibrationScan",
     "calibrate_probe",
     "calibration_figure",
+    "calibration_provenance",
+    "check_outputs",
     "file_sha256",
     "probe_correlation",
+    "ptychi_available",
     "save_calibration",
     "scan_from_file",
     "scan_from_run",
@@ -553,32 +556,42 @@ def calibrate_probe(
 
 
 def _lsqml(frames, positions, guess, shape, mask, epochs, batch_size, device):  # pragma: no cover
-    """pty-chi LSQML, blind (probe optimised). Only reached when ``ptychi`` imports; not part of
-    the test run (the package is optional)."""
+    """pty-chi LSQML, blind (probe optimised), set up as bench/_ptychi_runner.py does (its
+    conventions were measured there against this project's). Only reached when ``ptychi``
+    imports; not part of the test run (the package is optional)."""
     import ptychi.api as api
-    import torch
     from ptychi.api.task import PtychographyTask
 
-    if device:
-        torch.set_default_device(device)
+    frames = np.asarray(frames, dtype=np.float32)
     options = api.LSQMLOptions()
-    options.data_options.data = torch.as_tensor(np.asarray(frames, dtype=np.float32))
-    if mask is not None:
-        options.data_options.valid_pixel_mask = torch.as_tensor(np.asarray(mask, dtype=bool))
-    options.object_options.initial_guess = torch.ones((1, *shape), dtype=torch.complex64)
+    options.data_options.fft_shift = True  # our frames have DC at the centre
+    options.data_options.free_space_propagation_distance_m = float("inf")
+    if mask is not None and hasattr(options.data_options, "valid_pixel_mask"):
+        options.data_options.valid_pixel_mask = np.asarray(mask, dtype=bool)
     options.object_options.pixel_size_m = 1.0
     options.object_options.optimizable = True
-    options.probe_options.initial_guess = torch.as_tensor(guess[None])
+    options.object_options.determine_position_origin_coords_by = (
+        api.ObjectPosOriginCoordsMethods.SPECIFIED
+    )
+    options.object_options.position_origin_coords = np.zeros(2)
     options.probe_options.optimizable = True
-    # pty-chi: positions relative to the object's centre, in pixels when pixel_size_m = 1.
-    centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
-    options.probe_position_options.position_y_m = positions[:, 0] - centre[0]
-    options.probe_position_options.position_x_m = positions[:, 1] - centre[1]
-    options.probe_position_options.pixel_size_m = 1.0
     options.probe_position_options.optimizable = False
-    options.reconstructor_options.batch_size = batch_size
     options.reconstructor_options.num_epochs = epochs
-    task = PtychographyTask(options)
+    options.reconstructor_options.batch_size = batch_size
+    options.reconstructor_options.default_device = (
+        api.Devices.CPU if str(device or "cpu").startswith("cpu") else api.Devices.GPU)
+    options.reconstructor_options.random_seed = 0
+    # pty-chi: unnormalised FFT (probe scaled to the photon count); its patch is centred at
+    # (N - 1) / 2, ours at N / 2 (half a pixel).
+    n = frames.shape[-1]
+    photons = float(frames.reshape(len(frames), -1).sum(1).mean())
+    pos = np.asarray(positions, dtype=np.float64) - 0.5
+    task = PtychographyTask(
+        options, diffraction_data=frames,
+        object_data=np.ones((1, *shape), dtype=np.complex64),
+        probe_data=(guess * np.sqrt(photons / n**2))[None].astype(np.complex64),
+        probe_position_y_px=pos[:, 0], probe_position_x_px=pos[:, 1],
+    )
     task.run()
     probe = np.asarray(task.get_data_to_cpu("probe", as_numpy=True))[0]
     obj = np.asarray(task.get_data_to_cpu("object", as_numpy=True))[0]
@@ -588,8 +601,9 @@ def _lsqml(frames, positions, guess, shape, mask, epochs, batch_size, device):  
     if table is not None and "loss" in getattr(table, "columns", ()):
         history = [float(v) for v in table["loss"]]
     power = float(np.sum(np.abs(probe) ** 2))
-    return (probe / np.sqrt(power)).astype(np.complex64), obj, history, power, str(device or
-                                                                                   "cpu")
+    where = "cpu" if str(device or "cpu").startswith("cpu") else str(device)
+    # back to photons per frame (the unnormalised FFT carries a factor N^2)
+    return (probe / np.sqrt(power)).astype(np.complex64), obj, history, power * n**2, where
 
 
 # -- writing it ------------------------------------------------------------------------------------
