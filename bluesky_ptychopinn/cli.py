@@ -787,6 +787,10 @@ from ._cli_watch import watch  # noqa: E402
 
 app.command()(watch)
 
+from ._cli_calibrate import calibrate  # noqa: E402
+
+app.command()(calibrate)
+
 
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())
