@@ -279,7 +279,8 @@ def run_reconstruction(
     from .figures import reconstruction_figure
 
     reconstruction_figure(png, result.object, probe=result.probe, truth=result.truth,
-                          frc=frc_curves, threshold=threshold, title=title, extra=result.extra)
+                          frc=frc_curves, threshold=threshold, title=title, extra=result.extra,
+                          weight=result.weight, pixel_size_m=result.pixel_m)
     summary["figure"] = str(png)
     output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     return summary

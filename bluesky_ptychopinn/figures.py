@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["reconstruction_figure", "probe_figure"]
+__all__ = ["reconstruction_figure", "probe_figure", "scale_bar_length_um", "draw_scale_bar"]
+
+
+def scale_bar_length_um(width_px: int, pixel_size_m: float) -> float:
+    """A round length (1, 2 or 5 x 10^k um) near a fifth of the image width.
+
+    Examples
+    --------
+    >>> scale_bar_length_um(200, 50e-9)   # a 10 um wide image
+    2.0
+    """
+    target = width_px * pixel_size_m * 1e6 / 5
+    if not target > 0:
+        return 0.0
+    power = 10 ** math.floor(math.log10(target))
+    best = max((m * power for m in (1, 2, 5, 10) if m * power <= target * (1 + 1e-9)),
+               default=power)
+    return float(f"{best:.12g}")
+
+
+def draw_scale_bar(ax, shape: tuple[int, int], pixel_size_m: float,
+                   color: str = "white") -> float:
+    """Draw a micrometre scale bar in the lower left of an image of ``shape``; returns its
+    length in um (0 and nothing drawn without a pixel size)."""
+    if not pixel_size_m or not pixel_size_m > 0:
+        return 0.0
+    length_um = scale_bar_length_um(shape[1], pixel_size_m)
+    length_px = length_um * 1e-6 / pixel_size_m
+    y, x = shape[0] * 0.92, shape[1] * 0.05
+    ax.plot([x, x + length_px], [y, y], color=color, linewidth=3, scalex=False, scaley=False)
+    ax.text(x, y - shape[0] * 0.03, f"{length_um:g} µm", color=color, fontsize=8)
+    return length_um
 
 
 def _pyplot():
@@ -67,8 +99,14 @@ def reconstruction_figure(
     threshold: tuple[Sequence[float], Sequence[float]] | None = None,
     title: str = "",
     extra: Mapping[str, np.ndarray] | None = None,
+    weight: np.ndarray | None = None,
+    pixel_size_m: float | None = None,
 ) -> Path:
     """One PNG: object amplitude and phase, the probe, optional truth, extra maps and FRC curves.
+
+    Reconstruction and truth are shown on the same colour range (the reconstruction's phase
+    on the truth's constant offset, which ptychography cannot fix), cropped to what was
+    measured when ``weight`` is given, with a micrometre scale bar when ``pixel_size_m`` is.
 
     Parameters
     ----------
@@ -85,31 +123,64 @@ def reconstruction_figure(
     threshold : (freq, curve), optional
         The threshold curve drawn with the FRC.
     extra : mapping of title to 2-D array, optional
-        More maps (e.g. an uncertainty map).
+        More maps on the object's grid (e.g. an uncertainty map).
+    weight : numpy.ndarray, optional
+        Coverage on the object's grid: the maps are cropped to the measured region.
+    pixel_size_m : float, optional
+        Object pixel size, for the scale bar.
     """
     plt = _pyplot()
-    panels: list[tuple[np.ndarray, str, str]] = [
-        (np.abs(obj), "object amplitude", "gray"),
-        (np.angle(obj), "object phase (rad)", "cividis"),
+    obj = np.asarray(obj)
+    if truth is not None and np.shape(truth) != obj.shape:
+        truth = None  # on another grid: a side-by-side view would mislead
+    box = (slice(None), slice(None))
+    if weight is not None and np.any(weight > 0):
+        from .metrics import covered_box
+
+        box = covered_box(weight)
+    full_shape = obj.shape
+    obj = obj[box]
+    covered = np.abs(obj) > 0
+    if truth is not None:
+        truth = np.asarray(truth)[box]
+        phase, _ = _phase_on_truth(obj, truth)
+        both = np.concatenate([np.abs(obj)[covered], np.abs(truth)[covered]])
+        amp_limits = _robust_limits(both, np.ones(both.shape, bool))
+        phases = np.concatenate([phase[covered], np.angle(truth)[covered]])
+        phase_limits = _robust_limits(phases, np.ones(phases.shape, bool))
+    else:
+        phase = np.angle(obj)
+        amp_limits = _robust_limits(np.abs(obj), covered)
+        phase_limits = _robust_limits(phase, covered)
+    panels: list[tuple[np.ndarray, str, str, tuple, bool]] = [
+        (np.abs(obj), "object amplitude", "gray", amp_limits, True),
+        (phase, "object phase (rad)", "cividis", phase_limits, True),
     ]
     if truth is not None:
         panels += [
-            (np.abs(truth), "true amplitude", "gray"),
-            (np.angle(truth), "true phase", "cividis"),
+            (np.abs(truth), "true amplitude (same range)", "gray", amp_limits, True),
+            (np.angle(truth), "true phase (same range)", "cividis", phase_limits, True),
         ]
     if probe is not None:
         p = np.asarray(probe)
         p = p[0] if p.ndim == 3 else p
-        panels.append((np.abs(p), "probe |P| (mode 0)", "magma"))
+        panels.append((np.abs(p), "probe |P| (mode 0)", "magma", (None, None), True))
     for name, image in (extra or {}).items():
-        panels.append((np.asarray(image), name, "viridis"))
+        image = np.asarray(image)
+        if image.shape == full_shape:  # on the object's grid: the same crop and scale bar
+            image = image[box]
+            panels.append((image, name, "viridis", _robust_limits(image, covered), True))
+        else:
+            panels.append((image, name, "viridis", (None, None), False))
     n_axes = len(panels) + (1 if frc else 0)
     cols = min(n_axes, 4)
     rows = int(np.ceil(n_axes / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.1 * rows), squeeze=False)
     flat = axes.ravel()
-    for ax, (image, name, cmap) in zip(flat, panels, strict=False):
-        _show(ax, image, name, cmap)
+    for ax, (image, name, cmap, limits, bar) in zip(flat, panels, strict=False):
+        _show(ax, image, name, cmap, limits)
+        if bar and pixel_size_m:
+            draw_scale_bar(ax, image.shape, pixel_size_m)
     if frc:
         ax = flat[len(panels)]
         for label, (freq, curve) in frc.items():

@@ -191,3 +191,33 @@ def test_a_refined_result_keeps_the_model_grid(scan_128, tmp_path):
     assert written.probe.shape[-1] == 64 and written.diffraction.shape[-1] == 64
     if summary["refinement"]["best"] == "refined":
         assert summary["probe"].startswith("refined by rPIE")
+
+
+def test_the_figure_shows_reconstruction_and_truth_on_one_range_with_a_scale_bar(tmp_path,
+                                                                                monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from bluesky_ptychopinn.figures import reconstruction_figure
+
+    rng = np.random.default_rng(0)
+    truth = np.exp(1j * rng.uniform(-1, 1, (120, 120))).astype(np.complex64)
+    weight = np.zeros((120, 120), np.float32)
+    weight[20:100, 30:90] = 1
+    recon = np.where(weight > 0, 0.8 * truth * np.exp(0.7j), 0).astype(np.complex64)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    reconstruction_figure(tmp_path / "f.png", recon, truth=truth, weight=weight,
+                          pixel_size_m=50e-9)
+    axes = {ax.get_title(): ax for ax in figures[0].axes}
+    shown = {name: axes[name].images[0] for name in ("object phase (rad)",
+                                                      "true phase (same range)",
+                                                      "object amplitude",
+                                                      "true amplitude (same range)")}
+    assert shown["object phase (rad)"].get_clim() == shown["true phase (same range)"].get_clim()
+    assert shown["object amplitude"].get_clim() == shown["true amplitude (same range)"].get_clim()
+    assert shown["object phase (rad)"].get_array().shape == (80, 60)  # cropped to the coverage
+    # the constant phase offset ptychography cannot fix is removed before showing
+    np.testing.assert_allclose(shown["object phase (rad)"].get_array(),
+                               np.angle(truth[20:100, 30:90]), atol=1e-5)
+    labels = [t.get_text() for t in axes["object phase (rad)"].texts]
+    assert labels == ["0.5 µm"]  # 60 px of 50 nm = 3 um wide -> a 0.5 um bar

@@ -23,20 +23,10 @@ import math
 import numpy as np
 from bluesky.callbacks.mpl_plotting import QtAwareCallback
 
+from ..figures import draw_scale_bar, scale_bar_length_um
 from ._settings import RECONSTRUCTION_PLAN_NAME
 
 __all__ = ["LiveReconstructionPlot", "scale_bar_length_um"]
-
-
-def scale_bar_length_um(width_px: int, pixel_size_m: float) -> float:
-    """A round length (1, 2 or 5 x 10^k um) near a fifth of the image width."""
-    target = width_px * pixel_size_m * 1e6 / 5
-    if not target > 0:
-        return 0.0
-    power = 10 ** math.floor(math.log10(target))
-    best = max((m * power for m in (1, 2, 5, 10) if m * power <= target * (1 + 1e-9)),
-               default=power)
-    return float(f"{best:.12g}")
 
 
 def _phase_range(*images: np.ndarray) -> tuple[float, float]:
@@ -195,12 +185,7 @@ class LiveReconstructionPlot(QtAwareCallback):
                                             float(max(finite.max(), finite.min() + 1e-9)))
 
     def _draw_scale_bar(self, ax, shape) -> None:
-        length_um = scale_bar_length_um(shape[1], self._pixel_size_m)
-        length_px = length_um * 1e-6 / self._pixel_size_m
-        y, x = shape[0] * 0.92, shape[1] * 0.05
-        ax.plot([x, x + length_px], [y, y], color="white", linewidth=3)
-        ax.text(x, y - shape[0] * 0.03, f"{length_um:g} µm", color="white")
-        self._scale = length_um
+        self._scale = draw_scale_bar(ax, shape, self._pixel_size_m)
 
     def _redraw(self) -> None:
         if math.isfinite(self.frames_per_s):
