@@ -26,23 +26,14 @@ def _probe_guess(value: str | None, library, size: int, pixel_m: float | None):
     """``--probe-guess``: None (the scan's own), ``data`` (mean pattern), a library name or a
     probe file; resampled to the scan's sampling when its own pixel size is known."""
     from .errors import InvalidInputError
-    from .io import read_probe
+    from .io import load_probe_reference
     from .physics import probe_at_sampling
 
     if value is None:
         return None, None
     if value == "data":
         return "data", "estimated from the mean diffraction pattern (--probe-guess data)"
-    if value in library:
-        probe, meta = library.get(value)
-        probe_pixel, what = meta.get("pixel_size_m"), f"probe library: {value}"
-    elif Path(value).is_file():
-        probe, info = read_probe(value)
-        probe_pixel, what = info.get("pixel_size_m"), f"file: {value}"
-    else:
-        known = ", ".join(library.names()) or "none"
-        raise InvalidInputError(f"--probe-guess {value!r}: neither 'data', a probe in "
-                                f"{library.root} (known: {known}) nor a probe file")
+    probe, probe_pixel, what = load_probe_reference(value, library, flag="--probe-guess")
     if pixel_m is not None and (probe_pixel is not None or probe.shape[-1] != size):
         probe = probe_at_sampling(probe, probe_pixel, size, pixel_m)
     if probe.shape[-1] != size:

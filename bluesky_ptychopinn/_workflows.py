@@ -160,19 +160,10 @@ def apply_geometry(ds, *, energy_ev: float | None = None, pixel_m: float | None 
 def use_probe(ds, reference: str) -> None:
     """Replace ``ds.probe`` by a library probe (by name) or a probe file, at the dataset's
     sampling; the change is recorded in ``ds.metadata["conversions"]``."""
-    from .io import ProbeLibrary, read_probe
+    from .io import load_probe_reference
     from .physics import probe_at_sampling
 
-    library = ProbeLibrary()
-    if reference in library:
-        array, meta = library.get(reference)
-        pixel, source = meta.get("pixel_size_m"), f"probe library: {reference}"
-    elif Path(reference).is_file():
-        array, info = read_probe(reference)
-        pixel, source = info.get("pixel_size_m"), f"file {reference}"
-    else:
-        raise InvalidInputError(f"--probe {reference}: neither a probe in the library "
-                                f"({library.root}) nor a file")
+    array, pixel, source = load_probe_reference(reference, flag="--probe")
     n = np.shape(array)[-1]
     try:
         ds.probe = probe_at_sampling(array, pixel, ds.frame_size, ds.object_pixel_size_m)

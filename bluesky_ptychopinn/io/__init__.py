@@ -22,6 +22,7 @@ from ._npz import read_npz, write_npz
 from ._probe_library import (
     ProbeLibrary,
     default_probe_library_root,
+    load_probe_reference,
     probe_array_sha256,
     read_probe,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "EV_TO_J",
     "HC_EV_M",
     "ProbeLibrary",
+    "load_probe_reference",
     "PtychoDataset",
     "Reconstruction",
     "default_probe_library_root",

@@ -31,7 +31,8 @@ from ._cxi import read_cxi_probe
 from ._npz import open_npz
 from ._product import read_product
 
-__all__ = ["ProbeLibrary", "default_probe_library_root", "probe_array_sha256", "read_probe"]
+__all__ = ["ProbeLibrary", "default_probe_library_root", "probe_array_sha256", "read_probe",
+           "load_probe_reference"]
 
 #: Environment variable naming the default library directory.
 ENV_VAR = "PTYCHOPINN_PROBE_LIBRARY"
@@ -374,3 +375,33 @@ class ProbeLibrary:
             raise InvalidInputError(f"probe {name!r} not in {self.root} (known: {known})")
         meta_path.unlink(missing_ok=True)
         data_path.unlink(missing_ok=True)
+
+
+def load_probe_reference(reference: str, library: ProbeLibrary | None = None, *,
+                         flag: str = "--probe") -> tuple[np.ndarray, float | None, str]:
+    """A probe named on the command line: a library name first, else a probe file.
+
+    Returns
+    -------
+    probe : numpy.ndarray
+        (M, N, N) complex probe as stored.
+    pixel_size_m : float or None
+        Its object pixel size when the library or the file says.
+    source : str
+        Where it came from, in words.
+
+    Raises
+    ------
+    InvalidInputError
+        Neither a library probe nor a file (naming ``flag`` and the known names).
+    """
+    library = library or ProbeLibrary()
+    if reference in library:
+        probe, meta = library.get(reference)
+        return probe, meta.get("pixel_size_m"), f"probe library: {reference}"
+    if Path(reference).is_file():
+        probe, info = read_probe(reference)
+        return probe, info.get("pixel_size_m"), f"file: {reference}"
+    known = ", ".join(library.names()) or "none"
+    raise InvalidInputError(f"{flag} {reference}: neither a probe in {library.root} (known: "
+                            f"{known}) nor a probe file")
