@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -15,36 +16,46 @@ __all__ = ["run_reconstruction", "reconstruct_with_model", "refine_after_model",
            "score_against"]
 
 
-def frames_for_model(ds, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The dataset's frames and positions at a model's frame size ``n``.
+class ModelInputs(NamedTuple):
+    """A dataset as a model of frame size N sees it."""
 
-    Frames larger than ``n`` are centre-cropped and positions re-expressed at the coarser
-    object pixel (the same boundary code as training); smaller frames are refused.
+    frames: np.ndarray  # (n, N, N) float32 counts, centre-cropped when larger
+    positions: np.ndarray  # (n, 2) at the model's (coarser) object pixel
+    probe: np.ndarray  # the dataset's probe at that sampling
+
+
+def model_inputs(ds, n: int) -> ModelInputs:
+    """The dataset's frames, positions and probe at a model's frame size ``n``.
+
+    Frames larger than ``n`` are centre-cropped, positions re-expressed at the coarser object
+    pixel and the probe Fourier-resampled (the same boundary code as training); smaller frames
+    are refused.
     """
-    from .physics import crop_frames, rescale_positions
+    from .physics import crop_frames, resample_probe, rescale_positions
 
     frames = np.asarray(ds.diffraction, dtype=np.float32)
     positions = np.asarray(ds.positions_px, dtype=np.float64)
     if frames.shape[-1] < n:
         raise InvalidInputError(f"frames are {frames.shape[-1]} px; the model needs {n}")
+    probe = ds.probe
     if frames.shape[-1] > n:
         positions = rescale_positions(positions, 1.0, frames.shape[-1] / n)
         frames = crop_frames(frames, n)
-    return frames, positions
+        probe = resample_probe(ds.probe, n)
+    return ModelInputs(frames, positions, probe)
 
 
 def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | None = None,
                        device: str | None = None, seed: int = 0, probe_update: bool = True,
-                       batch_size: int | None = None, alpha_object: float | None = None):
+                       batch_size: int | None = None, alpha_object: float | None = None,
+                       inputs: ModelInputs | None = None):
     """The hybrid on a file: rPIE from the start the data prefers (flat, the network's object
     or its high-pass), on the network's canvas, with the dataset's probe at the model's
     sampling. Returns the final :class:`~bluesky_ptychopinn.recon.RefinedSnapshot` (with the
-    residuals of both estimates)."""
-    from .physics import resample_probe
+    residuals of both estimates). ``inputs``: :func:`model_inputs` when already made."""
     from .recon import PIEOptions, RefinerThread, StreamingRefiner
 
-    frames, positions = frames_for_model(ds, n)
-    probe = ds.probe if ds.probe.shape[-1] == n else resample_probe(ds.probe, n)
+    frames, positions, probe = inputs or model_inputs(ds, n)
     tuning = {"batch_size": batch_size, "alpha_object": alpha_object}
     tuning = {key: value for key, value in tuning.items() if value is not None}
     refiner = StreamingRefiner(probe, object_shape=snap.object.shape, origin_px=snap.origin_px,
@@ -62,7 +73,7 @@ def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | N
 
 
 def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | None = None,
-                           crop: int | None = None):
+                           crop: int | None = None, inputs: ModelInputs | None = None):
     """Reconstruct a dataset with a trained network through the streaming engine.
 
     Frames larger than the model's N are centre-cropped and positions re-expressed at the
@@ -72,14 +83,14 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
     :class:`~bluesky_ptychopinn.recon.StreamingReconstructor` default); ``"auto"``: the
     candidate whose stitched object best explains a sample of the frames (Fourier-magnitude
     residual with the dataset's probe), as the live engine chooses before it has a refined
-    image. The crop used is in the snapshot's ``stats["crop"]``.
+    image. The crop used is in the snapshot's ``stats["crop"]``. ``inputs``:
+    :func:`model_inputs` when already made.
     """
-    from .physics import resample_probe
     from .recon import StreamingReconstructor
     from .recon._crop_choice import CropChooser
 
     n = model.config.frame_size
-    frames, positions = frames_for_model(ds, n)
+    frames, positions, probe = inputs or model_inputs(ds, n)
     shape = ds.object.shape if ds.object is not None and frames.shape[-1] == n else None
     recon = StreamingReconstructor(model, object_shape=shape, batch_size=batch_size,
                                    device=device, crop=crop)
@@ -88,7 +99,6 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
         # As live: the crop whose stitched object best explains a sample of the frames.
         chooser = CropChooser()
         chooser.observe(frames, positions)
-        probe = ds.probe if ds.frame_size == n else resample_probe(ds.probe, n)
         chooser.choose(recon, probe)
     snap = recon.finish()
     snap.stats["crop"] = int(recon.crop)
@@ -300,23 +310,23 @@ class _Result:
 def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
                     refine_seconds: float | None, pie: dict) -> _Result:
     from .models import ModelRegistry
-    from .physics import crop_frames, resample_probe
+    from .physics import crop_frames
 
     net, _card = ModelRegistry().load(model, device=pie["device"] or "cpu")
     n = net.config.frame_size
     factor = ds.frame_size / n
-    snap = reconstruct_with_model(ds, net, device=pie["device"], crop=crop)
-    frames, positions = frames_for_model(ds, n)
-    probe = ds.probe if ds.frame_size == n else resample_probe(ds.probe, n)
-    probe_source = ("the file's probe" if factor == 1 else
-                    f"the file's probe Fourier-resampled {ds.frame_size} -> {n} px") + \
-        " (the network itself uses no probe)"
+    inputs = model_inputs(ds, n)
+    snap = reconstruct_with_model(ds, net, device=pie["device"], crop=crop, inputs=inputs)
+    file_probe = ("the file's probe" if factor == 1 else
+                  f"the file's probe Fourier-resampled {ds.frame_size} -> {n} px")
     result = _Result(
-        object=snap.object, probe=probe, positions_px=positions - np.asarray(snap.origin_px),
-        weight=snap.weight, frames=frames,
+        object=snap.object, probe=inputs.probe,
+        positions_px=inputs.positions - np.asarray(snap.origin_px),
+        weight=snap.weight, frames=inputs.frames,
         mask=None if ds.mask is None else crop_frames(ds.mask[None], n)[0],
         pixel_m=None if ds.object_pixel_size_m is None else ds.object_pixel_size_m * factor,
-        origin_px=snap.origin_px, label=f"model {model}", probe_source=probe_source,
+        origin_px=snap.origin_px, label=f"model {model}",
+        probe_source=f"{file_probe} (the network itself uses no probe)",
         truth=None if ds.object is None else reference_on_grid(ds.object, ds.frame_size, snap, n),
         extra={"uncertainty": snap.uncertainty},
     )
@@ -326,7 +336,7 @@ def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
     if refine:
         options = {k: v for k, v in pie.items() if k != "probe_update"}
         refined = refine_after_model(ds, snap, n, epochs=epochs, seconds=refine_seconds,
-                                     probe_update=pie["probe_update"], **options)
+                                     probe_update=pie["probe_update"], inputs=inputs, **options)
         result.summary["refinement"] = {
             "engine": "rpie", "epochs": round(refined.epochs, 2), "start": refined.start,
             "residual": refined.residual, "network_residual": refined.network_residual,
@@ -337,7 +347,7 @@ def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
             result.object = refined.object
             if pie["probe_update"]:
                 result.probe = refined.probe
-                result.probe_source = "refined by rPIE from " + probe_source.split(" (")[0]
+                result.probe_source = f"refined by rPIE from {file_probe}"
         result.label = (f"model {model} + rpie ({refined.epochs:.0f} epochs, shown: "
                         f"{refined.best})")
     return result

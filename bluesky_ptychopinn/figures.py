@@ -51,12 +51,12 @@ def _pyplot():
     return plt
 
 
-def _robust_limits(image: np.ndarray, mask: np.ndarray,
+def _robust_limits(image: np.ndarray, mask: np.ndarray | None = None,
                    percent: float = 1.0) -> tuple[float | None, float | None]:
-    """Colour limits from the 1st-99th percentiles inside ``mask``, so that a few edge pixels
-    of a stitched object do not wash out its interior; ``(None, None)`` (autoscale) when the
-    mask holds too little."""
-    values = image[mask]
+    """Colour limits from the 1st-99th percentiles inside ``mask`` (default: everywhere), so
+    that a few edge pixels of a stitched object do not wash out its interior; ``(None, None)``
+    (autoscale) when the mask holds too little."""
+    values = image[mask] if mask is not None else np.ravel(image)
     values = values[np.isfinite(values)]
     if values.size < 16:
         return None, None
@@ -144,10 +144,10 @@ def reconstruction_figure(
     if truth is not None:
         truth = np.asarray(truth)[box]
         phase, _ = _phase_on_truth(obj, truth)
-        both = np.concatenate([np.abs(obj)[covered], np.abs(truth)[covered]])
-        amp_limits = _robust_limits(both, np.ones(both.shape, bool))
-        phases = np.concatenate([phase[covered], np.angle(truth)[covered]])
-        phase_limits = _robust_limits(phases, np.ones(phases.shape, bool))
+        amp_limits = _robust_limits(np.concatenate([np.abs(obj)[covered],
+                                                    np.abs(truth)[covered]]))
+        phase_limits = _robust_limits(np.concatenate([phase[covered],
+                                                      np.angle(truth)[covered]]))
     else:
         phase = np.angle(obj)
         amp_limits = _robust_limits(np.abs(obj), covered)

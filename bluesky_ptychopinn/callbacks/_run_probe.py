@@ -25,16 +25,16 @@ def _inline(reference: dict) -> np.ndarray | None:
     return (amplitude * np.exp(1j * phase)).astype(np.complex64)
 
 
-def _sampled(probe: np.ndarray, pixel_m: float | None, size: int, dx: float) -> np.ndarray | None:
-    """``probe`` at ``size`` px of ``dx``, or None when its sampling cannot be matched exactly
-    (:func:`~bluesky_ptychopinn.physics.probe_at_sampling`: a real-space crop/pad, a Fourier
-    crop, or both; other samplings would need interpolation of a complex field, which we do
-    not guess at)."""
+def _sampled(probe: np.ndarray, pixel_m: float | None, size: int,
+             dx: float) -> tuple[np.ndarray | None, str]:
+    """``probe`` at ``size`` px of ``dx``, or None and why when its sampling cannot be matched
+    exactly (:func:`~bluesky_ptychopinn.physics.probe_at_sampling`: a real-space crop/pad, a
+    Fourier crop, or both; other samplings would need interpolation of a complex field, which
+    we do not guess at)."""
     try:
-        return probe_at_sampling(probe, pixel_m, size, dx)
+        return probe_at_sampling(probe, pixel_m, size, dx), ""
     except InvalidInputError as exc:
-        logger.info("%s", exc)
-        return None
+        return None, str(exc)
 
 
 def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float,
@@ -85,13 +85,14 @@ def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float
                 except Exception as exc:  # a bad file falls back to the data's own guess
                     logger.warning("probe file %s unusable (%s); estimating the probe", path, exc)
     for source, probe, pixel in candidates:
-        sampled = _sampled(np.asarray(probe, dtype=np.complex64), pixel, size, pixel_size_m)
+        sampled, why = _sampled(np.asarray(probe, dtype=np.complex64), pixel, size,
+                                pixel_size_m)
         if sampled is not None:
             sampled = np.ascontiguousarray(sampled, dtype=np.complex64)
             info.update(source=source, sha256=probe_array_sha256(sampled), known=True)
             return sampled, info
         logger.warning("probe from %s is sampled differently from this run's %.3g m pixels; "
-                       "not used", source, pixel_size_m)
+                       "not used (%s)", source, pixel_size_m, why)
     info.update(source="estimated from the mean diffraction pattern (blind refinement)",
                 sha256=None, known=False)
     return None, info
