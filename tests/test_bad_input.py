@@ -292,6 +292,44 @@ def test_a_fifo_never_wedges_the_reconstruction(beamline, live, tmp_path):
     assert stop["exit_status"] == "success"
 
 
+def test_a_hung_mount_holds_neither_the_loop_nor_the_other_runs(beamline, tmp_path,
+                                                                 monkeypatch):
+    """A detector file on a dead network mount: its reads never return. The run that needs
+    it fails once its reads time out; a run that comes after it is reconstructed meanwhile."""
+    frames, pos = _points(beamline)
+    hung = _write(tmp_path / "hung.h5", frames)
+    release, real_file = threading.Event(), h5py.File
+
+    def file_on_a_dead_mount(path, *args, **kwargs):
+        if str(path) == str(hung):
+            release.wait(120)  # as an open() on a dead NFS server: stuck in the kernel
+        return real_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", file_on_a_dead_mount)
+    live = LiveReconstruction("default", isolation="thread", refine=None, batch_size=16,
+                              torch_threads=1, read_timeout_s=4)
+    out = []
+    live.subscribe(lambda name, doc: out.append((name, doc)))
+    try:
+        docs_hung = _file_run(beamline, f"file://localhost{hung}", frames, pos)
+        docs_next = _inline_run(beamline, frames, pos)
+        for name, doc in docs_hung + docs_next:
+            live(name, doc)
+        state_next = live.wait(docs_next[0][1]["uid"], timeout=60)
+        # the next run was done while the first still waited for its file
+        assert not live.latest(docs_hung[0][1]["uid"]).finished.is_set()
+        state_hung = live.wait(docs_hung[0][1]["uid"], timeout=60)
+    finally:
+        release.set()
+        live.close()
+    stops = {doc["run_start"]: doc for name, doc in out if name == "stop"}
+    assert stops[state_next.derived_uid]["exit_status"] == "success"
+    assert state_next.frames_done == 36
+    stop = stops[state_hung.derived_uid]
+    assert stop["exit_status"] == "fail" and "no answer in 4 s" in stop["reason"]
+    assert _summary(stop)["frames_rejected_by_cause"] == {"file_unreadable": 36}
+
+
 def test_an_unsupported_legacy_resource_is_refused_not_ignored(beamline, live, tmp_path):
     frames, pos = _points(beamline)
     state, stop = _run(live, _file_run(beamline, str(tmp_path / "seq"), frames, pos,

@@ -15,6 +15,7 @@ import math
 import queue
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,15 +36,30 @@ class ReadTimeout(OSError):
     """A detector file did not answer in time (a FIFO, a hung network mount)."""
 
 
+class _Read:
+    """One read handed to a :class:`_TimedReader`: done once ``done`` is set."""
+
+    __slots__ = ("call", "done", "error", "submitted", "value")
+
+    def __init__(self, call) -> None:
+        self.call, self.done = call, threading.Event()
+        self.value = self.error = None
+        self.submitted = time.monotonic()
+
+    def age(self, now: float) -> float:
+        return now - self.submitted
+
+
 class _TimedReader:
-    """One daemon thread that runs a source's reads; a read that does not return in time
-    raises :class:`ReadTimeout` (the thread is abandoned: a read stuck in the kernel cannot be
-    interrupted, but it no longer holds the run, and the other runs go on). One thread per
-    source, not per read: reads are on the per-frame path."""
+    """One daemon thread that runs a source's reads in order, so that the caller never blocks
+    on them: :meth:`submit` returns at once and the caller collects what is done. A read that
+    never returns (a hung network mount) is abandoned with its thread: a read stuck in the
+    kernel cannot be interrupted, but it holds neither the run's loop nor the other runs. One
+    thread per source, not per read: reads are on the per-frame path."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.stuck = self.stopped = False
+        self.stopped = False
         threading.Thread(target=self._run, daemon=True, name="ptychopinn-read").start()
 
     def _run(self) -> None:
@@ -51,37 +67,31 @@ class _TimedReader:
             job = self._jobs.get()
             if job is None:
                 return
-            call, result, done = job
             try:
-                result["value"] = call()
+                job.value = job.call()
             except BaseException as exc:  # handed to the caller
-                result["error"] = exc
-            done.set()
+                job.error = exc
+            job.done.set()
 
     def stop(self) -> None:
         """End the thread once the reads queued before are done (a stuck one never ends)."""
         self.stopped = True
         self._jobs.put(None)
 
-    def call(self, call, timeout_s: float, what: str):
-        if self.stuck or self.stopped:
-            raise ReadTimeout(f"{what}: an earlier read never returned" if self.stuck
-                              else f"{what}: the source is closed")
-        result, done = {}, threading.Event()
-        self._jobs.put((call, result, done))
-        if not done.wait(timeout_s):
-            self.stuck = True
-            raise ReadTimeout(f"{what}: no answer in {timeout_s:g} s")
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
+    def submit(self, call) -> _Read:
+        job = _Read(call)
+        if self.stopped:
+            job.error = ReadTimeout("the source is closed")
+            job.done.set()
+        else:
+            self._jobs.put(job)
+        return job
 
 
 @dataclass
 class _HDF5Source:
     path: Path
     dataset: str
-    timeout_s: float = READ_TIMEOUT_S
     handle: h5py.File | None = None
     reader: _TimedReader = field(default_factory=_TimedReader)
 
@@ -92,9 +102,9 @@ class _HDF5Source:
         # SWMR read: the detector keeps appending while we read.
         return h5py.File(self.path, "r", swmr=True, libver="latest")
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.reader.call(lambda: self._read(start, stop), self.timeout_s,
-                                f"reading {self.path}")
+    def submit(self, start: int, stop: int) -> _Read:
+        """Queue the read of frames ``[start, stop)``; the caller collects it when done."""
+        return self.reader.submit(lambda: self._read(start, stop))
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         if self.handle is None:
@@ -106,11 +116,18 @@ class _HDF5Source:
                              f"({dset.shape[0]} available)")
         return np.asarray(dset[start:stop])
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 1.0) -> None:
+        """Close the file in the reader's thread, after the reads queued before it (never
+        under a read in progress); wait for that at most ``wait_s`` (a stuck source's close
+        waits behind its stuck read, and must not block the caller)."""
+        closing = self.reader.submit(self._close_handle)
         self.reader.stop()
-        if self.handle is not None and not self.reader.stuck:
+        closing.done.wait(wait_s)
+
+    def _close_handle(self) -> None:
+        if self.handle is not None:
             self.handle.close()
-        self.handle = None
+            self.handle = None
 
 
 @dataclass
@@ -125,17 +142,29 @@ class FramePairer:
         Positioner fields (stage readbacks).
     data_roots : DataRoots
         Where detector files may be read from.
+    read_timeout_s : float
+        Seconds a detector file may leave a read unanswered before its frames are given up
+        (``file_unreadable``).
+    slow_after_s : float
+        A read is waited for this long at most; after that its source is only polled, so a
+        hung file never holds the loop that serves the other runs.
     """
 
     image_key: str
     y_key: str
     x_key: str
     data_roots: DataRoots = field(default_factory=DataRoots)
+    read_timeout_s: float = READ_TIMEOUT_S
+    slow_after_s: float = 1.0
     frames: dict[int, np.ndarray] = field(default_factory=dict)
     positions: dict[int, tuple[float, float]] = field(default_factory=dict)
     #: seq_num -> (source uid, first frame, stop frame) in the source's dataset
     pending_refs: dict[int, tuple[str, int, int]] = field(default_factory=dict)
     sources: dict[str, _HDF5Source] = field(default_factory=dict)
+    #: seq_num -> its frame's read, asked for and not yet collected
+    reads: dict[int, _Read] = field(default_factory=dict)
+    #: sources with a read unanswered for over ``slow_after_s``: polled, not waited on
+    slow_sources: set[str] = field(default_factory=set)
     #: legacy datum id -> (resource uid, first frame, stop frame)
     datum_map: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     #: legacy datum ids seen in an event before their Datum -> seq_num
@@ -245,6 +274,7 @@ class FramePairer:
         self.frames.pop(seq, None)
         self.positions.pop(seq, None)
         self.pending_refs.pop(seq, None)
+        self.reads.pop(seq, None)
 
     def event(self, doc: dict) -> None:
         if doc["descriptor"] not in self.descriptors:
@@ -276,24 +306,10 @@ class FramePairer:
     def pop_ready(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Frames and (y, x) positions of every sequence number that has both, in order.
 
-        Referenced frames are read from their files now; one not yet on disk stays pending.
+        Referenced frames are asked of their files now and taken when read; one not yet on
+        disk, or from a file slow to answer, stays pending.
         """
-        for seq in sorted(self.pending_refs):
-            if seq not in self.positions:
-                continue
-            source, start, stop = self.pending_refs[seq]
-            try:
-                block = self.sources[source].read(start, stop)
-            except IndexError:
-                continue
-            except (OSError, PathRefused) as exc:  # unreadable, hung, not a regular file
-                self._refuse(source, exc)
-                for s in [s for s, ref in self.pending_refs.items() if ref[0] == source]:
-                    self._give_up(s, "file_unreadable")
-                self.sources.pop(source).close()
-                break
-            self.frames[seq] = block[0] if len(block) == 1 else block.sum(axis=0)
-            del self.pending_refs[seq]
+        self.collect_reads()
         ready = sorted(set(self.frames) & set(self.positions))
         # A RunEngine that rewinds (a pause without defer, a suspender) re-takes points under
         # sequence numbers it has already used: each point is reconstructed once, from its
@@ -314,6 +330,56 @@ class FramePairer:
         positions = np.array([self.positions.pop(s) for s in ready], dtype=np.float64)
         return frames, positions, ready
 
+    def collect_reads(self) -> None:
+        """Ask for every referenced frame whose position is known; take the reads that are
+        done. A source is waited for only while it answers promptly (``slow_after_s``); a
+        slow one (a hung mount) is polled, never waited on, and given up ``read_timeout_s``
+        after its oldest unanswered read."""
+        for seq in sorted(self.pending_refs):
+            if seq in self.positions and seq not in self.reads:
+                source, start, stop = self.pending_refs[seq]
+                self.reads[seq] = self.sources[source].submit(start, stop)
+        for seq in sorted(self.reads):
+            read = self.reads.get(seq)
+            if read is None:  # given up with its source
+                continue
+            source = self.pending_refs[seq][0]
+            if source not in self.slow_sources:
+                read.done.wait(max(self.slow_after_s - read.age(time.monotonic()), 0.0))
+                if not read.done.is_set():
+                    self.slow_sources.add(source)
+            if not read.done.is_set():
+                if read.age(time.monotonic()) >= self.read_timeout_s:
+                    self._give_up_source(source, ReadTimeout(
+                        f"reading {self.sources[source].path}: no answer in "
+                        f"{self.read_timeout_s:g} s"))
+                continue  # the source's later reads queue behind this one
+            del self.reads[seq]
+            self.slow_sources.discard(source)
+            if isinstance(read.error, IndexError):  # not written yet: asked again next time
+                continue
+            if isinstance(read.error, (OSError, PathRefused)):  # unreadable, not a regular file
+                self._give_up_source(source, read.error)
+                continue
+            if read.error is not None:
+                raise read.error
+            block = read.value
+            self.frames[seq] = block[0] if len(block) == 1 else block.sum(axis=0)
+            del self.pending_refs[seq]
+
+    def _give_up_source(self, source: str, exc: Exception) -> None:
+        self._refuse(source, exc)
+        for s in [s for s, ref in self.pending_refs.items() if ref[0] == source]:
+            self.reads.pop(s, None)
+            self._give_up(s, "file_unreadable")
+        self.slow_sources.discard(source)
+        self.sources.pop(source).close()
+
+    @property
+    def reading(self) -> bool:
+        """Reads asked for and not answered yet (a file slow to answer)."""
+        return bool(self.reads)
+
     def put_back(self, frames: np.ndarray, positions: np.ndarray, seqs: list[int]) -> None:
         """Return pairs from :meth:`pop_ready` unused (waiting for a fuller batch)."""
         for k, s in enumerate(seqs):
@@ -330,6 +396,9 @@ class FramePairer:
     def abandon(self) -> int:
         """At the stop: frames still referenced but never written to their file are given up
         (``missing_in_file``); returns how many."""
+        for seq in list(self.reads):  # asked for, never answered
+            del self.reads[seq]
+            self._give_up(seq, "file_unreadable")
         missing = [s for s in self.pending_refs if s in self.positions]
         for seq in missing:
             self._give_up(seq, "missing_in_file")

@@ -133,6 +133,11 @@ class LiveReconstruction:
         Largest side, in object pixels, the reconstruction canvas may grow to; positions
         beyond it (or far outside the scan the start document declares) are rejected as
         outliers, so that one glitched encoder reading cannot allocate without bound.
+    read_timeout_s : float
+        Seconds a detector file may leave a read unanswered (a hung network mount) before its
+        frames are given up as ``file_unreadable``. Reads never hold the reconstruction's
+        loop: other runs go on meanwhile, and a run stopped while its file is slow finishes
+        when the file answers or this time is up.
 
     Examples
     --------
@@ -169,6 +174,7 @@ class LiveReconstruction:
         derived_uid: str = "random",
         data_roots: tuple | list = (),
         max_canvas_px: int = 8192,
+        read_timeout_s: float = 30.0,
     ) -> None:
 
         if backpressure not in ("skip", "block"):
@@ -206,7 +212,8 @@ class LiveReconstruction:
             refine_budget_s=float(refine_budget_s), refine_epochs=refine_epochs,
             refine_tol=refine_tol, refine_duty=float(refine_duty),
             refine_batch_size=int(refine_batch_size), crop=crop, derived_uid=derived_uid,
-            data_roots=tuple(str(r) for r in data_roots), max_canvas_px=int(max_canvas_px))
+            data_roots=tuple(str(r) for r in data_roots), max_canvas_px=int(max_canvas_px),
+            read_timeout_s=float(read_timeout_s))
         self.image_key = image_key
         self.positioner_keys = positioner_keys
         self.max_queue = int(max_queue)

@@ -78,7 +78,8 @@ class RunReconstruction(DocumentRouter):
         self.md, self.raw_uid, self._send = md, raw_uid, send
         keys = md.positioner_keys
         self.pairer = FramePairer(md.detector_key, keys.y, keys.x,
-                                  data_roots=DataRoots(extra=settings.data_roots))
+                                  data_roots=DataRoots(extra=settings.data_roots),
+                                  read_timeout_s=settings.read_timeout_s)
         self.sanitizer = FrameSanitizer(raw_uid)
         self._masked: np.ndarray | None = None  # the detector mask the refiner has
         self.outliers = 0  # positions far outside the declared scan or the canvas limit
@@ -95,6 +96,7 @@ class RunReconstruction(DocumentRouter):
         self.sent_refined: RefinedSnapshot | None = None
         self.refine_after_stop_s = 0.0
         self.started_at = time.time()
+        self.stop_doc: dict | None = None  # the stop, while frames are still being read
 
     def send(self, kind: str, payload: dict) -> None:
         self._send(kind, self.raw_uid, payload)
@@ -145,7 +147,22 @@ class RunReconstruction(DocumentRouter):
         self._drain(final=False)
 
     def stop(self, doc: dict) -> None:
-        """Reconstruct what is left, refine to the stop rule, report ``finished``."""
+        """Reconstruct what is left, refine to the stop rule, report ``finished``.
+
+        While a detector file is slow to answer (a hung mount), the run finishes later, from
+        :meth:`idle`, once the file has answered or its reads have timed out: the loop goes
+        on serving the other runs meanwhile."""
+        self.stop_doc = doc
+        self._finish_when_read()
+
+    def _finish_when_read(self) -> None:
+        if not self.failed:
+            self.pairer.collect_reads()
+            if self.pairer.reading:
+                return
+        self._finish(self.stop_doc)
+
+    def _finish(self, doc: dict) -> None:
         steps = (("finishing", lambda: self._drain(final=True)),
                  ("finishing the refinement", self._finish_refinement))
         for what, step in steps:
@@ -207,8 +224,14 @@ class RunReconstruction(DocumentRouter):
 
     def idle(self) -> None:
         """No document for a while (a pause, a feedback decision): reconstruct what is
-        pending now instead of waiting for a full batch, and report the latest images."""
-        if self.failed or self.finished:
+        pending now instead of waiting for a full batch, and report the latest images; after
+        the stop, finish once the last frames are read."""
+        if self.finished:
+            return
+        if self.stop_doc is not None:
+            self._finish_when_read()
+            return
+        if self.failed:
             return
         self._drain(final=False, force=True)
         if self.recon is not None and self.recon.pending:

@@ -41,6 +41,7 @@ def _safely(run: RunReconstruction, name: str, doc: dict) -> None:
     """``run(name, doc)``; an exception fails the run (and is raised when debugging)."""
     try:
         run(name, doc)
+        return
     except Exception as exc:
         logger.exception("run %s: error handling its %s document", run.raw_uid, name)
         if _debugging():
@@ -113,16 +114,17 @@ def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
             else:
                 _, uid, name, doc = item
                 run = runs.get(uid)
-                if run is not None:
+                # (after its stop, a run still reading its last frames takes no documents)
+                if run is not None and run.stop_doc is None:
                     _safely(run, name, doc)
                     next_idle[uid] = time.monotonic() + flush
-                    if run.finished:
-                        del runs[uid], next_idle[uid]
             now = time.monotonic()
-            for uid, run in runs.items():
-                if now >= next_idle[uid]:
+            for uid, run in list(runs.items()):
+                if not run.finished and now >= next_idle[uid]:
                     _idle(run)
                     next_idle[uid] = now + flush
+                if run.finished:
+                    del runs[uid], next_idle[uid]
     finally:
         for run in runs.values():
             run.close()

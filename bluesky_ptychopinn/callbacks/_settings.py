@@ -39,6 +39,7 @@ class WorkerSettings:
     derived_uid: str = "random"
     data_roots: tuple[str, ...] = ()  # added to the default data roots (callbacks/_paths.py)
     max_canvas_px: int = 8192  # canvas side the network and refiner may grow to, at most
+    read_timeout_s: float = 30.0  # a detector file's read unanswered this long: given up
 
 
 def derived_run_uid(raw_uid: str, model_info: dict, settings: WorkerSettings) -> str | None:
