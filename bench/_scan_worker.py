@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--isolation", required=True,
-                        choices=("none", "thread", "process", "process-network"))
+                        choices=("none", "thread", "process", "process-allcores",
+                                 "process-network"))
     parser.add_argument("--points", type=int, default=400)
     parser.add_argument("--exposure", type=float, default=0.0)
     args = parser.parse_args()
@@ -46,9 +47,14 @@ def main() -> None:
     torch.set_num_threads(1)  # the simulated detector's, the same in every configuration
     live = None
     if args.isolation != "none":
-        isolation, _, only = args.isolation.partition("-")
+        # process: the default (one core kept for the RunEngine); process-allcores: the
+        # reconstruction process may use every core; process-network: refinement off.
+        isolation, _, variant = args.isolation.partition("-")
+        extra = {"reserve_cores": 0 if variant == "allcores" else 1} if isolation == "process" \
+            else {}
         live = LiveReconstruction("default", batch_size=32, torch_threads=1,
-                                  isolation=isolation, refine=None if only else "rpie")
+                                  isolation=isolation,
+                                  refine=None if variant == "network" else "rpie", **extra)
     side = int(np.sqrt(args.points))
     print("ready", flush=True)
     for line in sys.stdin:

@@ -91,8 +91,9 @@ def feed(live, bl, frames, pos_m, rate: float, page: int = 16) -> dict:
 
 
 #: Callback configurations: thread / process run the network and the refinement tier (the
-#: default); process-network the network alone.
-ISOLATION_MODES = ("thread", "process", "process-network")
+#: default; process keeps one core for the RunEngine), process-allcores the same on every core
+#: (``reserve_cores=0``), process-network the network alone.
+ISOLATION_MODES = ("thread", "process", "process-allcores", "process-network")
 #: A control: no callback, but another process keeps one core busy (nice +5, like the
 #: reconstruction process): the floor of any reconstruction on the RunEngine's machine.
 BUSY_LOOP = "import os\nos.nice(5)\nwhile True:\n    pass"

@@ -274,3 +274,28 @@ def test_a_deterministic_derived_uid_depends_on_the_run_the_model_and_the_settin
         uids.append(docs[0][1]["uid"])
     assert uids[0] == uids[1]
     assert len({uids[0], uids[2], uids[3]}) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs at least 2 cores the process may use")
+def test_the_reconstruction_process_leaves_a_core_to_the_runengine():
+    """``reserve_cores=1`` (default) pins the child off one core, still reconstructing;
+    ``reserve_cores=0`` lets it use all the cores this process may use."""
+    mine = os.sched_getaffinity(0)
+    live = LiveReconstruction("default", refine=None, batch_size=16)
+    try:
+        child = os.sched_getaffinity(live.pid)
+        assert child < mine and len(child) == len(mine) - 1
+        docs = _collect(live)
+        RE = RunEngine()
+        RE.subscribe(live)
+        _scan(RE, seed=4)
+        state = live.wait(timeout=120)
+        assert state.frames_done == 36 and docs[-1][1]["exit_status"] == "success"
+    finally:
+        live.close()
+    live = LiveReconstruction("default", refine=None, reserve_cores=0)
+    try:
+        assert os.sched_getaffinity(live.pid) == mine
+    finally:
+        live.close()

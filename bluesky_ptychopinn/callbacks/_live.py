@@ -96,6 +96,11 @@ class LiveReconstruction:
     nice : int
         ``"process"`` only: niceness added to the reconstruction process, so that the
         RunEngine's process is scheduled first when both want a core (0 to leave it).
+    reserve_cores : int
+        ``"process"`` only: cores the reconstruction process stays off (it is pinned to the
+        others when the machine has more), so that the RunEngine always finds a core free:
+        on 2 cores the network and the refinement share one, and the scan runs as if nothing
+        else were computing (docs/performance.md). 0: the reconstruction may use every core.
     refine : {"rpie", "epie"} or None
         The refinement tier (default ``"rpie"``): iterative ptychography over the frames
         received so far, in its own thread beside the network, with the probe the run
@@ -164,6 +169,7 @@ class LiveReconstruction:
         publish_interval_s: float = 0.5,
         isolation: str = "process",
         nice: int = 5,
+        reserve_cores: int = 1,
         refine: str | None = "rpie",
         refine_budget_s: float = 5.0,
         refine_epochs: float | None = None,
@@ -228,13 +234,15 @@ class LiveReconstruction:
         if isolation == "process":
             from ._process import ProcessTransport
 
-            cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                     else os.cpu_count() or 1)
-            threads = torch_threads or max(1, cores - 1)
+            cpus = _reconstruction_cpus(int(reserve_cores))
+            cores = len(cpus) if cpus else (len(os.sched_getaffinity(0))
+                                            if hasattr(os, "sched_getaffinity")
+                                            else os.cpu_count() or 1)
+            threads = torch_threads or (cores if cpus else max(1, cores - 1))
             self._transport = ProcessTransport(
                 self.model_path if self.model_path is not None else self.model,
                 self.model_info, self.settings, max_queue=self.max_queue,
-                torch_threads=int(threads), nice=int(nice), **callbacks)
+                torch_threads=int(threads), nice=int(nice), cpus=cpus, **callbacks)
         else:
             if torch_threads:
                 torch.set_num_threads(int(torch_threads))
@@ -405,3 +413,16 @@ def _model_info(name: str, path: Path, card: dict, identity) -> dict:
         .get("probes", []),
         "package_version": card.get("package_version"),
     }
+
+
+def _reconstruction_cpus(reserve: int) -> tuple[int, ...] | None:
+    """The cores the reconstruction process may use when ``reserve`` are kept for the
+    RunEngine's process, or ``None`` (all of them: no pinning, or too few cores to keep any)."""
+    if reserve < 0:
+        raise InvalidInputError(f"reserve_cores: >= 0, got {reserve!r}")
+    if reserve == 0 or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) <= reserve:
+        return None
+    return tuple(allowed[reserve:])

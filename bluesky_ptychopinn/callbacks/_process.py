@@ -94,6 +94,8 @@ class ProcessTransport:
         Intra-op threads in the child.
     nice : int
         Niceness added to the child.
+    cpus : tuple of int, optional
+        Cores the child may run on (``None``: all the parent may use).
     start_timeout_s : float
         How long to wait for the first child to load the model.
 
@@ -105,10 +107,12 @@ class ProcessTransport:
 
     def __init__(self, model_spec, model_info: dict, settings: WorkerSettings, *,
                  deliver: Deliver, tick, lost: Lost, max_queue: int, torch_threads: int,
-                 nice: int, start_timeout_s: float = 120.0) -> None:
+                 nice: int, cpus: tuple[int, ...] | None = None,
+                 start_timeout_s: float = 120.0) -> None:
         self.model_spec, self.model_info, self.settings = model_spec, model_info, settings
         self._deliver, self._tick, self._lost = deliver, tick, lost
         self.max_queue, self.torch_threads, self.nice = max_queue, torch_threads, nice
+        self.cpus = cpus
         self._lock = threading.Lock()
         self._child: _Child | None = None
         self.closed = False
@@ -134,7 +138,7 @@ class ProcessTransport:
         process = ctx.Process(
             target=_child_main, name="ptychopinn-reconstruction", daemon=True,
             args=(self.model_spec, self.model_info, self.settings, self.torch_threads,
-                  self.nice, level, os.getpid(), inbox, writer))
+                  self.nice, level, os.getpid(), inbox, writer, self.cpus))
         process.start()
         writer.close()  # the child holds the only write end: its death is EOF here
         child = _Child(process, inbox, reader)
@@ -280,8 +284,11 @@ def _parent_alive(pid: int) -> bool:
 
 
 def _child_main(model_spec, model_info: dict, settings: WorkerSettings, torch_threads: int,
-                nice: int, log_level: int, parent_pid: int, inbox, conn) -> None:
+                nice: int, log_level: int, parent_pid: int, inbox, conn,
+                cpus: tuple[int, ...] | None = None) -> None:
     """Entry point of the reconstruction process."""
+    if cpus:  # first, so that every thread started below (torch's pools) inherits it
+        os.sched_setaffinity(0, cpus)
     send_lock = threading.Lock()
 
     def send(msg) -> None:
