@@ -341,3 +341,40 @@ def test_public_api_of_the_reconstructor_is_unchanged():
     assert set(recon.stats()) == {"frames", "busy_s", "frames_per_s", "batch_latency_p50_s",
                                   "batch_latency_p99_s", "device"}
     assert recon.finish().n_frames == 20
+
+
+def test_a_frame_budget_bounds_memory_and_changes_nothing_on_a_scan_that_moves_on():
+    """Beyond ``frame_memory_bytes`` the oldest frames are dropped. A raster leaves each row
+    behind: with room for a few rows the stitched result is the unbudgeted one. A raster
+    scanned again and again (jittered, so no exact revisits are retired) stays within the
+    budget and still stitches every frame; only groups that would reach back that far
+    differ."""
+    rng = np.random.default_rng(4)
+    obj = np.exp(1j * rng.uniform(-0.3, 0.3, (200, 200))).astype(np.complex64)
+    probe = physics.make_probe("zone_plate", 64, 40e-9, 8_800)
+    pos = physics.raster_scan((66.0, 66.0), 6.0) + 100  # 12 x 12
+    counts = physics.simulate_diffraction(obj, probe, pos, photons=1e5, seed=0).counts
+    torch.manual_seed(1)
+    model = ptychopinn(channels=4, base_width=4).eval()
+    frame_bytes = 64 * 64 * 2
+
+    def run(positions, frames, budget_frames=None):
+        extra = {} if budget_frames is None else {"frame_memory_bytes":
+                                                  budget_frames * frame_bytes}
+        recon = StreamingReconstructor(model, object_shape=(200, 200), device="cpu",
+                                       batch_size=32, **extra)
+        stored = []
+        for lo in range(0, len(positions), 24):
+            recon.add(frames[lo : lo + 24], positions[lo : lo + 24])
+            stored.append(len(recon._store))
+        return recon.finish(), recon, max(stored)
+
+    exact, _, _ = run(pos, counts)
+    budgeted, recon, most = run(pos, counts, budget_frames=60)  # 5 rows of 12
+    assert recon._index.n_evicted > 0 and most <= 60
+    np.testing.assert_allclose(budgeted.object, exact.object, atol=1e-5)
+    np.testing.assert_allclose(budgeted.weight, exact.weight, rtol=1e-5, atol=1e-5)
+    passes = [pos + rng.normal(0, 0.5, pos.shape) for _ in range(6)]
+    again, recon, most = run(np.concatenate(passes), counts.repeat(6, 1, 1), budget_frames=60)
+    assert again.n_frames == 6 * len(pos) and most <= 60
+    assert np.isfinite(again.object).all()

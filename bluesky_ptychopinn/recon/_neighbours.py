@@ -45,10 +45,18 @@ a single pass memory grows with the scanned area (one entry and one frame per po
 revisits it stays bounded by the area, and on revisits at new (e.g. jittered) positions it grows
 with the number of passes over each spot, as does the work per frame there (more frames in the
 searched cells); it still never depends on the frames measured elsewhere.
+
+A memory budget (:meth:`QuadrantIndex.evict_oldest`, used by the engine beyond its frame budget)
+bounds the frames in any case: the oldest frames become ghosts (their entries still count
+towards ``d_cap``, their frames are freed), so a later group differs from the exact one only if
+it would have drawn on a frame that old, i.e. where the scan comes back to a spot it left more
+than a budget's worth of frames ago; a scan that moves on (a raster's rows, a spiral) never does.
+The entries themselves (40 bytes a frame) stay.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +114,11 @@ class FrameStore:
 
     def __len__(self) -> int:
         return len(self._slot)
+
+    @property
+    def frame_nbytes(self) -> int:
+        """Bytes one stored frame takes."""
+        return self.dtype.itemsize * int(np.prod(self.frame_shape))
 
     @property
     def nbytes(self) -> int:
@@ -288,8 +301,12 @@ class QuadrantIndex:
         self.cap = int(cap)
         self.keep = int(keep)
         self._cells: dict[int, _Cell] = {}  # by _code(cell)
+        #: (first stream index, end, cells touched) of every add() whose frames may be live,
+        #: oldest first: what evict_oldest() turns into ghosts
+        self._added: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
         self.n_points = 0
         self.n_retired = 0
+        self.n_evicted = 0
         self.last_searched = 0  # (anchor, entry) pairs the last add() compared: its cost
 
     @property
@@ -328,6 +345,7 @@ class QuadrantIndex:
         cells = self._cell_of(pos)
         codes = _code(cells)
         self._insert(ids, pos, codes)
+        self._added.append((int(ids[0]), int(ids[-1]) + 1, np.unique(codes)))
         members, member_pos, repeated = self._group(ids, pos, cells)
         # Retire only after grouping: an anchor earlier in this call may still use a copy
         # that a later copy in the same call supersedes.
@@ -366,10 +384,10 @@ class QuadrantIndex:
                 order = live[np.argsort(data[live, _ID])]
                 old = order[: len(order) - self.keep]
                 retired.append(data[old, _ID].astype(np.int64))
-                ghosts = members[~alive]  # at most one per position
+                ghosts = members[~alive]  # one per position, more after evict_oldest()
                 ghost = ghosts[0] if len(ghosts) else old[-1]
                 data[ghost, _WEIGHT] = data[ghosts, _WEIGHT].sum() + len(old)
-                data[ghost, _ID] = max(data[ghost, _ID], data[old, _ID].max())
+                data[ghost, _ID] = data[np.concatenate([ghosts, old]), _ID].max()
                 data[ghost, _LIVE] = 0
                 keep[np.setdiff1d(np.concatenate([old, ghosts]), [ghost])] = False
             if not keep.all():
@@ -378,6 +396,24 @@ class QuadrantIndex:
             return np.zeros(0, dtype=np.int64)
         out = np.concatenate(retired)
         self.n_retired += len(out)
+        return out
+
+    def evict_oldest(self, count: int) -> np.ndarray:
+        """Make ghosts of the oldest frames still live, ``count`` at least (whole add() calls
+        at a time), so their frames can be freed; returns their stream indices (some may have
+        been retired already). Later groups never draw on them; ``d_cap`` is unchanged."""
+        evicted = []
+        while self._added and sum(len(e) for e in evicted) < count:
+            lo, hi, codes = self._added.popleft()
+            for key in codes.tolist():
+                cell = self._cells[key]
+                data = cell.data[: cell.n]
+                data[(data[:, _ID] >= lo) & (data[:, _ID] < hi), _LIVE] = 0
+            evicted.append(np.arange(lo, hi))
+        if not evicted:
+            return np.zeros(0, dtype=np.int64)
+        out = np.concatenate(evicted)
+        self.n_evicted += len(out)
         return out
 
     # -- the query ------------------------------------------------------------------------

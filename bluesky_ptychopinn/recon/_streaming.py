@@ -120,6 +120,11 @@ class StreamingReconstructor:
         Frames per network call.
     device : str or torch.device, optional
         ``"cuda"`` when available, else CPU.
+    frame_memory_bytes : int
+        C = 4 models keep the frames later groups may draw on; beyond this many bytes of them
+        (default 1 GiB: 131,072 frames of 64 x 64 in 16 bits) the oldest are dropped and no
+        later group uses them (:mod:`._neighbours`). Results are exact below it and, beyond
+        it, wherever the scan does not come back to a spot after that many frames.
 
     Examples
     --------
@@ -144,6 +149,7 @@ class StreamingReconstructor:
         batch_size: int = 256,
         device: str | torch.device | None = None,
         scale_frames: int = 16,
+        frame_memory_bytes: int = 1 << 30,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -178,6 +184,7 @@ class StreamingReconstructor:
         # batch costs the same whether it is the scan's first or its millionth (_neighbours).
         self._store = FrameStore((self.frame_size, self.frame_size))
         self._index = QuadrantIndex(radius=float(self.frame_size))
+        self.frame_memory_bytes = int(frame_memory_bytes)
         self.scale_frames = int(scale_frames)
         self._held: list[tuple[torch.Tensor, np.ndarray]] = []
 
@@ -322,6 +329,9 @@ class StreamingReconstructor:
             groups = self._index.add(pos[lo:hi])
             batch = self._store.gather(groups.members).reshape(-1, 4, n, n)
             self._store.discard(groups.retired)
+            over = len(self._store) - self.frame_memory_bytes // self._store.frame_nbytes
+            if over > 0:
+                self._store.discard(self._index.evict_oldest(over))
             self._infer_and_stitch(batch, groups.positions)
 
     def _autocast(self):
