@@ -247,3 +247,40 @@ def test_spool_status_and_flush_deliver_what_an_ended_process_left(server, tmp_p
     _assert_in_tiled_exactly(client, scans["other"])
     later.close()
     assert spool_status(tmp_path) == []
+
+
+def test_a_nearly_full_disk_is_never_filled_by_the_spool(server, tmp_path, caplog):
+    """Below ``min_free_bytes`` free, documents are dropped and counted, not journaled (the
+    detector's frames need that disk more); the scan goes on and the drop is said once."""
+    raw = SpooledWriter(TiledWriter(server.client(), batch_size=10), spool_dir=tmp_path,
+                        label="raw", min_free_bytes=1 << 62)  # more than any disk has free
+    RE = RunEngine(call_returns_result=True)
+    docs, keep = _collector()
+    RE.subscribe(raw)
+    RE.subscribe(keep)
+    with caplog.at_level("ERROR", logger="bluesky_ptychopinn.catalog"):
+        assert _scan(sim_beamline("cells", write_path=None, seed=12), RE,
+                     n_side=3).exit_status == "success"
+        raw.close(timeout=5)
+    assert raw.stats.received == len(docs) == raw.stats.dropped == raw.stats.disk_low
+    assert not list((tmp_path / "raw").glob("*.journal"))
+    assert [r.message for r in caplog.records].count(
+        next(r.message for r in caplog.records if "documents are dropped" in r.message)) == 1
+
+
+def test_journals_are_made_durable_while_a_run_is_open(server, tmp_path, monkeypatch):
+    """fsync runs in the delivery thread about every ``sync_interval_s``, not only at the
+    stop document: a power cut during an outage loses at most the last interval."""
+    synced = []
+    real_sync = JournalWriter.sync
+    monkeypatch.setattr(JournalWriter, "sync",
+                        lambda self: (synced.append(self.size), real_sync(self))[1])
+    raw = SpooledWriter(TiledWriter(server.client(), batch_size=10), spool_dir=tmp_path,
+                        label="raw", sync_interval_s=0.2)
+    RE = RunEngine(call_returns_result=True)
+    bl = sim_beamline("cells", write_path=None, seed=13)
+    bl.detector.dead_time = 0.05  # a scan of ~2 s: several sync intervals
+    RE.subscribe(raw)
+    _scan(bl, RE, n_side=6)
+    raw.close(timeout=30)
+    assert len(synced) >= 3  # during the run, then the stop's own

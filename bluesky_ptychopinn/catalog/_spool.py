@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import threading
 import time
@@ -110,7 +111,10 @@ class SpoolStats:
     outages : int
         Times delivery found Tiled unreachable.
     dropped : int
-        Documents that could not be journaled (no run to route them to, or a disk error).
+        Documents that could not be journaled (no run to route them to, a disk error, or the
+        spool's disk below ``min_free_bytes``).
+    disk_low : int
+        Of ``dropped``, those refused because the disk was nearly full.
     max_backlog : int
         Most documents waiting for delivery at one time.
     """
@@ -123,6 +127,7 @@ class SpoolStats:
     runs_done: int = 0
     outages: int = 0
     dropped: int = 0
+    disk_low: int = 0
     max_backlog: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -148,6 +153,7 @@ class _Run:
     events: Counter = field(default_factory=Counter)  # per stream, in the current pass
     streams: dict = field(default_factory=dict)  # descriptor uid -> stream name
     reader: Any = None
+    synced: int = 0  # journal bytes made durable (fsync)
 
     @property
     def written(self) -> int:
@@ -340,6 +346,14 @@ class SpooledWriter:
         are read back from the journal.
     probe_interval_s : float
         How often an unreachable Tiled is probed.
+    sync_interval_s : float
+        Journals are made durable (fsync, in the delivery thread) at least this often while
+        documents arrive, and at every stop document: a machine that loses power loses at most
+        the last second of an outage's documents.
+    min_free_bytes : int
+        Documents are not journaled (they are dropped and counted, ``disk_low``) while the
+        spool's file system has less free space than this, so that a long outage can never
+        fill the disk the detector writes its frames to (default 2 GiB).
 
     Examples
     --------
@@ -349,7 +363,8 @@ class SpooledWriter:
 
     def __init__(self, writer, *, spool_dir: str | Path | None = None, label: str = "raw",
                  memory_docs: int = 512, memory_bytes: int = 64 << 20,
-                 probe_interval_s: float = 1.0) -> None:
+                 probe_interval_s: float = 1.0, sync_interval_s: float = 1.0,
+                 min_free_bytes: int = 2 << 30) -> None:
         self.directory = _private_dir(Path(spool_dir or default_spool_dir()).resolve())
         self.directory = _private_dir(self.directory / label)
         self.label = label
@@ -359,6 +374,11 @@ class SpooledWriter:
         self._memory_bytes = 0
         self._limits = (memory_docs, memory_bytes)
         self._probe_interval = probe_interval_s
+        self._sync_interval = float(sync_interval_s)
+        self._synced_at = time.monotonic()
+        self._min_free = int(min_free_bytes)
+        self._disk_checked_at = -math.inf
+        self._disk_low = False
         self._runs: dict[str, _Run] = {}
         self._route_map: dict[str, str] = {}  # descriptor / resource uid -> run uid
         self._open: list[str] = []  # runs without a stop document, newest last
@@ -382,6 +402,10 @@ class SpooledWriter:
     def _receive(self, name: str, doc: dict) -> None:
         with self._cond:
             self.stats.received += 1
+            if self._disk_is_low():
+                self.stats.dropped += 1
+                self.stats.disk_low += 1
+                return
             run = self._route(name, doc)
             if run is None or run.journal is None:
                 self.stats.dropped += 1
@@ -393,6 +417,7 @@ class SpooledWriter:
             if name == "stop":
                 run.stop_seen, run.stop_uid = True, doc.get("uid")
                 run.journal.sync()
+                run.synced = run.journal.size
             busy = self._busy[0]
             if self._down or (busy is not None and time.monotonic() - busy > _STALLED_S):
                 self.stats.spooled += 1
@@ -403,6 +428,42 @@ class SpooledWriter:
             backlog = sum(r.written - r.cursor for r in self._runs.values())
             self.stats.max_backlog = max(self.stats.max_backlog, backlog)
             self._cond.notify_all()
+
+    def _disk_is_low(self) -> bool:
+        """Whether the spool's file system has less than ``min_free_bytes`` free (checked at
+        most once a second: statvfs is cheap, but not free on every event)."""
+        now = time.monotonic()
+        if now - self._disk_checked_at >= 1.0:
+            self._disk_checked_at = now
+            try:
+                vfs = os.statvfs(self.directory)
+                low = vfs.f_bavail * vfs.f_frsize < self._min_free
+            except (OSError, AttributeError):  # no statvfs (Windows): no guard
+                low = False
+            if low and not self._disk_low:
+                logger.error("spool %s: less than %.1f GiB free on %s: documents are dropped "
+                             "(counted as disk_low), not journaled, until space is freed",
+                             self.label, self._min_free / 2**30, self.directory)
+            elif self._disk_low and not low:
+                logger.warning("spool %s: disk space is back; journaling again", self.label)
+            self._disk_low = low
+        return self._disk_low
+
+    def _sync_journals(self) -> None:
+        """fsync the journals written since their last sync (in the delivery thread)."""
+        now = time.monotonic()
+        if now - self._synced_at < self._sync_interval:
+            return
+        self._synced_at = now
+        with self._cond:
+            todo = [(r, r.journal, r.journal.size) for r in self._runs.values()
+                    if r.journal is not None and r.journal.size > r.synced]
+        for run, journal, size in todo:
+            try:
+                journal.sync()
+            except (OSError, ValueError):  # closed meanwhile (delivered, or closing)
+                continue
+            run.synced = max(run.synced, size)
 
     def _route(self, name: str, doc: dict) -> _Run | None:
         if name == "start":
@@ -450,11 +511,16 @@ class SpooledWriter:
 
     def _loop(self) -> None:
         while True:
+            self._sync_journals()
             with self._cond:
                 while not self._closing and not self._pending():
-                    self._cond.wait(timeout=1.0)
+                    self._cond.wait(timeout=self._sync_interval)
+                    if not self._pending():
+                        break  # (to sync what a stalled run wrote, then wait again)
                 if self._closing:
                     return
+                if not self._pending():
+                    continue
                 work = [(run, run.written) for run in self._pending()]
             if self._down:
                 if not tiled_answers(self._delivery.client):
