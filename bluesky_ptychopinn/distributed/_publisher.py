@@ -310,7 +310,7 @@ class DocumentPublisher:
 
 
 def publish_documents(RE, bus: str = "nats://127.0.0.1:4222", *, beamline: str = "local",
-                      max_buffer: int = 100_000, **kwargs) -> DocumentPublisher:
+                      max_buffer: int = 100_000, **kwargs):
     """Send every document of ``RE`` to the bus; for a beamline's IPython profile.
 
     Parameters
@@ -318,17 +318,20 @@ def publish_documents(RE, bus: str = "nats://127.0.0.1:4222", *, beamline: str =
     RE : bluesky.RunEngine
     bus : str
         ``nats://HOST:PORT`` of the facility's NATS (JetStream) cluster, or of
-        ``bluesky-ptychopinn bus serve``.
+        ``bluesky-ptychopinn bus serve`` (the default transport); or ``kafka://BROKER[,...]``
+        of a Kafka cluster (the ``kafka`` extra; :mod:`._kafka`).
     beamline : str
-        Stream and subject names (``BLUESKY_<BEAMLINE>``, ``events.<beamline>.<run>.<doc>``).
+        Stream and subject names (``BLUESKY_<BEAMLINE>``, ``events.<beamline>.<run>.<doc>``),
+        or the Kafka topic (``<beamline>.bluesky.runengine.documents``).
     max_buffer : int
         Documents buffered locally while the bus is away (then dropped and counted).
     **kwargs
-        :class:`DocumentPublisher` options (``publish_timeout_s``, ``connect_options``).
+        :class:`DocumentPublisher` options (``publish_timeout_s``, ``connect_options``), or
+        :class:`~._kafka.KafkaPublisher` options (``partitions``, ``config``).
 
     Returns
     -------
-    DocumentPublisher
+    DocumentPublisher or KafkaPublisher
         The handle: ``stats`` (published, buffered, dropped), ``flush()``, ``close()``.
 
     Examples
@@ -340,7 +343,12 @@ def publish_documents(RE, bus: str = "nats://127.0.0.1:4222", *, beamline: str =
     """
     from bluesky.callbacks.core import make_callback_safe
 
-    publisher = DocumentPublisher(bus, beamline=beamline, max_buffer=max_buffer, **kwargs)
+    if bus.split("://", 1)[0].lower() == "kafka":
+        from ._kafka import KafkaPublisher
+
+        publisher = KafkaPublisher(bus, beamline=beamline, max_buffer=max_buffer, **kwargs)
+    else:
+        publisher = DocumentPublisher(bus, beamline=beamline, max_buffer=max_buffer, **kwargs)
     token = RE.subscribe(make_callback_safe(publisher, logger=logger))
     publisher.unsubscribe = lambda: RE.unsubscribe(token)
     return publisher

@@ -1,14 +1,22 @@
-"""A remote reconstruction worker: whole runs from the bus's work queue, derived runs to Tiled.
+"""A remote reconstruction worker: whole runs from the bus, derived runs to Tiled.
 
-One worker reconstructs one run at a time (one worker per GPU). For each run announcement it
-takes from the shared durable consumer it reads the run's documents from the first one (an
-ordered consumer on ``events.<beamline>.<run>.>``), feeds them to a
+One worker reconstructs one run at a time (one worker per GPU). :class:`RunWorker` is the
+transport-neutral part: it feeds a run's documents, from its first one, to a
 :class:`~bluesky_ptychopinn.callbacks.LiveReconstruction` (thread isolation, deterministic
 derived uid) whose derived run goes through :class:`~._guard.DerivedRunGuard` to Tiled, and
-acknowledges the announcement only once the derived run's stop document is written. While it
-works it sends in-progress heartbeats, so the ack deadline only has to cover a dead worker's
-silence, not a long scan: a killed worker's run goes to another worker when the deadline
-passes, and is reconstructed again from its first document.
+says whether the run is done (its derived run's stop document written) or must be redone.
+Transports only decide which run to take and when it counts as done:
+
+- :class:`Worker`, NATS JetStream: takes run announcements from the shared durable consumer,
+  reads the run's documents from the first one (an ordered consumer on
+  ``events.<beamline>.<run>.>``) and acknowledges the announcement only once the derived run's
+  stop document is written. While it works it sends in-progress heartbeats, so the ack deadline
+  only has to cover a dead worker's silence, not a long scan: a killed worker's run goes to
+  another worker when the deadline passes, and is reconstructed again from its first document.
+- :class:`~._kafka.KafkaWorker`, Kafka: a consumer group member that takes the runs of the
+  partitions it is assigned and commits offsets at the runs' ends (``--bus kafka://...``).
+
+:func:`run_worker` chooses by the bus URL's scheme.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..catalog import TiledUnavailableError, connect
@@ -31,7 +40,10 @@ from ._server import probe_bus
 from ._streams import ensure_streams, ensure_workers_consumer
 from ._subjects import docs_stream, run_filter
 
-__all__ = ["WorkerOptions", "Worker", "run_worker"]
+__all__ = ["RunLost", "RunWorker", "WorkerOptions", "Worker", "make_worker", "run_worker"]
+
+#: ``await next_doc(timeout)``: a run's next ``(name, doc)``, or ``None`` after ``timeout`` s.
+NextDoc = Callable[[float], Awaitable["tuple[str, dict] | None"]]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +55,8 @@ class WorkerOptions:
     Parameters
     ----------
     bus : str
-        ``nats://HOST:PORT``.
+        ``nats://HOST:PORT[,...]`` (NATS JetStream) or ``kafka://BROKER[,BROKER...]``
+        (Kafka consumer group; needs the ``kafka`` extra).
     tiled : str
         Tiled URI of the catalog raw runs are in and derived runs go to.
     api_key : str, optional
@@ -62,7 +75,9 @@ class WorkerOptions:
         ``ACQ_PREFIX=LOCAL_PREFIX``: read detector files from a shared filesystem; empty: read
         frames through Tiled.
     ack_wait_s : float
-        Ack deadline of the work queue (set by the first worker that creates the consumer).
+        NATS: ack deadline of the work queue (set by the first worker that creates the
+        consumer). Kafka: the consumer's session timeout (how long a silent worker keeps its
+        partitions before the group gives them to another one).
     report_every_s : float
         Health line interval.
     batch_size : int
@@ -77,7 +92,9 @@ class WorkerOptions:
     name : str
         In log lines; default ``host:pid``.
     connect_options : dict
-        More ``nats.connect`` keywords (``user_credentials``, ``tls``, ``token`` ...).
+        NATS: more ``nats.connect`` keywords (``user_credentials``, ``tls``, ``token`` ...).
+        Kafka: more librdkafka properties (``security.protocol``, ``sasl.mechanism`` ...;
+        also read from the file ``$PTYCHOPINN_KAFKA_CONFIG``).
     """
 
     bus: str
@@ -99,6 +116,10 @@ class WorkerOptions:
     connect_options: dict = field(default_factory=dict)
 
 
+class RunLost(Exception):
+    """The bus took the run away from this worker mid-run (another worker redoes it)."""
+
+
 @dataclass
 class _Progress:
     """What the health line reports."""
@@ -111,14 +132,13 @@ class _Progress:
     window_frames: int = 0
 
 
-class Worker:
-    """Serves one beamline's run work queue (see the module docstring).
+class RunWorker:
+    """The transport-neutral part of a worker (see the module docstring).
 
-    Examples
-    --------
-    >>> worker = Worker(WorkerOptions(bus="nats://127.0.0.1:4222",
-    ...                               tiled="http://127.0.0.1:8000/api/v1"))  # doctest: +SKIP
-    >>> asyncio.run(worker.serve())                                          # doctest: +SKIP
+    A transport subclass implements :meth:`probe_bus` and :meth:`serve`; for each run it
+    takes it calls :meth:`run_once` with a ``next_doc`` coroutine that returns the run's next
+    ``(name, doc)`` (the first call: its start document), or ``None`` when none came within
+    the timeout.
     """
 
     def __init__(self, options: WorkerOptions) -> None:
@@ -131,6 +151,10 @@ class Worker:
         self.guard: DerivedRunGuard | None = None
 
     # -- start-up: fail fast and clearly ------------------------------------------------------
+    def probe_bus(self) -> None:
+        """Raise :class:`BusUnavailableError` unless the bus answers now."""
+        raise NotImplementedError
+
     def check_services(self) -> None:
         """Both services must answer at start.
 
@@ -138,7 +162,7 @@ class Worker:
         ------
         BusUnavailableError, TiledUnavailableError
         """
-        probe_bus(self.options.bus.split(",")[0], timeout=3.0)
+        self.probe_bus()
         _probe_tiled(self.options.tiled)
         self.client = connect(self.options.tiled, api_key=self.options.api_key)
 
@@ -157,6 +181,185 @@ class Worker:
         # Small write batches: a viewer of the derived run sees snapshots as they come.
         self.guard = DerivedRunGuard(self.client, TiledWriter(self.client, batch_size=1))
         self.live.subscribe(self.guard)
+
+    def _ready_line(self) -> None:
+        o = self.options
+        logger.info("%s: ready on %s (beamline %s, frames %s), Tiled %s", o.name, o.bus,
+                    o.beamline, "from " + ", ".join(o.path_map) if o.path_map else
+                    "through Tiled", o.tiled)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Finish the current run, then return from :meth:`serve`; a second call (a second
+        Ctrl-C) leaves at once: the run goes to another worker once the bus notices (the ack
+        deadline, the session timeout)."""
+        if self._stop.is_set():
+            logger.warning("%s: stopping now, run %s left unfinished", self.options.name,
+                           self.progress.current)
+            os._exit(1)
+        self._stop.set()
+        if self.progress.current:
+            logger.info("%s: stopping after run %s", self.options.name, self.progress.current)
+
+    async def serve(self, max_runs: int | None = None) -> int:
+        """Take runs until :meth:`stop` (or ``max_runs``); returns the number of runs done."""
+        raise NotImplementedError
+
+    async def _wait_for_tiled(self) -> None:
+        """Before taking a run: Tiled must answer (retry with backoff while it does not)."""
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(self.client.refresh)
+                return
+            except Exception as exc:
+                logger.warning("%s: Tiled at %s does not answer (%s); retrying in %.1f s",
+                               self.options.name, self.options.tiled, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def run_once(self, raw_uid: str, next_doc: NextDoc, how: str = "") -> bool:
+        """Reconstruct one run whole; True: done (its derived run is complete in Tiled, or was
+        already), False: to be redone (this worker failed it, or Tiled refused the write)."""
+        o = self.options
+        logger.info("%s: took run %s%s", o.name, raw_uid, f" ({how})" if how else "")
+        t0 = time.monotonic()
+        try:
+            outcome, state = await self._reconstruct(raw_uid, next_doc)
+        except RunLost as exc:
+            logger.warning("%s: run %s left unfinished: %s", o.name, raw_uid, exc)
+            await self._close_open_run(raw_uid, str(exc))
+            return False
+        except Exception as exc:
+            logger.exception("%s: run %s failed on this worker: %s", o.name, raw_uid, exc)
+            await self._close_open_run(raw_uid)
+            return False
+        finally:
+            self.progress.current = None
+        if outcome is not None and outcome.status == "error":
+            logger.warning("%s: run %s: Tiled write failed (%s); to be redone", o.name,
+                           raw_uid, outcome.error)
+            return False
+        self.progress.runs_done += 1
+        logger.info("%s: finished run %s -> derived %s (%s%s): %d frames in %.1f s", o.name,
+                    raw_uid, outcome.uid if outcome else None,
+                    outcome.status if outcome else "none",
+                    ", replaced a partial one" if outcome and outcome.replaced else "",
+                    state.frames_done if state else 0, time.monotonic() - t0)
+        return True
+
+    async def _reconstruct(self, raw_uid: str, next_doc: NextDoc):
+        o = self.options
+        adapter = (PathMap(self.path_map) if self.path_map else
+                   TiledFrames(self.client, timeout_s=o.frames_timeout_s))
+        self.progress.current = raw_uid
+        live, guard = self.live, self.guard
+        derived = None
+        last = time.monotonic()
+        while True:
+            item = await next_doc(0.2)
+            if item is None:
+                if adapter.pending():  # a pause in the documents: read what is there
+                    self._feed(await asyncio.to_thread(adapter.pump, True))
+                if time.monotonic() - last > o.run_idle_timeout_s:
+                    logger.warning("run %s: no document for %.0f s; closing it", raw_uid,
+                                   o.run_idle_timeout_s)
+                    self._feed(await asyncio.to_thread(adapter.finish))
+                    self._feed([("stop", _abandoned_stop(
+                        raw_uid, "fail",
+                        f"no document on the bus for {o.run_idle_timeout_s:.0f} s"))])
+                    break
+                continue
+            last = time.monotonic()
+            name, doc = item
+            self.progress.last_doc_time = doc.get("time")
+            if name == "stop":
+                self._feed(await asyncio.to_thread(adapter.finish))
+                self._feed(adapter(name, doc))
+                break
+            self._feed(adapter(name, doc))
+            if adapter.pending():
+                self._feed(await asyncio.to_thread(adapter.pump))
+            if derived is None and name == "start":
+                if raw_uid not in live.runs:  # no ptycho metadata: nothing to reconstruct
+                    logger.info("run %s is not a ptychography run; skipped", raw_uid)
+                    return None, None
+                state = live.latest(raw_uid)
+                derived = guard.outcomes.get(state.derived_uid) if state else None
+                if derived is not None and derived.status == "kept":
+                    # Finished before (its ack or commit was lost): nothing to redo.
+                    self._feed([("stop", _abandoned_stop(raw_uid, "success",
+                                                         "already reconstructed"))])
+                    break
+        t_stop = time.monotonic()
+        state = await asyncio.to_thread(live.wait, raw_uid, 600.0 + o.refine_budget_s)
+        t_done = time.monotonic()
+        outcome = guard.outcomes.get(state.derived_uid)
+        if outcome is not None:
+            # The live callback's stop reached the guard; the guard's write of it finished.
+            await asyncio.to_thread(outcome.done.wait, 60.0)
+        logger.debug("run %s: reconstruction done %.2f s after the stop document, derived run "
+                     "written %.2f s later", raw_uid, t_done - t_stop, time.monotonic() - t_done)
+        self.progress.frames_total += state.frames_done
+        return outcome, state
+
+    async def _close_open_run(self, raw_uid: str, reason: str = "worker error") -> None:
+        """Close a run the live callback still has open, so that its next delivery (maybe to
+        this worker) starts from a clean state; its derived run ends ``"fail"`` and is
+        replaced when the run is redone."""
+        state = self.live.latest(raw_uid)
+        if state is None or state.finished.is_set():
+            return
+        try:
+            self._feed([("stop", _abandoned_stop(raw_uid, "fail", reason))])
+            await asyncio.to_thread(self.live.wait, raw_uid, 60.0)
+        except Exception as exc:
+            logger.warning("run %s: could not close it on this worker: %s", raw_uid, exc)
+
+    def _feed(self, docs) -> None:
+        for name, doc in docs:
+            self.live(name, doc)
+            if name in ("event", "event_page"):
+                self.progress.window_frames += 1
+
+    async def _report(self, waiting: Callable[[], Awaitable[int]]) -> None:
+        """Health: throughput and lag every ``report_every_s`` seconds; ``waiting`` says how
+        many runs (or documents) wait on the bus, -1 when it cannot tell now."""
+        o = self.options
+        while True:
+            await asyncio.sleep(o.report_every_s)
+            p = self.progress
+            now = time.monotonic()
+            rate = p.window_frames / max(now - p.window_start, 1e-9)
+            p.window_start, p.window_frames = now, 0
+            lag = (time.time() - p.last_doc_time) if p.current and p.last_doc_time else 0.0
+            try:
+                n_waiting = await waiting()
+            except Exception:
+                n_waiting = -1  # bus away; the reconnect is logged separately
+            state = self.live.latest(p.current) if p.current else None
+            logger.info("%s: %s, %.1f events/s, document lag %.1f s, %s %s waiting, "
+                        "%d runs done", o.name,
+                        f"run {p.current[:8]} at {state.frames_done} frames" if state
+                        else "idle", rate, lag, n_waiting if n_waiting >= 0 else "?",
+                        self.waiting_unit, p.runs_done)
+
+    #: What :meth:`_report`'s ``waiting`` counts.
+    waiting_unit = "runs"
+
+
+class Worker(RunWorker):
+    """Serves one beamline's NATS JetStream run work queue (see the module docstring).
+
+    Examples
+    --------
+    >>> worker = Worker(WorkerOptions(bus="nats://127.0.0.1:4222",
+    ...                               tiled="http://127.0.0.1:8000/api/v1"))  # doctest: +SKIP
+    >>> asyncio.run(worker.serve())                                          # doctest: +SKIP
+    """
+
+    def probe_bus(self) -> None:
+        probe_bus(self.options.bus.split(",")[0], timeout=3.0)
 
     async def _connect_bus(self):
         import nats
@@ -178,21 +381,7 @@ class Worker:
                                   disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                                   **self.options.connect_options)
 
-    # -- the loop ------------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Finish the current run, then return from :meth:`serve`; a second call (a second
-        Ctrl-C) leaves at once: the run's announcement goes to another worker after the ack
-        deadline."""
-        if self._stop.is_set():
-            logger.warning("%s: stopping now, run %s left unfinished", self.options.name,
-                           self.progress.current)
-            os._exit(1)
-        self._stop.set()
-        if self.progress.current:
-            logger.info("%s: stopping after run %s", self.options.name, self.progress.current)
-
     async def serve(self, max_runs: int | None = None) -> int:
-        """Take runs until :meth:`stop` (or ``max_runs``); returns the number of runs done."""
         if self.client is None:
             self.check_services()
         if self.live is None:
@@ -202,10 +391,12 @@ class Worker:
         o = self.options
         await ensure_streams(js, o.beamline)
         sub = await ensure_workers_consumer(js, o.beamline, ack_wait_s=o.ack_wait_s)
-        logger.info("%s: ready on %s (beamline %s, frames %s), Tiled %s", o.name, o.bus,
-                    o.beamline, "from " + ", ".join(o.path_map) if o.path_map else
-                    "through Tiled", o.tiled)
-        reporter = asyncio.ensure_future(self._report(sub))
+        self._ready_line()
+
+        async def waiting() -> int:
+            return (await sub.consumer_info()).num_pending
+
+        reporter = asyncio.ensure_future(self._report(waiting))
         backoff = 0.5
         try:
             while not self._stop.is_set():
@@ -231,19 +422,6 @@ class Worker:
                 await nc.close()
         return self.progress.runs_done
 
-    async def _wait_for_tiled(self) -> None:
-        """Before taking a run: Tiled must answer (retry with backoff while it does not)."""
-        delay = 0.5
-        while True:
-            try:
-                await asyncio.to_thread(self.client.refresh)
-                return
-            except Exception as exc:
-                logger.warning("%s: Tiled at %s does not answer (%s); retrying in %.1f s",
-                               self.options.name, self.options.tiled, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-
     async def _heartbeat(self, msg) -> None:
         interval = max(0.2, self.options.ack_wait_s / 3)
         while True:
@@ -254,138 +432,34 @@ class Worker:
                 logger.debug("in-progress heartbeat failed: %s", exc)
 
     async def _take(self, js, msg) -> None:
+        from nats.js.api import DeliverPolicy
+
         _, announcement = decode(msg.data)
         raw_uid = announcement["uid"]
         delivery = msg.metadata.num_delivered
         o = self.options
-        logger.info("%s: took run %s (delivery %d)", o.name, raw_uid, delivery)
+        sub = await js.subscribe(run_filter(o.beamline, raw_uid), stream=docs_stream(o.beamline),
+                                 ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+
+        async def next_doc(timeout: float):
+            try:
+                return decode((await sub.next_msg(timeout=timeout)).data)
+            except asyncio.TimeoutError:
+                return None
+
         heartbeat = asyncio.ensure_future(self._heartbeat(msg))
-        t0 = time.monotonic()
         try:
-            outcome, state = await self._reconstruct(js, raw_uid)
-        except Exception as exc:
-            logger.exception("%s: run %s failed on this worker: %s", o.name, raw_uid, exc)
+            done = await self.run_once(raw_uid, next_doc, f"delivery {delivery}")
+        finally:
             heartbeat.cancel()
-            await self._close_open_run(raw_uid)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if done:
+            await msg.ack_sync()
+        else:
             # Back to the queue, after a pause: another worker (or this one) redoes it whole.
             with contextlib.suppress(Exception):
                 await msg.nak(delay=min(5.0 * delivery, 60.0))
-            return
-        heartbeat.cancel()
-        if outcome is not None and outcome.status == "error":
-            logger.warning("%s: run %s: Tiled write failed (%s); back to the queue", o.name,
-                           raw_uid, outcome.error)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=min(5.0 * delivery, 60.0))
-            return
-        await msg.ack_sync()
-        self.progress.runs_done += 1
-        self.progress.current = None
-        logger.info("%s: finished run %s -> derived %s (%s%s): %d frames in %.1f s", o.name,
-                    raw_uid, outcome.uid if outcome else None,
-                    outcome.status if outcome else "none",
-                    ", replaced a partial one" if outcome and outcome.replaced else "",
-                    state.frames_done if state else 0, time.monotonic() - t0)
-
-    async def _reconstruct(self, js, raw_uid: str):
-        from nats.js.api import DeliverPolicy
-
-        o = self.options
-        adapter = (PathMap(self.path_map) if self.path_map else
-                   TiledFrames(self.client, timeout_s=o.frames_timeout_s))
-        sub = await js.subscribe(run_filter(o.beamline, raw_uid), stream=docs_stream(o.beamline),
-                                 ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-        self.progress.current = raw_uid
-        live, guard = self.live, self.guard
-        derived = None
-        last = time.monotonic()
-        try:
-            while True:
-                try:
-                    m = await sub.next_msg(timeout=0.2)
-                except asyncio.TimeoutError:
-                    if adapter.pending():  # a pause in the documents: read what is there
-                        self._feed(await asyncio.to_thread(adapter.pump, True))
-                    if time.monotonic() - last > o.run_idle_timeout_s:
-                        logger.warning("run %s: no document for %.0f s; closing it", raw_uid,
-                                       o.run_idle_timeout_s)
-                        self._feed(await asyncio.to_thread(adapter.finish))
-                        self._feed([("stop", _abandoned_stop(
-                            raw_uid, "fail",
-                            f"no document on the bus for {o.run_idle_timeout_s:.0f} s"))])
-                        break
-                    continue
-                last = time.monotonic()
-                name, doc = decode(m.data)
-                self.progress.last_doc_time = doc.get("time")
-                if name == "stop":
-                    self._feed(await asyncio.to_thread(adapter.finish))
-                    self._feed(adapter(name, doc))
-                    break
-                self._feed(adapter(name, doc))
-                if adapter.pending():
-                    self._feed(await asyncio.to_thread(adapter.pump))
-                if derived is None and name == "start":
-                    state = live.latest(raw_uid)
-                    derived = guard.outcomes.get(state.derived_uid) if state else None
-                    if derived is not None and derived.status == "kept":
-                        # Finished before (its ack was lost): nothing to redo.
-                        self._feed([("stop", _abandoned_stop(raw_uid, "success",
-                                                                     "already reconstructed"))])
-                        break
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        t_stop = time.monotonic()
-        state = await asyncio.to_thread(live.wait, raw_uid, 600.0 + o.refine_budget_s)
-        t_done = time.monotonic()
-        outcome = guard.outcomes.get(state.derived_uid)
-        if outcome is not None:
-            # The live callback's stop reached the guard; the guard's write of it finished.
-            await asyncio.to_thread(outcome.done.wait, 60.0)
-        logger.debug("run %s: reconstruction done %.2f s after the stop document, derived run "
-                     "written %.2f s later", raw_uid, t_done - t_stop, time.monotonic() - t_done)
-        self.progress.frames_total += state.frames_done
-        return outcome, state
-
-    async def _close_open_run(self, raw_uid: str) -> None:
-        """Close a run the live callback still has open, so that its next delivery (maybe to
-        this worker) starts from a clean state; its derived run ends ``"fail"`` and is
-        replaced when the run is redone."""
-        state = self.live.latest(raw_uid)
-        if state is None or state.finished.is_set():
-            return
-        try:
-            self._feed([("stop", _abandoned_stop(raw_uid, "fail", "worker error"))])
-            await asyncio.to_thread(self.live.wait, raw_uid, 60.0)
-        except Exception as exc:
-            logger.warning("run %s: could not close it on this worker: %s", raw_uid, exc)
-
-    def _feed(self, docs) -> None:
-        for name, doc in docs:
-            self.live(name, doc)
-            if name in ("event", "event_page"):
-                self.progress.window_frames += 1
-
-    async def _report(self, sub) -> None:
-        """Health: throughput and lag every ``report_every_s`` seconds."""
-        o = self.options
-        while True:
-            await asyncio.sleep(o.report_every_s)
-            p = self.progress
-            now = time.monotonic()
-            rate = p.window_frames / max(now - p.window_start, 1e-9)
-            p.window_start, p.window_frames = now, 0
-            lag = (time.time() - p.last_doc_time) if p.current and p.last_doc_time else 0.0
-            try:
-                waiting = (await sub.consumer_info()).num_pending
-            except Exception:
-                waiting = -1  # bus away; the reconnect is logged separately
-            state = self.live.latest(p.current) if p.current else None
-            logger.info("%s: %s, %.1f events/s, document lag %.1f s, %s runs waiting, "
-                        "%d runs done", o.name,
-                        f"run {p.current[:8]} at {state.frames_done} frames" if state
-                        else "idle", rate, lag, waiting if waiting >= 0 else "?", p.runs_done)
 
 
 def _probe_tiled(uri: str, timeout: float = 3.0) -> None:
@@ -404,17 +478,30 @@ def _abandoned_stop(raw_uid: str, exit_status: str, reason: str) -> dict:
             "exit_status": exit_status, "reason": reason, "num_events": {}}
 
 
+def make_worker(options: WorkerOptions) -> RunWorker:
+    """The worker for ``options.bus``'s scheme: ``nats://`` (default) or ``kafka://``."""
+    scheme = options.bus.split("://", 1)[0].lower() if "://" in options.bus else "nats"
+    if scheme == "kafka":
+        from ._kafka import KafkaWorker
+
+        return KafkaWorker(options)
+    if scheme in ("nats", "tls"):
+        return Worker(options)
+    raise ValueError(f"--bus: nats://HOST:PORT or kafka://BROKERS expected, got {options.bus!r}")
+
+
 def run_worker(options: WorkerOptions, max_runs: int | None = None) -> int:
     """Check the services, then serve until SIGINT/SIGTERM (or ``max_runs``).
 
-    Returns the number of runs reconstructed.
+    The bus URL's scheme chooses the transport: ``nats://`` (:class:`Worker`) or ``kafka://``
+    (:class:`~._kafka.KafkaWorker`). Returns the number of runs reconstructed.
 
     Raises
     ------
     BusUnavailableError, TiledUnavailableError
         At start, when either does not answer (the CLI turns them into exit code 2).
     """
-    worker = Worker(options)
+    worker = make_worker(options)
     worker.check_services()
     worker._build_live()
 
@@ -429,4 +516,3 @@ def run_worker(options: WorkerOptions, max_runs: int | None = None) -> int:
         return asyncio.run(main())
     finally:
         worker.live.close()
-
