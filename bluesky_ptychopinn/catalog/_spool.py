@@ -353,7 +353,7 @@ class SpooledWriter:
     min_free_bytes : int
         Documents are not journaled (they are dropped and counted, ``disk_low``) while the
         spool's file system has less free space than this, so that a long outage can never
-        fill the disk the detector writes its frames to (default 2 GiB).
+        fill the disk the detector writes its frames to (default 1 GiB).
 
     Examples
     --------
@@ -364,7 +364,7 @@ class SpooledWriter:
     def __init__(self, writer, *, spool_dir: str | Path | None = None, label: str = "raw",
                  memory_docs: int = 512, memory_bytes: int = 64 << 20,
                  probe_interval_s: float = 1.0, sync_interval_s: float = 1.0,
-                 min_free_bytes: int = 2 << 30) -> None:
+                 min_free_bytes: int = 1 << 30) -> None:
         self.directory = _private_dir(Path(spool_dir or default_spool_dir()).resolve())
         self.directory = _private_dir(self.directory / label)
         self.label = label
