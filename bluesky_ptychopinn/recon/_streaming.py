@@ -7,6 +7,7 @@ workers are thin adapters around :class:`StreamingReconstructor`.
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -179,7 +180,9 @@ class StreamingReconstructor:
         self._allocate(shape)
         self.n_frames = 0
         self._busy_s = 0.0
-        self._latencies: list[float] = []
+        # the last batches' latencies (their percentiles in stats()), not one float per batch
+        # of an endless scan
+        self._latencies: collections.deque[float] = collections.deque(maxlen=4096)
         # C = 4 groups: the frames they may still draw on, and a grid hash of positions, so a
         # batch costs the same whether it is the scan's first or its millionth (_neighbours).
         self._store = FrameStore((self.frame_size, self.frame_size))
@@ -395,7 +398,7 @@ class StreamingReconstructor:
             "frames": self.n_frames,
             "busy_s": self._busy_s,
             "frames_per_s": self.n_frames / self._busy_s if self._busy_s > 0 else 0.0,
-            "batch_latency_p50_s": float(np.percentile(lat, 50)),
+            "batch_latency_p50_s": float(np.percentile(lat, 50)),  # of the last 4096 batches
             "batch_latency_p99_s": float(np.percentile(lat, 99)),
             "device": str(self.device),
         }
