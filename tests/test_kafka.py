@@ -227,6 +227,30 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, kafka
     assert uid not in pool[killed["index"]].runs("finished")
     assert re.search(rf"finished run {uid} .*replaced a partial one", other.text())
     _assert_one_whole_derived_run(tiled.client(), uid, 36)
+    # The dead worker's finished runs were committed: the other one did not redo them.
+    assert set(other.runs("took")) - before[1 - killed["index"]] == {uid}
+
+
+def test_a_late_worker_takes_the_backlog_of_all_partitions_once(pool, kafka, tiled, tmp_path):
+    for w in pool:  # nobody in the group while these runs are taken
+        w.stop()
+    done_before = {u for w in pool for u in w.runs("finished")}
+    RE, handle = _engine(tiled, kafka.url, BEAMLINE)
+    bl = sim_beamline("cells", write_path=tiled.detector_dir, seed=24)
+    uids = [_scan(RE, bl, n_side=4) for _ in range(3)]
+    assert handle.flush(30)
+    handle.close()
+    late = WorkerProcess(tmp_path / "late.log", kafka.url, tiled, BEAMLINE, "-v")
+    try:
+        _wait_finished([late], uids)
+    finally:
+        late.stop()
+    # Runs of several partitions read in whatever order the fetches bring them: one at a
+    # time, the others' starts put back and read again; nothing finished before redone.
+    assert sorted(late.runs("took")) == sorted(uids), late.text()[-3000:]
+    assert not set(late.runs("took")) & done_before
+    for uid in uids:
+        _assert_one_whole_derived_run(tiled.client(), uid, 16)
 
 
 def test_the_bus_down_at_publish_time_loses_and_duplicates_nothing(kafka, tiled):

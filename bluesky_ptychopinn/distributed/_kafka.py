@@ -2,8 +2,10 @@
 ``confluent-kafka`` (librdkafka): the NSLS-II standard bus.
 
 Names (:func:`kafka_topic`, :func:`kafka_group`): one topic per beamline,
-``<beamline>.bluesky.runengine.documents`` (the NSLS-II naming), every document of every run;
-the message key is the run uid, so a run stays in one partition, in order. The workers of a
+``<beamline>.ptychopinn.documents``, every document of every run as this package's JSON
+(:mod:`._codec`); the message key is the run uid, so a run stays in one partition, in order.
+Not the NSLS-II ``<beamline>.bluesky.runengine.documents`` topics: those carry bluesky-kafka's
+msgpack messages, which other consumers read, and this codec is another one. The workers of a
 beamline form one consumer group, ``<beamline>.ptychopinn-workers``: Kafka splits the
 topic's partitions between them, and each worker reconstructs the runs that start in its
 partitions, one at a time, from their start documents.
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 
 from ._codec import decode, encode
 from ._errors import BusUnavailableError
-from ._publisher import PublisherStats, _RunSubjects
+from ._publisher import PublisherHandle, PublisherStats, _RunSubjects
 from ._subjects import beamline_token
 from ._worker import RunLost, RunWorker, WorkerOptions
 
@@ -79,8 +81,8 @@ def parse_kafka_url(bus: str) -> str:
 
 
 def kafka_topic(beamline: str) -> str:
-    """Every document of a beamline's runs: ``<beamline>.bluesky.runengine.documents``."""
-    return f"{beamline_token(beamline)}.bluesky.runengine.documents"
+    """Every document of a beamline's runs: ``<beamline>.ptychopinn.documents``."""
+    return f"{beamline_token(beamline)}.ptychopinn.documents"
 
 
 def kafka_group(beamline: str) -> str:
@@ -211,7 +213,7 @@ class _BusState:
             logger.info("%s: bus reconnected", self.what)
 
 
-class KafkaPublisher:
+class KafkaPublisher(PublisherHandle):
     """A Bluesky callback that sends every document to a beamline's Kafka topic.
 
     Usually made by :func:`~._publisher.publish_documents` with a ``kafka://`` URL. Call it
@@ -265,21 +267,14 @@ class KafkaPublisher:
         self._lock = threading.Lock()
         self._stats = PublisherStats()
         self._closing = threading.Event()
-        self.unsubscribe = None  # set by publish_documents
         self._thread = threading.Thread(target=self._serve_reports, name="kafka-publisher",
                                         daemon=True)
         self._thread.start()
 
     # -- the RunEngine side ----------------------------------------------------------------
-    def __call__(self, name: str, doc: dict) -> None:
-        try:
-            self._take(name, doc)
-        except Exception:
-            # Counted here, logged (or raised with BLUESKY_DEBUG_CALLBACKS=1) by
-            # make_callback_safe, which publish_documents wraps around this callback.
-            with self._lock:
-                self._stats.dropped += 1
-            raise
+    def _count_dropped(self) -> None:
+        with self._lock:
+            self._stats.dropped += 1
 
     def _take(self, name: str, doc: dict) -> None:
         run = self._runs.run_of(name, doc) or "norun"
@@ -291,9 +286,8 @@ class KafkaPublisher:
                                    headers=[("name", name.encode())],
                                    on_delivery=self._delivered)
         except BufferError:
-            with self._lock:
-                self._stats.dropped += 1
-                dropped = self._stats.dropped
+            self._count_dropped()
+            dropped = self._stats.dropped
             if dropped == 1 or dropped % 1000 == 0:
                 logger.warning("bus %s unreachable and buffer full: %d documents dropped so "
                                "far", self.bus, dropped)
@@ -329,26 +323,9 @@ class KafkaPublisher:
         """Wait until every queued document is stored (acknowledged); False on timeout."""
         return self._producer.flush(timeout) == 0
 
-    def close(self, timeout: float = 10.0) -> PublisherStats:
-        """Stop taking documents, deliver what is queued for up to ``timeout`` seconds.
-        Returns the final :attr:`stats` (``buffered`` > 0: lost at close)."""
-        if self.unsubscribe is not None:
-            self.unsubscribe()
-            self.unsubscribe = None
-        self.flush(timeout)
+    def _shutdown(self) -> None:
         self._closing.set()
         self._thread.join(timeout=5)
-        stats = self.stats
-        if stats.buffered:
-            logger.warning("bus publisher closed with %d documents not published",
-                           stats.buffered)
-        return stats
-
-    def __enter__(self) -> KafkaPublisher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class KafkaWorker(RunWorker):
@@ -459,17 +436,26 @@ class KafkaWorker(RunWorker):
         self._next[msg.partition()] = msg.offset() + 1
         return msg
 
-    @staticmethod
-    def _name(msg) -> str:
+    def _name(self, msg) -> str | None:
+        """The document name of a message; None (logged) for one this codec cannot read."""
         for key, value in msg.headers() or []:
             if key == "name":
-                return value.decode()
-        return decode(msg.value())[0]
+                return value.decode(errors="replace")
+        try:
+            return decode(msg.value())[0]
+        except Exception as exc:
+            logger.warning("%s: partition %d offset %d is not a document this worker can read "
+                           "(%s); skipped", self.options.name, msg.partition(), msg.offset(),
+                           exc)
+            return None
 
     def _defer(self, msg, rewind: dict[int, int], partition: int) -> None:
         """Another run's start while this one is reconstructed: come back to it later."""
         p = msg.partition()
         if p not in rewind:
+            logger.debug("%s: run %s (partition %d, offset %d) put back until run %s is "
+                         "finished", self.options.name, (msg.key() or b"").decode(), p,
+                         msg.offset(), self._current[0] if self._current else None)
             rewind[p] = msg.offset()
             if p != partition:
                 ck = _require()
@@ -580,7 +566,9 @@ class KafkaWorker(RunWorker):
                     continue
                 key = (msg.key() or b"").decode()
                 if key == raw_uid and msg.partition() == partition:
-                    return decode(msg.value())
+                    if self._name(msg) is not None:
+                        return decode(msg.value())
+                    continue
                 if key not in self._done and key != raw_uid and self._name(msg) == "start":
                     self._defer(msg, rewind, partition)
                 # Else: a document of a finished run, or of one whose start this worker put

@@ -22,7 +22,7 @@ from ._codec import encode
 from ._streams import ensure_streams
 from ._subjects import docs_stream, docs_subject, runs_stream, runs_subject
 
-__all__ = ["DocumentPublisher", "PublisherStats", "publish_documents"]
+__all__ = ["DocumentPublisher", "PublisherHandle", "PublisherStats", "publish_documents"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,47 @@ class _RunSubjects:
             self.current = None
 
 
-class DocumentPublisher:
+class PublisherHandle:
+    """What every publisher :func:`publish_documents` returns does: a ``(name, doc)``
+    callback that counts what it cannot send, ``stats``, ``flush`` and ``close``. A transport
+    implements ``_take(name, doc)``, ``_count_dropped()``, ``stats``, ``flush`` and
+    ``_shutdown()``."""
+
+    bus: str
+    unsubscribe = None  # set by publish_documents
+
+    def __call__(self, name: str, doc: dict) -> None:
+        try:
+            self._take(name, doc)
+        except Exception:
+            # A document that cannot be encoded is lost to the bus, not to the scan:
+            # counted here, logged (or raised with BLUESKY_DEBUG_CALLBACKS=1) by
+            # make_callback_safe, which publish_documents wraps around this callback.
+            self._count_dropped()
+            raise
+
+    def close(self, timeout: float = 10.0) -> PublisherStats:
+        """Stop taking documents, publish what is buffered for up to ``timeout`` seconds,
+        disconnect. Returns the final :attr:`stats` (``buffered`` > 0: lost at close)."""
+        if self.unsubscribe is not None:
+            self.unsubscribe()
+            self.unsubscribe = None
+        self.flush(timeout)
+        self._shutdown()
+        stats = self.stats
+        if stats.buffered:
+            logger.warning("bus publisher closed with %d documents not published",
+                           stats.buffered)
+        return stats
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DocumentPublisher(PublisherHandle):
     """A Bluesky callback that sends every document to a NATS JetStream bus.
 
     Usually made by :func:`publish_documents`. Call it with ``(name, doc)``; it returns at
@@ -137,22 +177,14 @@ class DocumentPublisher:
         self._closing = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.unsubscribe = None  # set by publish_documents
         self._thread = threading.Thread(target=self._thread_main, name="bus-publisher",
                                         daemon=True)
         self._thread.start()
 
     # -- the RunEngine side ----------------------------------------------------------------
-    def __call__(self, name: str, doc: dict) -> None:
-        try:
-            self._take(name, doc)
-        except Exception:
-            # A document that cannot be encoded is lost to the bus, not to the scan:
-            # counted here, logged (or raised with BLUESKY_DEBUG_CALLBACKS=1) by
-            # make_callback_safe, which publish_documents wraps around this callback.
-            with self._cond:
-                self._stats.dropped += 1
-            raise
+    def _count_dropped(self) -> None:
+        with self._cond:
+            self._stats.dropped += 1
 
     def _take(self, name: str, doc: dict) -> None:
         run = self._runs.run_of(name, doc)
@@ -202,29 +234,12 @@ class DocumentPublisher:
                 self._cond.wait(min(left, 0.1))
         return True
 
-    def close(self, timeout: float = 10.0) -> PublisherStats:
-        """Stop taking documents, publish what is buffered for up to ``timeout`` seconds,
-        disconnect. Returns the final :attr:`stats` (``buffered`` > 0: lost at close)."""
-        if self.unsubscribe is not None:
-            self.unsubscribe()
-            self.unsubscribe = None
-        self.flush(timeout)
+    def _shutdown(self) -> None:
         self._closing = True
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             loop.call_soon_threadsafe(wake.set)
         self._thread.join(timeout=5)
-        stats = self.stats
-        if stats.buffered:
-            logger.warning("bus publisher closed with %d documents not published",
-                           stats.buffered)
-        return stats
-
-    def __enter__(self) -> DocumentPublisher:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- the background thread ---------------------------------------------------------------
     def _thread_main(self) -> None:
@@ -322,7 +337,7 @@ def publish_documents(RE, bus: str = "nats://127.0.0.1:4222", *, beamline: str =
         of a Kafka cluster (the ``kafka`` extra; :mod:`._kafka`).
     beamline : str
         Stream and subject names (``BLUESKY_<BEAMLINE>``, ``events.<beamline>.<run>.<doc>``),
-        or the Kafka topic (``<beamline>.bluesky.runengine.documents``).
+        or the Kafka topic (``<beamline>.ptychopinn.documents``).
     max_buffer : int
         Documents buffered locally while the bus is away (then dropped and counted).
     **kwargs
