@@ -315,7 +315,12 @@ def test_kafka_urls():
         parse_kafka_url("nats://a:4222")
 
 
-def test_the_worker_exits_with_a_clear_message_when_kafka_is_unreachable(tiled):
-    result = CliRunner().invoke(app, ["worker", "--bus", f"kafka://127.0.0.1:{free_port()}",
-                                      "--tiled", tiled.uri, "--api-key", tiled.api_key])
+def test_the_worker_exits_with_a_clear_message_when_kafka_is_unreachable(tiled, tmp_path):
+    dead = ["worker", "--bus", f"kafka://127.0.0.1:{free_port()}", "--tiled", tiled.uri,
+            "--api-key", tiled.api_key]
+    result = CliRunner().invoke(app, dead)
     assert result.exit_code == 2 and "cannot reach the bus" in result.output, result.output
+    creds = tmp_path / "hxn.creds"
+    creds.write_text("not for Kafka")
+    result = CliRunner().invoke(app, [*dead, "--bus-creds", str(creds)])
+    assert result.exit_code == 2 and "is a NATS option" in result.output, result.output

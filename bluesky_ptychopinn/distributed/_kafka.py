@@ -368,7 +368,8 @@ class KafkaWorker(RunWorker):
             "heartbeat.interval.ms": max(100, session_ms // 3),
             # poll() is not called while a finished run's last snapshot and refinement are
             # written; the session (background heartbeats) is what detects a dead worker.
-            "max.poll.interval.ms": int((900 + o.refine_budget_s + o.frames_timeout_s) * 1000),
+            "max.poll.interval.ms": max(session_ms, int(
+                (900 + o.refine_budget_s + o.frames_timeout_s) * 1000)),
             # Only the partitions that move are revoked: a worker joining or leaving does not
             # interrupt the runs the others are reconstructing.
             "partition.assignment.strategy": "cooperative-sticky",
@@ -542,6 +543,8 @@ class KafkaWorker(RunWorker):
         finally:
             reporter.cancel()
             with contextlib.suppress(Exception):
+                if self._current is None:
+                    await self._commit({})  # what was skipped since the last commit
                 await asyncio.to_thread(self._consumer.close)
         return self.progress.runs_done
 
