@@ -176,7 +176,11 @@ def test_two_workers_share_the_runs_each_reconstructed_once_whole(pool, kafka, t
     while len(uids) < 2 or (len(uids) < 8 and not all(
             set(w.runs("took")) & set(uids) for w in pool)):
         uids.append(_scan(RE, bl, n_side=4))
-        _wait_finished(pool, uids[-1:])
+        deadline = time.monotonic() + 30
+        while uids[-1] not in {u for w in pool for u in w.runs("took")}:
+            assert time.monotonic() < deadline, f"nobody took run {uids[-1]}"
+            time.sleep(0.05)
+    _wait_finished(pool, uids)
     assert handle.flush(30) and handle.stats.dropped == 0, handle.stats
     handle.close()
     took = [u for w in pool for u in w.runs("took")]
@@ -187,6 +191,44 @@ def test_two_workers_share_the_runs_each_reconstructed_once_whole(pool, kafka, t
             assert int(p) in _partitions(w)
     for uid in uids:
         _assert_one_whole_derived_run(tiled.client(), uid, 16)
+
+
+def test_a_stalled_worker_finds_itself_out_and_writes_nothing_more(pool, kafka, tiled):
+    RE, handle = _engine(tiled, kafka.url, BEAMLINE)
+    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=25, exposure_s=0.15)
+    client = tiled.client()
+    before = [set(w.runs("took")) for w in pool]
+    stopped: dict = {}
+
+    def stop_when_mid_run():  # SIGSTOP: alive, but silent past its session timeout
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stopped:
+            for k, w in enumerate(pool):
+                new = set(w.runs("took")) - before[k]
+                if new and _derived(client, uid := new.pop()):
+                    w.proc.send_signal(signal.SIGSTOP)
+                    stopped.update(index=k, uid=uid)
+                    return
+            time.sleep(0.05)
+
+    stopper = threading.Thread(target=stop_when_mid_run)
+    stopper.start()
+    uid = _scan(RE, bl)
+    stopper.join()
+    assert stopped.get("uid") == uid, "the worker was not stopped during the scan"
+    stalled, other = pool[stopped["index"]], pool[1 - stopped["index"]]
+    _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
+    stalled.proc.send_signal(signal.SIGCONT)
+    # It learns it is out of the group, writes nothing more of the run (not even a "fail"
+    # stop over the other worker's complete one), and joins again.
+    stalled.wait_for(r"partitions \[[\d, ]+\] lost(.|\n)*assigned partitions \[\d", timeout=60)
+    assert handle.flush(30)
+    handle.close()
+    assert re.search(rf"run {uid} left unfinished", stalled.text())
+    assert uid not in stalled.runs("finished")
+    _assert_one_whole_derived_run(tiled.client(), uid, 36)
+    run = tiled.client()[_derived(tiled.client(), uid)[0]]
+    assert list(run["snapshots"]["frames"].read()).count(36) == 1  # nothing appended after
 
 
 def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, kafka, tiled):
@@ -233,18 +275,23 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, kafka
 
 def test_a_late_worker_takes_the_backlog_of_all_partitions_once(pool, kafka, tiled, tmp_path):
     for w in pool:  # nobody in the group while these runs are taken
+        w.proc.send_signal(signal.SIGTERM)
+    for w in pool:
         w.stop()
     done_before = {u for w in pool for u in w.runs("finished")}
-    RE, handle = _engine(tiled, kafka.url, BEAMLINE)
-    bl = sim_beamline("cells", write_path=tiled.detector_dir, seed=24)
-    uids = [_scan(RE, bl, n_side=4) for _ in range(3)]
-    assert handle.flush(30)
-    handle.close()
+    # Started now, it joins the group after its ~10 s start-up: after the scans below.
     late = WorkerProcess(tmp_path / "late.log", kafka.url, tiled, BEAMLINE, "-v")
     try:
+        RE, handle = _engine(tiled, kafka.url, BEAMLINE)
+        bl = sim_beamline("cells", write_path=tiled.detector_dir, seed=24)
+        uids = [_scan(RE, bl, n_side=4) for _ in range(3)]
+        assert handle.flush(30)
+        handle.close()
+        joined = re.search(r"assigned partitions", late.text())
         _wait_finished([late], uids)
     finally:
         late.stop()
+    assert not joined, "the late worker joined before the scans ended"
     # Runs of several partitions read in whatever order the fetches bring them: one at a
     # time, the others' starts put back and read again; nothing finished before redone.
     assert sorted(late.runs("took")) == sorted(uids), late.text()[-3000:]

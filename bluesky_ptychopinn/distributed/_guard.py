@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DerivedOutcome:
     """What became of one derived run: ``"written"``, ``"kept"`` (a complete one was there),
-    or ``"error"`` (Tiled failed; ``error`` says how). ``replaced``: a partial one was
-    deleted first."""
+    ``"error"`` (Tiled failed; ``error`` says how) or ``"abandoned"`` (the run went to another
+    worker: nothing more is written). ``replaced``: a partial one was deleted first."""
 
     uid: str
     status: str = "open"
@@ -76,6 +76,14 @@ class DerivedRunGuard:
                 logger.info("derived run %s: replaced a partial run a previous worker left",
                             doc["uid"])
         return outcome
+
+    def abandon(self, uid: str) -> None:
+        """Write nothing more of derived run ``uid`` (another worker has its raw run now and
+        may be writing the same uid); its documents still pass through, unwritten."""
+        outcome = self.outcomes.get(uid)
+        if outcome is not None and outcome.status in ("open", "written"):
+            outcome.status = "abandoned"
+            logger.info("derived run %s: abandoned on this worker; nothing more written", uid)
 
     def __call__(self, name: str, doc: dict) -> None:
         if name == "start":

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -139,7 +140,19 @@ def probe_kafka(bus: str, timeout: float = 3.0, config: dict | None = None) -> d
         confluent-kafka is missing, or no broker answers within ``timeout`` seconds.
     """
     ck = _require()
-    admin = ck.admin.AdminClient(kafka_config(bus, config))
+    conf = kafka_config(bus, config)
+    # A refused connection fails at once; librdkafka would retry it for all of ``timeout``.
+    errors = []
+    for broker in conf["bootstrap.servers"].split(","):
+        host, _, port = broker.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+            break
+        except OSError as exc:
+            errors.append(f"{broker}: {exc}")
+    else:
+        raise BusUnavailableError(f"cannot reach the bus at {bus}: {'; '.join(errors)}")
+    admin = ck.admin.AdminClient(conf)
     try:
         md = admin.list_topics(timeout=timeout)
     except ck.KafkaException as exc:
@@ -397,9 +410,15 @@ class KafkaWorker(RunWorker):
             self._committed.pop(p, None)
         if self._current is not None and self._current[1] in gone:
             raw_uid = self._current[0]
-            # Closed here, before the partition goes to another worker, so that nothing of
-            # this worker's partial derived run is written after the other one replaces it.
             self._lost_current = raw_uid
+            if lost:
+                # Out of the group (session timed out): another worker may be writing this
+                # run's derived run already. Write nothing more of it, not even a stop.
+                state = self.live.latest(raw_uid)
+                if state is not None and state.derived_uid:
+                    self.guard.abandon(state.derived_uid)
+            # Revoked: closed here, before the partition goes to another worker (which waits
+            # for this callback), so nothing of the partial derived run comes after it.
             self._close_now(raw_uid, "its partition went to another worker")
 
     def _on_lost(self, consumer, partitions) -> None:
