@@ -6,8 +6,9 @@ engine, the path every live frame takes, plus the bare network for reference.
 
 ``--scaling`` instead measures how the engine's cost per frame evolves along one long scan:
 frames/s over a window of batches and the process RSS at each point (1k, 10k, 30k, 100k
-frames), for the engine and, up to ``--old-up-to`` frames (30k), for the full-history path it
-replaced. Each engine
+frames), for the engine, for the engine with a frame budget (``--budget-mb``, default 256 MiB:
+``StreamingReconstructor(frame_memory_bytes=...)``) and, up to ``--old-up-to`` frames (30k),
+for the full-history path it replaced. Each engine
 streams in its own process, so one's memory does not show in the other's RSS. The result goes
 into the ``scaling`` entry of bench/results/inference.json; the other entries are kept.
 """
@@ -61,7 +62,10 @@ def main() -> None:
     parser.add_argument("--full", action="store_true",
                         help="run every frame through the network, not only the timed "
                         "windows (--scaling; slow)")
-    parser.add_argument("--engine", choices=["new", "old"], help=argparse.SUPPRESS)
+    parser.add_argument("--budget-mb", type=int, default=256,
+                        help="frame memory of the 'budget' engine: the grid-hash engine with "
+                        "StreamingReconstructor(frame_memory_bytes=...) (--scaling)")
+    parser.add_argument("--engine", choices=["new", "budget", "old"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -196,15 +200,16 @@ def scaling_run(args, device: torch.device) -> dict:
     frames = physics.simulate_diffraction(obj, probe, sim_pos, photons=1e6, seed=0).counts
     unique = len(frames)  # the 400 x 400 spiral holds ~pi/4 of --unique points
     points = sorted(p for p in args.points
-                    if args.engine == "new" or p <= args.old_up_to)
+                    if args.engine != "old" or p <= args.old_up_to)
     total = max(args.points) + args.window  # the same scan and canvas for both engines
     radius = step * np.sqrt(total / np.pi) * 1.01 + step
     pos = physics.fermat_spiral_scan((2 * radius, 2 * radius), step)[:total]
     assert len(pos) == total, (len(pos), total)
     pos = pos - pos.min(axis=0) + n  # canvas coordinates, a frame's margin on every side
     shape = tuple(int(np.ceil(v)) + n for v in pos.max(axis=0))
-    engine = StreamingReconstructor if args.engine == "new" else _FullHistoryReconstructor
-    recon = engine(model, object_shape=shape, batch_size=args.batch, device=device)
+    engine = _FullHistoryReconstructor if args.engine == "old" else StreamingReconstructor
+    extra = {"frame_memory_bytes": args.budget_mb << 20} if args.engine == "budget" else {}
+    recon = engine(model, object_shape=shape, batch_size=args.batch, device=device, **extra)
     rss_start = rss_mib()
     rows, seen, start = [], 0, time.perf_counter()
 
@@ -239,7 +244,7 @@ def scaling_run(args, device: torch.device) -> dict:
                "frames_per_cpu_s": args.window / cpu,
                "batch_latency_p50_s": float(np.median(latencies)), "rss_mib": rss_mib(),
                "rss_trimmed_mib": _trimmed_rss()}
-        if args.engine == "new":
+        if args.engine != "old":
             row["stored_frames"] = len(recon._store)
             row["index_entries"] = recon._index.n_entries
         rows.append(row)
@@ -266,9 +271,10 @@ def scaling(args, device: torch.device) -> None:
     be shared: the fastest run per point is the one least disturbed); the table, and the JSON
     entry."""
     load_before = os.getloadavg()
-    runs: dict[str, list] = {"new": [], "old": []}
-    for _, engine in ((r, e) for r in range(args.repeats) for e in ("new", "old")):
+    runs: dict[str, list] = {"new": [], "budget": [], "old": []}
+    for _, engine in ((r, e) for r in range(args.repeats) for e in runs):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", engine,
+               "--budget-mb", str(args.budget_mb),
                "--threads", str(args.threads), "--batch", str(args.batch),
                "--model", args.model, "--device", str(device), "--window", str(args.window),
                "--unique", str(args.unique), "--old-up-to", str(args.old_up_to),
@@ -277,9 +283,11 @@ def scaling(args, device: torch.device) -> None:
         runs[engine].append(json.loads(done.stdout.strip().splitlines()[-1]))
     best = {engine: _fastest(r) for engine, r in runs.items()}
     old = {row["frames"]: row for row in best["old"]}
+    budget = {row["frames"]: row for row in best["budget"]}
     head = f"{'frames/s':>9} {'/cpu-s':>7} {'RSS MiB':>8} {'trimmed':>8}"
-    print(f"\n{'':>8} | {'new (grid hash)':^35} | {'old (full history)':^35}")
-    print(f"{'frames':>8} | {head} | {head}")
+    print(f"\n{'':>8} | {'new (grid hash)':^35} | "
+          f"{f'new, {args.budget_mb} MiB of frames':^35} | {'old (full history)':^35}")
+    print(f"{'frames':>8} | {head} | {head} | {head}")
 
     def cells(row) -> str:
         if row is None:
@@ -288,7 +296,8 @@ def scaling(args, device: torch.device) -> None:
                 f"{row['rss_mib']:8.0f} {row['rss_trimmed_mib']:8.0f}")
 
     for row in best["new"]:
-        print(f"{row['frames']:8d} | {cells(row)} | {cells(old.get(row['frames']))}")
+        print(f"{row['frames']:8d} | {cells(row)} | {cells(budget.get(row['frames']))} | "
+              f"{cells(old.get(row['frames']))}")
     entry = {
         "machine": machine(), "threads": args.threads, "device": str(device),
         "batch": args.batch, "model": args.model, "window_frames": args.window,
@@ -300,6 +309,8 @@ def scaling(args, device: torch.device) -> None:
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "note": "points: per point, the fastest of the runs (its RSS with it); runs: all",
         "new": {"points": best["new"], "runs": runs["new"]},
+        "budget": {"frame_memory_mib": args.budget_mb, "points": best["budget"],
+                   "runs": runs["budget"]},
         "old_full_history": {"points": best["old"], "runs": runs["old"]},
         "date": time.strftime("%Y-%m-%d"),
     }
