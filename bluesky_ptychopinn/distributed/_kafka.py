@@ -419,25 +419,10 @@ class KafkaWorker(RunWorker):
                     self.guard.abandon(state.derived_uid)
             # Revoked: closed here, before the partition goes to another worker (which waits
             # for this callback), so nothing of the partial derived run comes after it.
-            self._close_now(raw_uid, "its partition went to another worker")
+            self.close_run_now(raw_uid, "its partition went to another worker")
 
     def _on_lost(self, consumer, partitions) -> None:
         self._on_revoke(consumer, partitions, lost=True)
-
-    def _close_now(self, raw_uid: str, reason: str) -> None:
-        from ._worker import _abandoned_stop
-
-        state = self.live.latest(raw_uid)
-        if state is None or state.finished.is_set():
-            return
-        try:
-            self._feed([("stop", _abandoned_stop(raw_uid, "fail", reason))])
-            state = self.live.wait(raw_uid, 60.0)
-            outcome = self.guard.outcomes.get(state.derived_uid)
-            if outcome is not None:
-                outcome.done.wait(30.0)
-        except Exception as exc:
-            logger.warning("run %s: could not close it on this worker: %s", raw_uid, exc)
 
     # -- polling ---------------------------------------------------------------------------
     async def _poll(self, timeout: float):
@@ -490,7 +475,10 @@ class KafkaWorker(RunWorker):
     async def _commit(self, rewind: dict[int, int]) -> None:
         """Commit, per partition, the lowest offset some unfinished run still needs."""
         ck = _require()
-        offsets = {p: rewind.get(p, nxt) for p, nxt in self._next.items()}
+        # Only partitions this worker holds: the group's coordinator would also take an
+        # offset for one another member has now, over that member's.
+        held = {tp.partition for tp in await asyncio.to_thread(self._consumer.assignment)}
+        offsets = {p: rewind.get(p, nxt) for p, nxt in self._next.items() if p in held}
         todo = [ck.TopicPartition(self.topic, p, off) for p, off in sorted(offsets.items())
                 if self._committed.get(p) != off]
         if not todo:
@@ -515,6 +503,7 @@ class KafkaWorker(RunWorker):
                 self._consumer.resume([ck.TopicPartition(self.topic, p)])
             except ck.KafkaException as exc:  # no longer ours: its next owner reads it
                 logger.debug("partition %d: not rewound (%s)", p, exc.args[0])
+                continue
             self._next[p] = offset
 
     # -- the loop --------------------------------------------------------------------------
@@ -568,6 +557,8 @@ class KafkaWorker(RunWorker):
         return self.progress.runs_done
 
     async def _take(self, first, raw_uid: str) -> bool:
+        """Reconstruct the run that starts at ``first``; False: it failed here and is to be
+        redone (its partition is rewound to its start)."""
         partition, start_offset = first.partition(), first.offset()
         rewind: dict[int, int] = {}
         self._current, self._lost_current = (raw_uid, partition), None
@@ -612,7 +603,7 @@ class KafkaWorker(RunWorker):
             self._rewind(rewind)
         else:
             self._rewind({p: off for p, off in rewind.items() if p != partition})
-        return done
+        return done or lost  # a lost run is not this worker's to retry
 
     async def _lag(self) -> int:
         """Documents in this worker's partitions not read yet (-1: unknown now)."""

@@ -304,15 +304,22 @@ class RunWorker:
         return outcome, state
 
     async def _close_open_run(self, raw_uid: str, reason: str = "worker error") -> None:
+        await asyncio.to_thread(self.close_run_now, raw_uid, reason)
+
+    def close_run_now(self, raw_uid: str, reason: str) -> None:
         """Close a run the live callback still has open, so that its next delivery (maybe to
-        this worker) starts from a clean state; its derived run ends ``"fail"`` and is
-        replaced when the run is redone."""
+        this worker) starts from a clean state; its derived run ends ``"fail"`` (unless the
+        guard abandoned it) and is replaced when the run is redone. Blocks until the stop
+        document is through the guard."""
         state = self.live.latest(raw_uid)
         if state is None or state.finished.is_set():
             return
         try:
             self._feed([("stop", _abandoned_stop(raw_uid, "fail", reason))])
-            await asyncio.to_thread(self.live.wait, raw_uid, 60.0)
+            state = self.live.wait(raw_uid, 60.0)
+            outcome = self.guard.outcomes.get(state.derived_uid)
+            if outcome is not None:
+                outcome.done.wait(30.0)
         except Exception as exc:
             logger.warning("run %s: could not close it on this worker: %s", raw_uid, exc)
 
