@@ -193,26 +193,41 @@ def test_two_workers_share_the_runs_each_reconstructed_once_whole(pool, kafka, t
         _assert_one_whole_derived_run(tiled.client(), uid, 16)
 
 
-def test_a_stalled_worker_finds_itself_out_and_writes_nothing_more(pool, kafka, tiled):
-    RE, handle = _engine(tiled, kafka.url, BEAMLINE)
-    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=25, exposure_s=0.15)
-    client = tiled.client()
-    before = [set(w.runs("took")) for w in pool]
-    stopped: dict = {}
+def _sigkill(worker: WorkerProcess) -> None:
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
 
-    def stop_when_mid_run():  # SIGSTOP: alive, but silent past its session timeout
+
+def _when_mid_run(pool, client, act):
+    """A started thread that waits for a worker of ``pool`` to take a new run whose partial
+    derived run is in Tiled, then calls ``act(worker)``. Returns the thread, a dict it fills
+    (``index``, ``uid``, ``t``: which worker, which run, when) and the runs each worker had
+    taken before."""
+    before = [set(w.runs("took")) for w in pool]
+    hit: dict = {}
+
+    def watch():
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not stopped:
+        while time.monotonic() < deadline:
             for k, w in enumerate(pool):
                 new = set(w.runs("took")) - before[k]
                 if new and _derived(client, uid := new.pop()):
-                    w.proc.send_signal(signal.SIGSTOP)
-                    stopped.update(index=k, uid=uid)
+                    act(w)
+                    hit.update(index=k, uid=uid, t=time.monotonic())
                     return
             time.sleep(0.05)
 
-    stopper = threading.Thread(target=stop_when_mid_run)
-    stopper.start()
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread, hit, before
+
+
+def test_a_stalled_worker_finds_itself_out_and_writes_nothing_more(pool, kafka, tiled):
+    RE, handle = _engine(tiled, kafka.url, BEAMLINE)
+    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=25, exposure_s=0.15)
+    # SIGSTOP: alive, but silent past its session timeout.
+    stopper, stopped, _ = _when_mid_run(pool, tiled.client(),
+                                        lambda w: w.proc.send_signal(signal.SIGSTOP))
     uid = _scan(RE, bl)
     stopper.join()
     assert stopped.get("uid") == uid, "the worker was not stopped during the scan"
@@ -235,26 +250,7 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, kafka
     RE, handle = _engine(tiled, kafka.url, BEAMLINE)
     # 0.15 s exposures: the scan lasts ~6 s, the worker that takes it is killed mid-run.
     bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=22, exposure_s=0.15)
-    client = tiled.client()
-    before = [set(w.runs("took")) for w in pool]
-    killed: dict = {}
-
-    def kill_when_mid_run():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not killed:
-            for k, w in enumerate(pool):
-                new = set(w.runs("took")) - before[k]
-                if new:
-                    uid = new.pop()
-                    if _derived(client, uid):  # its partial derived run is in Tiled
-                        w.proc.send_signal(signal.SIGKILL)
-                        w.proc.wait()
-                        killed.update(index=k, uid=uid, t=time.monotonic())
-                        return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_when_mid_run)
-    killer.start()
+    killer, killed, before = _when_mid_run(pool, tiled.client(), _sigkill)
     uid = _scan(RE, bl)
     t_stop = time.monotonic()
     killer.join()
