@@ -351,6 +351,20 @@ def _read_topic(bootstrap: str, topic: str, expected: int) -> list[tuple[str, di
     return out
 
 
+def test_a_full_buffer_drops_and_counts_and_never_blocks():
+    from bluesky_ptychopinn.distributed import KafkaPublisher
+
+    publisher = KafkaPublisher(f"kafka://127.0.0.1:{free_port()}", beamline="full",
+                               max_buffer=3)
+    t0 = time.monotonic()
+    start = {"uid": "r1", "time": time.time()}
+    for k in range(5):
+        publisher("start" if k == 0 else "event", start if k == 0 else {"descriptor": "d"})
+    assert time.monotonic() - t0 < 1.0
+    stats = publisher.close(timeout=0.5)
+    assert (stats.buffered, stats.dropped, stats.published) == (3, 2, 0), stats
+
+
 def test_kafka_urls():
     assert parse_kafka_url("kafka://a:9092,b:9093") == "a:9092,b:9093"
     assert parse_kafka_url("kafka://a,kafka://b:1") == "a:9092,b:1"
