@@ -727,7 +727,8 @@ def bus_serve(
 @app.command()
 def worker(
     bus: str = typer.Option(..., "--bus", envvar="PTYCHOPINN_BUS",
-                            help="NATS server(s): nats://HOST:PORT[,nats://...]."),
+                            help="NATS server(s): nats://HOST:PORT[,nats://...], or Kafka "
+                            "brokers: kafka://HOST:PORT[,HOST:PORT...] (the kafka extra)."),
     tiled: str = typer.Option(..., "--tiled", envvar="TILED_URI",
                               help="Tiled URI of the raw runs and the derived runs."),
     api_key: str = typer.Option(None, "--api-key", envvar="TILED_API_KEY",
@@ -745,7 +746,8 @@ def worker(
     torch_threads: int = typer.Option(None, help="CPU threads of the reconstruction."),
     ack_wait_s: float = typer.Option(30.0, "--ack-wait-s",
                                      help="Seconds without a heartbeat before another worker "
-                                     "takes a run (set by the first worker of a beamline)."),
+                                     "takes a run (NATS: set by the first worker of a beamline; "
+                                     "Kafka: the consumer's session timeout)."),
     report_every_s: float = typer.Option(5.0, "--report-every-s", help="Health log interval."),
     max_runs: int = typer.Option(None, help="Exit after this many runs."),
     bus_creds: Path = typer.Option(None, "--bus-creds", exists=True, dir_okay=False,
