@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import time
 
 import h5py
 import numpy as np
@@ -328,6 +329,60 @@ def test_a_hung_mount_holds_neither_the_loop_nor_the_other_runs(beamline, tmp_pa
     stop = stops[state_hung.derived_uid]
     assert stop["exit_status"] == "fail" and "no answer in 4 s" in stop["reason"]
     assert _summary(stop)["frames_rejected_by_cause"] == {"file_unreadable": 36}
+
+
+def _slow_reads(monkeypatch, seconds: float, first: float | None = None) -> None:
+    """Every detector-file read takes ``seconds`` (a loaded network file system), the first
+    one ``first`` (a hiccup)."""
+    from bluesky_ptychopinn.callbacks import _frames
+
+    real_read = _frames._HDF5Source._read
+    calls = []
+
+    def slow_read(self, start, stop):
+        time.sleep(first if first is not None and not calls else seconds)
+        calls.append(start)
+        return real_read(self, start, stop)
+
+    monkeypatch.setattr(_frames._HDF5Source, "_read", slow_read)
+
+
+def test_a_slow_file_is_read_whole_and_close_waits_for_it(beamline, tmp_path, monkeypatch):
+    """A first read of 1.5 s (a hiccup: the file is then only polled), so the next 35 reads,
+    0.1 s each, queue up behind it for 3.5 s, longer than the 2-s read timeout: only a read
+    in progress times out, so every frame is read; and close() right after the stop finishes
+    the run instead of failing it."""
+    frames, pos = _points(beamline)
+    path = _write(tmp_path / "slow.h5", frames)
+    _slow_reads(monkeypatch, 0.1, first=1.5)
+    live = LiveReconstruction("default", isolation="thread", refine=None, batch_size=16,
+                              torch_threads=1, read_timeout_s=2)
+    out = []
+    live.subscribe(lambda name, doc: out.append((name, doc)))
+    docs = _file_run(beamline, f"file://localhost{path}", frames, pos)
+    for name, doc in docs:
+        live(name, doc)
+    live.close(timeout=60)
+    (stop,) = [doc for name, doc in out if name == "stop"]
+    assert stop["exit_status"] == "success", stop["reason"]
+    assert live.latest(docs[0][1]["uid"]).frames_done == 36
+
+
+def test_a_slow_file_missing_frames_ends_once_the_run_is_over(beamline, tmp_path,
+                                                            monkeypatch):
+    """Frames never written to a slow file are given up at the stop, not asked for again and
+    again: the run ends, in bounded time, with the counts by cause."""
+    frames, pos = _points(beamline)
+    path = _write(tmp_path / "short.h5", frames, written=30)
+    _slow_reads(monkeypatch, 0.2)
+    live = LiveReconstruction("default", isolation="thread", refine=None, batch_size=16,
+                              torch_threads=1, read_timeout_s=2)
+    try:
+        state, stop = _run(live, _file_run(beamline, f"file://localhost{path}", frames, pos))
+    finally:
+        live.close()
+    assert stop["exit_status"] == "success" and state.frames_done == 30
+    assert _summary(stop)["frames_rejected_by_cause"] == {"missing_in_file": 6}
 
 
 def test_an_unsupported_legacy_resource_is_refused_not_ignored(beamline, live, tmp_path):

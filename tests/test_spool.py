@@ -257,7 +257,8 @@ def test_spool_status_and_flush_deliver_what_an_ended_process_left(server, tmp_p
 
 def test_a_nearly_full_disk_is_never_filled_by_the_spool(server, tmp_path, caplog):
     """Below ``min_free_bytes`` free, documents are dropped and counted, not journaled (the
-    detector's frames need that disk more); the scan goes on and the drop is said once."""
+    detector's frames need that disk more): only the run's start and stop, so the run stays
+    a unit; the scan goes on and the loss is said."""
     raw = SpooledWriter(TiledWriter(server.client(), batch_size=10), spool_dir=tmp_path,
                         label="raw", min_free_bytes=1 << 62)  # more than any disk has free
     RE = RunEngine(call_returns_result=True)
@@ -267,11 +268,13 @@ def test_a_nearly_full_disk_is_never_filled_by_the_spool(server, tmp_path, caplo
     with caplog.at_level("ERROR", logger="bluesky_ptychopinn.catalog"):
         assert _scan(sim_beamline("cells", write_path=None, seed=12), RE,
                      n_side=3).exit_status == "success"
-        raw.close(timeout=5)
-    assert raw.stats.received == len(docs) == raw.stats.dropped == raw.stats.disk_low
-    assert not list((tmp_path / "raw").glob("*.journal"))
-    assert [r.message for r in caplog.records].count(
-        next(r.message for r in caplog.records if "documents are dropped" in r.message)) == 1
+        assert raw.close(timeout=30)
+    assert raw.stats.received == len(docs)
+    assert raw.stats.dropped == raw.stats.disk_low == len(docs) - 2  # all but start and stop
+    assert not list((tmp_path / "raw").glob("*.journal"))  # delivered, then removed
+    messages = [r.message for r in caplog.records]
+    assert sum("documents are dropped" in m for m in messages) == 1
+    assert any(f"is incomplete: {len(docs) - 2} of its documents" in m for m in messages)
 
 
 def test_journals_are_made_durable_while_a_run_is_open(server, tmp_path, monkeypatch):
@@ -290,3 +293,53 @@ def test_journals_are_made_durable_while_a_run_is_open(server, tmp_path, monkeyp
     _scan(bl, RE, n_side=6)
     raw.close(timeout=30)
     assert len(synced) >= 3  # during the run, then the stop's own
+
+
+def test_a_low_disk_episode_between_two_runs_keeps_them_apart(server, tmp_path, monkeypatch,
+                                                              caplog):
+    """Starts and stops are journaled even on a nearly full disk, so the next run's documents
+    never land in the run before it; what was not journaled is counted and said."""
+    import shutil
+    from collections import namedtuple
+
+    from event_model import compose_run
+
+    usage, real_usage = namedtuple("usage", "total used free"), shutil.disk_usage
+    low = threading.Event()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1, 1, 0) if low.is_set()
+                        else real_usage(path))
+    client = server.client()
+    raw = SpooledWriter(TiledWriter(client, batch_size=1), spool_dir=tmp_path, label="raw",
+                        min_free_bytes=1)
+    keys = {"x": {"source": "sim", "dtype": "number", "shape": []}}
+
+    def run_docs():
+        bundle = compose_run()
+        desc = bundle.compose_descriptor(name="primary", data_keys=keys)
+        events = [desc.compose_event(data={"x": float(k)}, timestamps={"x": 0.0}, seq_num=k)
+                  for k in range(1, 7)]
+        return bundle, desc, events
+
+    a, a_desc, a_events = run_docs()
+    b, b_desc, b_events = run_docs()
+    with caplog.at_level("ERROR", logger="bluesky_ptychopinn.catalog"):
+        for name, doc in [("start", a.start_doc), ("descriptor", a_desc.descriptor_doc),
+                          *[("event", e) for e in a_events[:3]]]:
+            raw(name, doc)
+        low.set()
+        time.sleep(1.1)  # past the writer's once-a-second look at the disk
+        for name, doc in [*[("event", e) for e in a_events[3:]], ("stop", a.compose_stop()),
+                          ("start", b.start_doc)]:
+            raw(name, doc)
+        low.clear()
+        time.sleep(1.1)
+        for name, doc in [("descriptor", b_desc.descriptor_doc),
+                          *[("event", e) for e in b_events], ("stop", b.compose_stop())]:
+            raw(name, doc)
+        assert raw.close(timeout=60)
+    assert raw.stats.disk_low == 3 and raw.stats.dropped == 3
+    seq_a = client[a.start_doc["uid"]]["primary"].base["internal"].read(["seq_num"])["seq_num"]
+    seq_b = client[b.start_doc["uid"]]["primary"].base["internal"].read(["seq_num"])["seq_num"]
+    assert sorted(seq_a.tolist()) == [1, 2, 3] and sorted(seq_b.tolist()) == list(range(1, 7))
+    assert "stop" in client[a.start_doc["uid"]].metadata
+    assert any("is incomplete: 3 of its documents" in r.message for r in caplog.records)

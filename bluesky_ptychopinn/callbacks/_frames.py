@@ -37,17 +37,23 @@ class ReadTimeout(OSError):
 
 
 class _Read:
-    """One read handed to a :class:`_TimedReader`: done once ``done`` is set."""
+    """One read handed to a :class:`_TimedReader`: done once ``done`` is set. ``started`` is
+    when the reader thread began it (None while it waits behind earlier reads): only a read
+    in progress can time out, so a long queue of quick reads never does."""
 
-    __slots__ = ("call", "done", "error", "submitted", "value")
+    __slots__ = ("call", "done", "error", "ref", "started", "submitted", "value")
 
-    def __init__(self, call) -> None:
-        self.call, self.done = call, threading.Event()
-        self.value = self.error = None
+    def __init__(self, call, ref=None) -> None:
+        self.call, self.ref, self.done = call, ref, threading.Event()
+        self.value = self.error = self.started = None
         self.submitted = time.monotonic()
 
     def age(self, now: float) -> float:
         return now - self.submitted
+
+    def running_for(self, now: float) -> float:
+        """Seconds since the reader began this read (0 while it waits its turn)."""
+        return 0.0 if self.started is None else now - self.started
 
 
 class _TimedReader:
@@ -67,6 +73,7 @@ class _TimedReader:
             job = self._jobs.get()
             if job is None:
                 return
+            job.started = time.monotonic()
             try:
                 job.value = job.call()
             except BaseException as exc:  # handed to the caller
@@ -78,8 +85,8 @@ class _TimedReader:
         self.stopped = True
         self._jobs.put(None)
 
-    def submit(self, call) -> _Read:
-        job = _Read(call)
+    def submit(self, call, ref=None) -> _Read:
+        job = _Read(call, ref)
         if self.stopped:
             job.error = ReadTimeout("the source is closed")
             job.done.set()
@@ -102,9 +109,9 @@ class _HDF5Source:
         # SWMR read: the detector keeps appending while we read.
         return h5py.File(self.path, "r", swmr=True, libver="latest")
 
-    def submit(self, start: int, stop: int) -> _Read:
+    def submit(self, start: int, stop: int, ref=None) -> _Read:
         """Queue the read of frames ``[start, stop)``; the caller collects it when done."""
-        return self.reader.submit(lambda: self._read(start, stop))
+        return self.reader.submit(lambda: self._read(start, stop), ref)
 
     def _read(self, start: int, stop: int) -> np.ndarray:
         if self.handle is None:
@@ -165,6 +172,8 @@ class FramePairer:
     reads: dict[int, _Read] = field(default_factory=dict)
     #: sources with a read unanswered for over ``slow_after_s``: polled, not waited on
     slow_sources: set[str] = field(default_factory=set)
+    #: the run's stop has come: frames not in their file now never will be
+    stopping: bool = False
     #: legacy datum id -> (resource uid, first frame, stop frame)
     datum_map: dict[str, tuple[str, int, int]] = field(default_factory=dict)
     #: legacy datum ids seen in an event before their Datum -> seq_num
@@ -333,35 +342,42 @@ class FramePairer:
     def collect_reads(self) -> None:
         """Ask for every referenced frame whose position is known; take the reads that are
         done. A source is waited for only while it answers promptly (``slow_after_s``); a
-        slow one (a hung mount) is polled, never waited on, and given up ``read_timeout_s``
-        after its oldest unanswered read."""
+        slow one (a hung mount) is polled, never waited on, and given up once the read in
+        progress has gone ``read_timeout_s`` without an answer (reads queued behind it are
+        not timed: a long queue of quick reads is not a hung file). After :attr:`stopping`
+        is set, a frame the file does not hold is given up (``missing_in_file``) instead of
+        being asked for again."""
         for seq in sorted(self.pending_refs):
             if seq in self.positions and seq not in self.reads:
-                source, start, stop = self.pending_refs[seq]
-                self.reads[seq] = self.sources[source].submit(start, stop)
+                ref = self.pending_refs[seq]
+                self.reads[seq] = self.sources[ref[0]].submit(ref[1], ref[2], ref)
         for seq in sorted(self.reads):
             read = self.reads.get(seq)
             if read is None:  # given up with its source
                 continue
-            source = self.pending_refs[seq][0]
+            source = read.ref[0]
             if source not in self.slow_sources:
                 read.done.wait(max(self.slow_after_s - read.age(time.monotonic()), 0.0))
                 if not read.done.is_set():
                     self.slow_sources.add(source)
             if not read.done.is_set():
-                if read.age(time.monotonic()) >= self.read_timeout_s:
+                if read.running_for(time.monotonic()) >= self.read_timeout_s:
                     self._give_up_source(source, ReadTimeout(
                         f"reading {self.sources[source].path}: no answer in "
                         f"{self.read_timeout_s:g} s"))
                 continue  # the source's later reads queue behind this one
             del self.reads[seq]
             self.slow_sources.discard(source)
-            if isinstance(read.error, IndexError):  # not written yet: asked again next time
+            if self.pending_refs.get(seq) != read.ref:  # re-taken meanwhile (a rewind)
+                continue  # the new reference is asked for next time
+            if isinstance(read.error, IndexError):
+                if self.stopping:  # the run is over: the file will not get it
+                    self._give_up(seq, "missing_in_file")
+                continue  # not written yet: asked again next time
+            if isinstance(read.error, Exception):  # unreadable, not a regular file, no such
+                self._give_up_source(source, read.error)  # dataset (h5py's KeyError), ...
                 continue
-            if isinstance(read.error, (OSError, PathRefused)):  # unreadable, not a regular file
-                self._give_up_source(source, read.error)
-                continue
-            if read.error is not None:
+            if read.error is not None:  # KeyboardInterrupt, SystemExit: not ours to keep
                 raise read.error
             block = read.value
             self.frames[seq] = block[0] if len(block) == 1 else block.sum(axis=0)
@@ -372,8 +388,10 @@ class FramePairer:
         for s in [s for s, ref in self.pending_refs.items() if ref[0] == source]:
             self.reads.pop(s, None)
             self._give_up(s, "file_unreadable")
+        stuck = source in self.slow_sources
         self.slow_sources.discard(source)
-        self.sources.pop(source).close()
+        # a slow source's close waits behind its unanswered read: do not wait for it
+        self.sources.pop(source).close(wait_s=0.0 if stuck else 1.0)
 
     @property
     def reading(self) -> bool:
@@ -405,5 +423,5 @@ class FramePairer:
         return len(missing)
 
     def close(self) -> None:
-        for source in self.sources.values():
-            source.close()
+        for uid, source in self.sources.items():
+            source.close(wait_s=0.0 if uid in self.slow_sources else 1.0)

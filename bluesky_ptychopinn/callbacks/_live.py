@@ -101,6 +101,7 @@ class LiveReconstruction:
         others when the machine has more), so that the RunEngine always finds a core free:
         on 2 cores the network and the refinement share one, and the scan runs as if nothing
         else were computing (docs/performance.md). 0: the reconstruction may use every core.
+        Linux only (elsewhere the process is not pinned).
     refine : {"rpie", "epie"} or None
         The refinement tier (default ``"rpie"``): iterative ptychography over the frames
         received so far, in its own thread beside the network, with the probe the run

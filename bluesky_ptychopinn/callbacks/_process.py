@@ -288,7 +288,11 @@ def _child_main(model_spec, model_info: dict, settings: WorkerSettings, torch_th
                 cpus: tuple[int, ...] | None = None) -> None:
     """Entry point of the reconstruction process."""
     if cpus:  # first, so that every thread started below (torch's pools) inherits it
-        os.sched_setaffinity(0, cpus)
+        try:  # (the cores this process may use can have changed since the parent looked)
+            os.sched_setaffinity(0, (set(cpus) & os.sched_getaffinity(0))
+                                 or os.sched_getaffinity(0))
+        except OSError:  # a container that forbids it: run unpinned
+            pass
     send_lock = threading.Lock()
 
     def send(msg) -> None:

@@ -97,6 +97,7 @@ class RunReconstruction(DocumentRouter):
         self.refine_after_stop_s = 0.0
         self.started_at = time.time()
         self.stop_doc: dict | None = None  # the stop, while frames are still being read
+        self.stop_deadline = math.inf  # when a deferred stop finishes whatever is pending
 
     def send(self, kind: str, payload: dict) -> None:
         self._send(kind, self.raw_uid, payload)
@@ -153,14 +154,34 @@ class RunReconstruction(DocumentRouter):
         :meth:`idle`, once the file has answered or its reads have timed out: the loop goes
         on serving the other runs meanwhile."""
         self.stop_doc = doc
+        self.pairer.stopping = True
+        # (the reads in progress time out by read_timeout_s; this bounds the queue behind
+        # them too, so a deferred stop always ends)
+        self.stop_deadline = time.monotonic() + 2 * self.settings.read_timeout_s
         self._finish_when_read()
 
     def _finish_when_read(self) -> None:
-        if not self.failed:
-            self.pairer.collect_reads()
-            if self.pairer.reading:
+        """Finish the stopped run once no read is pending (or it failed, or the deadline)."""
+        if not self.failed and time.monotonic() < self.stop_deadline:
+            try:
+                self.pairer.collect_reads()
+            except Exception as exc:
+                logger.exception("run %s: error reading its last frames", self.raw_uid)
+                self.fail(f"{type(exc).__name__} while reading the last frames: {exc}")
+            if self.pairer.reading and not self.failed:
                 return
         self._finish(self.stop_doc)
+
+    def force_finish(self) -> None:
+        """End the run now as ``"fail"`` (its stop could not be completed) and free what it
+        holds; the serve loop's last resort, so that every run sends ``finished`` once."""
+        if not self.finished:
+            self.send("finished", {"exit_status": "fail",
+                                   "reason": self.failed or "stop failed",
+                                   "summary": {"frames_done": self.frames_done,
+                                               "frames_rejected": self.frames_rejected}})
+            self.finished = True
+        self.close()
 
     def _finish(self, doc: dict) -> None:
         steps = (("finishing", lambda: self._drain(final=True)),

@@ -47,11 +47,8 @@ def _safely(run: RunReconstruction, name: str, doc: dict) -> None:
         if _debugging():
             raise
         run.fail(f"{type(exc).__name__} while handling {name}: {exc}")
-    if name == "stop" and not run.finished:  # stop() itself failed: the run must still end
-        run.send("finished", {"exit_status": "fail", "reason": run.failed or "stop failed",
-                              "summary": {"frames_done": run.frames_done,
-                                          "frames_rejected": run.frames_rejected}})
-        run.finished = True
+    if name == "stop":  # stop() itself failed: the run must still end
+        run.force_finish()
 
 
 def _idle(run: RunReconstruction) -> None:
@@ -62,6 +59,18 @@ def _idle(run: RunReconstruction) -> None:
         if _debugging():
             raise
         run.fail(f"{type(exc).__name__} while flushing: {exc}")
+        if run.stop_doc is not None:  # finishing a deferred stop failed: end it, once
+            run.force_finish()
+
+
+def _finish_deferred(runs: dict[str, RunReconstruction], flush: float) -> None:
+    """At shutdown: runs whose stop came while their last frames were still being read are
+    finished first (each within its read timeout), as a stop handled at once would be."""
+    while any(r.stop_doc is not None and not r.finished for r in runs.values()):
+        time.sleep(flush)
+        for run in runs.values():
+            if run.stop_doc is not None and not run.finished:
+                _idle(run)
 
 
 def _model(models: dict, path: str) -> torch.nn.Module:
@@ -103,6 +112,7 @@ def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
                 if not alive():
                     return
             elif item[0] == "shutdown":
+                _finish_deferred(runs, flush)
                 return
             elif item[0] == "open":
                 uid, md = item[1], item[2]

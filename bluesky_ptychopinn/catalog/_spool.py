@@ -31,6 +31,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections import Counter
@@ -154,6 +155,7 @@ class _Run:
     streams: dict = field(default_factory=dict)  # descriptor uid -> stream name
     reader: Any = None
     synced: int = 0  # journal bytes made durable (fsync)
+    lost: int = 0  # documents not journaled (the disk was nearly full)
 
     @property
     def written(self) -> int:
@@ -374,6 +376,8 @@ class SpooledWriter:
         self._memory_bytes = 0
         self._limits = (memory_docs, memory_bytes)
         self._probe_interval = probe_interval_s
+        if not sync_interval_s > 0:
+            raise ValueError(f"sync_interval_s: > 0 seconds, got {sync_interval_s!r}")
         self._sync_interval = float(sync_interval_s)
         self._synced_at = time.monotonic()
         self._min_free = int(min_free_bytes)
@@ -402,11 +406,15 @@ class SpooledWriter:
     def _receive(self, name: str, doc: dict) -> None:
         with self._cond:
             self.stats.received += 1
-            if self._disk_is_low():
+            run = self._route(name, doc)
+            # A start or stop is always journaled (a few hundred bytes): runs stay whole
+            # units, and the documents of the next run are never routed into this one.
+            if name not in ("start", "stop") and self._disk_is_low():
                 self.stats.dropped += 1
                 self.stats.disk_low += 1
+                if run is not None:
+                    run.lost += 1
                 return
-            run = self._route(name, doc)
             if run is None or run.journal is None:
                 self.stats.dropped += 1
                 logger.error("spool %s: a %r document of no open run was dropped",
@@ -418,6 +426,10 @@ class SpooledWriter:
                 run.stop_seen, run.stop_uid = True, doc.get("uid")
                 run.journal.sync()
                 run.synced = run.journal.size
+                if run.lost:
+                    logger.error("spool %s: run %s is incomplete: %d of its documents were not "
+                                 "journaled while the disk was nearly full", self.label,
+                                 run.uid, run.lost)
             busy = self._busy[0]
             if self._down or (busy is not None and time.monotonic() - busy > _STALLED_S):
                 self.stats.spooled += 1
@@ -431,14 +443,13 @@ class SpooledWriter:
 
     def _disk_is_low(self) -> bool:
         """Whether the spool's file system has less than ``min_free_bytes`` free (checked at
-        most once a second: statvfs is cheap, but not free on every event)."""
+        most once a second: cheap, but not free on every event)."""
         now = time.monotonic()
         if now - self._disk_checked_at >= 1.0:
             self._disk_checked_at = now
             try:
-                vfs = os.statvfs(self.directory)
-                low = vfs.f_bavail * vfs.f_frsize < self._min_free
-            except (OSError, AttributeError):  # no statvfs (Windows): no guard
+                low = shutil.disk_usage(self.directory).free < self._min_free
+            except OSError:
                 low = False
             if low and not self._disk_low:
                 logger.error("spool %s: less than %.1f GiB free on %s: documents are dropped "
@@ -482,7 +493,7 @@ class SpooledWriter:
             uid = self._route_map.get(doc.get("resource"))
         else:
             uid = None
-        if uid not in self._runs and self._open:
+        if uid is None and self._open:
             uid = self._open[-1]  # e.g. a StreamResource without run_start: the newest run
         run = self._runs.get(uid)
         if run is None:
@@ -532,6 +543,7 @@ class SpooledWriter:
             for run, upto in work:
                 if self._closing:
                     return
+                self._sync_journals()  # also while a long backlog is being delivered
                 ok = self._step(run, upto)
                 with self._cond:
                     self._cond.notify_all()  # flush() waits on progress
@@ -600,7 +612,8 @@ class SpooledWriter:
         """Counters (:class:`SpoolStats`) and the runs not yet delivered."""
         with self._cond:
             runs = [{"uid": r.uid, "documents": r.written, "delivered": r.cursor,
-                     "stopped": r.stop_seen, "failed": r.failures >= self._delivery.max_failures}
+                     "stopped": r.stop_seen, "failed": r.failures >= self._delivery.max_failures,
+                     "lost_disk_low": r.lost}
                     for r in self._runs.values()]
         return {"label": self.label, "directory": str(self.directory),
                 "tiled_reachable": not self._down, **self.stats.as_dict(), "runs": runs}

@@ -187,6 +187,12 @@ class StreamingReconstructor:
         # batch costs the same whether it is the scan's first or its millionth (_neighbours).
         self._store = FrameStore((self.frame_size, self.frame_size))
         self._index = QuadrantIndex(radius=float(self.frame_size))
+        # At least one network call's worth of 16-bit frames: below that every batch would
+        # drop the frames its neighbours need (the default is ~500 batches).
+        floor = self.batch_size * self.frame_size**2 * 2
+        if not frame_memory_bytes >= floor:
+            raise InvalidInputError(f"frame_memory_bytes: at least {floor} (one batch of "
+                                    f"frames), got {frame_memory_bytes!r}")
         self.frame_memory_bytes = int(frame_memory_bytes)
         self.scale_frames = int(scale_frames)
         self._held: list[tuple[torch.Tensor, np.ndarray]] = []
