@@ -26,6 +26,9 @@ __all__ = ["EmbeddedTiled", "load_api_key", "default_data_dir", "private_data_di
 
 logger = logging.getLogger(__name__)
 
+#: Default budget of the streaming cache's data entries, MiB (``EmbeddedTiled``).
+DEFAULT_STREAM_CACHE_MIB = 64.0
+
 
 class TiledUnavailableError(PtychoError, ConnectionError):
     """The Tiled server cannot be started or reached."""
@@ -264,6 +267,12 @@ class EmbeddedTiled:
         ``bluesky-ptychopinn watch`` subscribes to) from an in-process ``memory`` streaming
         cache: no Redis, since one process serves. ``False``: a server without it (as an
         external one may be).
+    stream_cache_mib : float
+        Budget of that cache's data entries (the streamed updates themselves, canvas images
+        mostly), MiB: the least recently used leave when it is full, and all after tiled's
+        ``data_ttl`` (an hour). Tiled's own ``memory`` datastore bounds them only by count
+        (1000 entries, whatever their size); see
+        :class:`~bluesky_ptychopinn.catalog._stream_cache.ByteBoundedMemoryDatastore`.
 
     Examples
     --------
@@ -272,8 +281,13 @@ class EmbeddedTiled:
     """
 
     def __init__(self, data_dir: str | Path | None = None, *, readable=(), port: int = 0,
-                 api_key: str | None = None, streaming: bool = True) -> None:
+                 api_key: str | None = None, streaming: bool = True,
+                 stream_cache_mib: float = DEFAULT_STREAM_CACHE_MIB) -> None:
         self.streaming = streaming
+        self.stream_cache_mib = float(stream_cache_mib)
+        if not self.stream_cache_mib > 0:
+            raise ValueError(f"stream_cache_mib must be > 0, not {stream_cache_mib}")
+        self._catalog = None
         self.data_dir = Path(data_dir or default_data_dir()).resolve()
         self.readable = [Path(p).resolve() for p in readable]
         self.port = port
@@ -289,8 +303,10 @@ class EmbeddedTiled:
     def build_app(self):
         """The ASGI app (usable with any ASGI server)."""
         from tiled.catalog import from_uri
-        from tiled.config import Authentication, StreamingCacheConfig
+        from tiled.config import Authentication
         from tiled.server.app import build_app
+
+        from ._stream_cache import cache_config
 
         (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
         for path in self.readable:
@@ -303,10 +319,10 @@ class EmbeddedTiled:
             init_if_not_exists=True,
             specs=[{"name": "CatalogOfBlueskyRuns", "version": "3.0"}],
             # The websocket streams' cache: updates of each node (new children, array
-            # patches, table appends) kept an hour, at most 1000 at a time, for replay.
-            cache_config=(StreamingCacheConfig(uri="memory").model_dump() if self.streaming
-                          else None),
+            # patches, table appends) kept an hour at most, within stream_cache_mib.
+            cache_config=cache_config(self.stream_cache_mib) if self.streaming else None,
         )
+        self._catalog = catalog
         app = build_app(
             catalog,
             authentication=Authentication(single_user_api_key=self.api_key),
@@ -392,6 +408,14 @@ class EmbeddedTiled:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @property
+    def stream_cache(self):
+        """The server's streaming datastore (``nbytes``, ``entries``, ``max_bytes``,
+        ``too_large``), or ``None`` (not started yet, or ``streaming=False``)."""
+        context = getattr(self._catalog, "context", None)
+        cache = getattr(context, "streaming_cache", None)
+        return None if cache is None else cache._datastore
 
     # -- clients --------------------------------------------------------------------------
     @property
