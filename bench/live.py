@@ -264,8 +264,11 @@ def main() -> None:
     if args.only == "runengine":  # keep the other sections of an earlier full run
         previous = out / "live.json"
         old = json.loads(previous.read_text()) if previous.exists() else {}
+        # the other sections keep their own date and machine
         result = {**old, **result, "runengine_date": result["date"],
-                  "date": old.get("date", result["date"])}
+                  "runengine_machine": result["machine"],
+                  "date": old.get("date", result["date"]),
+                  "machine": old.get("machine", result["machine"])}
         (out / "live.json").write_text(json.dumps(result, indent=2))
         return
     bl = sim_beamline("cells", sample_shape=(256, 256))

@@ -58,7 +58,8 @@ def section() -> str:
         "a thread of the RunEngine's process (`isolation=\"thread\"`) and in a separate process "
         "(`isolation=\"process\"`, the default), each configuration in its own process set up "
         "before any timing, their scans interleaved in one invocation "
-        f"(`{command}`, measured {live.get('runengine_date', live['date'])}). The control "
+        f"(`{command}`, measured {live.get('runengine_date', live['date'])} on "
+        f"{live.get('runengine_machine', live['machine'])}). The control "
         "*busy core* is the scan without the callback while another process spins on the other "
         "core: what any computation beside the RunEngine on these 2 cores costs.", "",
         "Slow-down = median over the repeats of (scan time / the scan without the callback in the "
@@ -98,7 +99,11 @@ def section() -> str:
             "", f"Target < 5 % with a {r['exposure_s'] * 1e3:.0f} ms exposure (the RunEngine waits "
             f"on the detector, as at a beamline): **{'met' if ok else 'not met'}** with the "
             f"reconstruction in a separate process ({slow['process']:.1f} %; in a thread "
-            f"{slow['thread']:.1f} %). The scan without the callback took "
+            f"{slow['thread']:.1f} %)"
+            + (f"; the same process allowed on both cores (`reserve_cores=0`, the behaviour "
+               f"before one core was kept for the RunEngine) costs "
+               f"{slow['process-allcores']:.1f} %" if "process-allcores" in slow else "")
+            + ". The scan without the callback took "
             f"{min(r['seconds_all']['without']):.2f} to {max(r['seconds_all']['without']):.2f} s "
             "over the repeats: single scans on this shared machine vary by several percent, "
             "which is why only paired medians are quoted.",
@@ -110,7 +115,10 @@ def section() -> str:
             f"process merely spinning on one of them slows it by {slow['busy_core']:.1f} %: "
             f"that is the floor for any reconstruction on the same 2 cores. The separate process "
             f"costs {slow['process']:.1f} % (thread: {slow['thread']:.1f} %, where the "
-            "reconstruction also holds the RunEngine's interpreter lock). Below the floor takes "
+            "reconstruction also holds the RunEngine's interpreter lock"
+            + (f"; on both cores {slow['process-allcores']:.1f} %"
+               if "process-allcores" in slow else "")
+            + "). Below the floor takes "
             "cores the scan does not use (more cores, a GPU, or another machine).",
         ]
     busy = max(live.get("other_cpu_busy_cores_before", 0.0),
