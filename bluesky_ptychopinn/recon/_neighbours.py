@@ -402,9 +402,10 @@ class QuadrantIndex:
         """Make ghosts of the oldest frames still live, ``count`` at least (whole add() calls
         at a time), so their frames can be freed; returns their stream indices (some may have
         been retired already). Later groups never draw on them; ``d_cap`` is unchanged."""
-        evicted = []
-        while self._added and sum(len(e) for e in evicted) < count:
+        evicted, n = [], 0
+        while self._added and n < count:  # (retired frames among them count too)
             lo, hi, codes = self._added.popleft()
+            n += hi - lo
             for key in codes.tolist():
                 cell = self._cells[key]
                 data = cell.data[: cell.n]
