@@ -386,12 +386,14 @@ class FramePairer:
     def _give_up_source(self, source: str, exc: Exception) -> None:
         self._refuse(source, exc)
         for s in [s for s, ref in self.pending_refs.items() if ref[0] == source]:
-            self.reads.pop(s, None)
             self._give_up(s, "file_unreadable")
-        stuck = source in self.slow_sources
-        self.slow_sources.discard(source)
+        self._close_source(source)
+
+    def _close_source(self, uid: str) -> None:
         # a slow source's close waits behind its unanswered read: do not wait for it
-        self.sources.pop(source).close(wait_s=0.0 if stuck else 1.0)
+        wait_s = 0.0 if uid in self.slow_sources else 1.0
+        self.slow_sources.discard(uid)
+        self.sources.pop(uid).close(wait_s=wait_s)
 
     @property
     def reading(self) -> bool:
@@ -415,7 +417,6 @@ class FramePairer:
         """At the stop: frames still referenced but never written to their file are given up
         (``missing_in_file``); returns how many."""
         for seq in list(self.reads):  # asked for, never answered
-            del self.reads[seq]
             self._give_up(seq, "file_unreadable")
         missing = [s for s in self.pending_refs if s in self.positions]
         for seq in missing:
@@ -423,5 +424,5 @@ class FramePairer:
         return len(missing)
 
     def close(self) -> None:
-        for uid, source in self.sources.items():
-            source.close(wait_s=0.0 if uid in self.slow_sources else 1.0)
+        for uid in list(self.sources):
+            self._close_source(uid)

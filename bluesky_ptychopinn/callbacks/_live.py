@@ -236,10 +236,12 @@ class LiveReconstruction:
             from ._process import ProcessTransport
 
             cpus = _reconstruction_cpus(int(reserve_cores))
-            cores = len(cpus) if cpus else (len(os.sched_getaffinity(0))
-                                            if hasattr(os, "sched_getaffinity")
-                                            else os.cpu_count() or 1)
-            threads = torch_threads or (cores if cpus else max(1, cores - 1))
+            if cpus:  # pinned: every core it has
+                threads = torch_threads or len(cpus)
+            else:  # unpinned: all cores but one, for the RunEngine
+                cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1)
+                threads = torch_threads or max(1, cores - 1)
             self._transport = ProcessTransport(
                 self.model_path if self.model_path is not None else self.model,
                 self.model_info, self.settings, max_queue=self.max_queue,

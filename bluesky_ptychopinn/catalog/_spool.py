@@ -524,14 +524,12 @@ class SpooledWriter:
         while True:
             self._sync_journals()
             with self._cond:
-                while not self._closing and not self._pending():
+                if not self._closing and not self._pending():
                     self._cond.wait(timeout=self._sync_interval)
-                    if not self._pending():
-                        break  # (to sync what a stalled run wrote, then wait again)
                 if self._closing:
                     return
                 if not self._pending():
-                    continue
+                    continue  # (back to the top: sync what was written, then wait again)
                 work = [(run, run.written) for run in self._pending()]
             if self._down:
                 if not tiled_answers(self._delivery.client):
