@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from ._options import PIE_ENGINES, PIEOptions, PIEResult
 from ._pie import pie_reconstruct, recentre_probe
+from ._positions import position_shifts
 from ._refiner import RefinedSnapshot, StreamingRefiner, probe_from_frames
 from ._refiner_thread import RefinerThread
 from ._residual import amplitude_residual
+from ._schedule import StepSchedule
 from ._streaming import Snapshot, StreamingReconstructor, stitch_window
 
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "pie_reconstruct",
     "amplitude_residual",
     "probe_from_frames",
+    "position_shifts",
     "RefinedSnapshot",
     "RefinerThread",
+    "StepSchedule",
     "StreamingRefiner",
     "recentre_probe",
     "Snapshot",

@@ -58,6 +58,25 @@ class PIEOptions:
         Without it the probe, and the object with it, can drift. The roll is clipped so that
         every patch stays inside the object; the default (tight) object shape leaves 1-2 px,
         so give ``object_shape`` a few pixels of margin when the probe may be off-centre.
+    anneal : bool
+        Shrink the update step once the fit error has settled (a pass lowers it by less than
+        0.3 %): ``1 / (1 + k / 2)`` over the ``k`` passes since, back to 1 when new frames or a
+        new start bring new information (:class:`~bluesky_ptychopinn.recon.StepSchedule`).
+        Without it, batched rPIE keeps fitting each batch's noise and on low-dose data the
+        image gets worse the longer it runs. While the probe is refined the error must stay
+        flat for 5 passes in a row (a blind run often stalls while the probe finds the beam,
+        then falls again). False: the classic constant step.
+    position_correction : bool
+        Refine each frame's probe centre (encoder errors, jitter) from its own exit-wave
+        update (:func:`~bluesky_ptychopinn.recon.position_shifts`): the engine moves each
+        position by ``position_gain`` times its least-squares shift, at most 0.5 px
+        an update, from pass ``position_correction_start_epoch`` on, and removes the mean move
+        (a common shift is invisible to the data). About a third more time per pass. Off by
+        default; on for scans whose positions are known to be off by tenths of a pixel or more.
+    position_correction_start_epoch : int
+        First pass (0-based) with position correction: the object must exist first.
+    position_gain : float
+        Fraction in (0, 1] of each shift estimate applied.
     photons_per_frame : float, optional
         Incident photons per frame when known (ion chamber, simulation): the probe guess is
         scaled to it. By default the scale is estimated from the data, assuming the initial
@@ -78,6 +97,10 @@ class PIEOptions:
     probe_update: bool = True
     probe_update_start_epoch: int = 0
     recenter_probe: bool = True
+    anneal: bool = True
+    position_correction: bool = False
+    position_correction_start_epoch: int = 2
+    position_gain: float = 0.5
     photons_per_frame: float | None = None
     seed: int | None = 0
     device: str | None = None
@@ -112,6 +135,13 @@ class PIEOptions:
                 raise InvalidInputError(
                     f"{name}: expected a value in {bounds} for {self.engine}, got {value!r}"
                 )
+        if not (0 < self.position_gain <= 1):
+            raise InvalidInputError(
+                f"position_gain: expected a value in (0, 1], got {self.position_gain!r}")
+        start = self.position_correction_start_epoch
+        if not (isinstance(start, (int, np.integer)) and start >= 0):
+            raise InvalidInputError(
+                f"position_correction_start_epoch: expected an integer >= 0, got {start!r}")
         photons = self.photons_per_frame
         if photons is not None and not (math.isfinite(photons) and photons > 0):
             raise InvalidInputError(f"photons_per_frame: expected > 0, got {photons!r}")
@@ -142,8 +172,9 @@ class PIEResult:
     positions : numpy.ndarray
         float64 (n, 2) final probe centres (y, x) in object pixels, the convention of the input
         positions: the input minus the whole pixels the probe was rolled by when re-centred
-        (``options.recenter_probe``), so ``probe`` at ``positions`` reproduces the data; equal
-        to the input otherwise. None only for a result built by hand.
+        (``options.recenter_probe``), plus the moves of ``options.position_correction``, so
+        ``probe`` at ``positions`` reproduces the data; equal to the input otherwise. None only
+        for a result built by hand.
     """
 
     object: np.ndarray

@@ -40,6 +40,8 @@ from ..physics import (
     scatter_patches,
 )
 from ._options import PIEOptions, PIEResult
+from ._positions import PositionCorrector, position_shifts
+from ._schedule import StepSchedule
 
 __all__ = ["pie_reconstruct", "recentre_probe"]
 
@@ -218,10 +220,15 @@ def _pie_batch(
     engine: str,
     alphas: tuple[float, float],
     update_probe: bool,
+    relax: float = 1.0,
+    shifts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched ePIE/rPIE step: updates ``obj`` in place, returns (new probe, batch error).
 
-    The error stays a device tensor so that a GPU is synchronised once per epoch, not per batch.
+    ``relax`` in (0, 1] scales both updates (:class:`~._schedule.StepSchedule`). With
+    ``shifts`` (a (B, 2) tensor), each position's least-squares shift estimate is written
+    into it (:func:`~._positions.position_shifts`), from the same exit-wave update. The error
+    stays a device tensor so that a GPU is synchronised once per epoch, not per batch.
     """
     size = probe.shape[-1]
     patches = extract_patches(obj, positions, size)
@@ -231,10 +238,13 @@ def _pie_batch(
     error = ((model - amplitude).square() * mask).sum()
     ratio = torch.where(mask, amplitude / model.clamp_min(_AMPLITUDE_FLOOR), 1.0)
     delta = back_propagate(psi * ratio.unsqueeze(1)) - waves
+    if shifts is not None:
+        shifts.copy_(position_shifts(patches, probe, delta))
 
     # ePIE scales its step by alpha; rPIE's step is 1, alpha living in the denominator.
     alpha_o, alpha_p = alphas
     step_o, step_p = (alpha_o, alpha_p) if engine == "epie" else (1.0, 1.0)
+    step_o, step_p = step_o * relax, step_p * relax
     shape = (obj.shape[0], obj.shape[1])
     numerator = scatter_patches((probe.conj().unsqueeze(0) * delta).sum(dim=1), positions, shape)
     power = probe.real.square() + probe.imag.square()
@@ -445,20 +455,31 @@ def pie_reconstruct(
     history: list[float] = []
     shape = (obj.shape[0], obj.shape[1])
     total_shift = (0, 0)  # whole pixels the probe was rolled by, summed over epochs
+    schedule = StepSchedule.for_options(options)
+    corrector = PositionCorrector(options.position_gain, size)
+    corrector.grow(n_frames)
     setup_s = time.perf_counter() - start_time
 
     with _progress_bar(options.progress) as bar:
         task = bar.add_task(options.engine, total=options.n_epochs, error="-")
         for epoch in range(options.n_epochs):
             update_probe = options.probe_update and epoch >= options.probe_update_start_epoch
+            correct = (options.position_correction
+                       and epoch >= options.position_correction_start_epoch)
             order = torch.randperm(n_frames, generator=generator).to(device)
             error = torch.zeros((), dtype=torch.float64, device=device)
             for batch in torch.split(order, options.batch_size):
+                shifts = torch.empty((len(batch), 2), device=device) if correct else None
                 probe, batch_error = _pie_batch(
                     obj, probe, amplitude[batch], pos[batch], mask_t,
                     engine=options.engine, alphas=alphas, update_probe=update_probe,
+                    relax=schedule.step, shifts=shifts,
                 )
+                if shifts is not None:
+                    corrector.apply(pos, batch, shifts, shape, schedule.step)
                 error += batch_error
+            if correct:
+                pos = corrector.centre(pos, shape)
             if update_probe and options.recenter_probe:
                 probe, shift = recentre_probe(probe, positions=pos, object_shape=shape)
                 if shift != (0, 0):
@@ -466,6 +487,7 @@ def pie_reconstruct(
                     pos = pos - torch.tensor(shift, dtype=pos.dtype, device=pos.device)
                     total_shift = (total_shift[0] + shift[0], total_shift[1] + shift[1])
             history.append(float(error) / measured)
+            schedule.end_pass(history[-1], n_frames)
             if not math.isfinite(history[-1]):
                 raise FloatingPointError(
                     f"{options.engine} diverged in epoch {epoch}: error {history[-1]}; "
@@ -490,6 +512,8 @@ def pie_reconstruct(
         },
         options=resolved,
         device=str(device),
-        # Integer shifts, so the input's sub-pixel values are kept exactly.
-        positions=input_positions - np.asarray(total_shift, dtype=np.float64),
+        # Integer shifts, so the input's sub-pixel values are kept exactly (plus the position
+        # correction's moves, zero without it).
+        positions=(input_positions - np.asarray(total_shift, dtype=np.float64)
+                   + corrector.moves.numpy()),
     )

@@ -41,7 +41,9 @@ from ..errors import InvalidInputError
 from ._canvas import growth_pads
 from ._options import PIEOptions
 from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe
+from ._positions import PositionCorrector
 from ._residual import amplitude_residual, place_on_canvas
+from ._schedule import StepSchedule
 from ._streaming import ObjectParts
 
 __all__ = ["RefinedSnapshot", "StreamingRefiner", "START_CHOICES", "probe_from_frames"]
@@ -88,6 +90,9 @@ class RefinedSnapshot(ObjectParts):
         Fourier-magnitude residual of the refined object and of the latest network object
         offered (:meth:`StreamingRefiner.offer_seed`) on the same frames, probe and fitted scale
         (``nan`` when not evaluated): the lower one is the better estimate of this run.
+    position_correction_rms_px : float
+        Root-mean-square move of the probe centres by position correction so far, object
+        pixels (0 without ``PIEOptions.position_correction``).
     """
 
     object: np.ndarray
@@ -103,6 +108,7 @@ class RefinedSnapshot(ObjectParts):
     busy_s: float = 0.0
     residual: float = math.nan
     network_residual: float = math.nan
+    position_correction_rms_px: float = 0.0
 
     @property
     def best(self) -> str:
@@ -277,6 +283,9 @@ class StreamingRefiner:
         self._pass_error = self._pass_measured = 0.0
         self.error = math.nan
         self.error_history: list[float] = []
+        #: Shrinks the update step once the error has settled (noise, not signal, is left).
+        self.schedule = StepSchedule.for_options(self.options)
+        self._corrector = PositionCorrector(self.options.position_gain, self.frame_size)
         self.frames_dropped = 0
         self.busy_s = 0.0
 
@@ -388,6 +397,7 @@ class StreamingRefiner:
                                                                device=self.device)])
         self._measured = torch.cat([self._measured,
                                     amplitudes.double().square().sum(dim=(1, 2)).cpu()])
+        self._corrector.grow(self._store.n)
         self._unseen.extend(range(first, self._store.n))
         if self.probe is None:
             self.probe = _check_probe(probe_from_frames(counts), self.frame_size).to(self.device)
@@ -506,6 +516,7 @@ class StreamingRefiner:
         if best != "refined":
             self.start, self.obj = best, candidates[best]
             self.start_residuals = residuals
+            self.schedule.reset()  # a new estimate: its errors are not noise yet
         logger.info("network image weighed at %d frames: %s (residuals %s)", self._store.n,
                     "restarting from " + best if best != "refined" else "refinement continues",
                     {k: round(v, 5) for k, v in residuals.items()})
@@ -554,9 +565,17 @@ class StreamingRefiner:
         if self._pass_measured > 0:
             self.error = self._pass_error / self._pass_measured
             self.error_history.append(self.error)
+            self.schedule.end_pass(self.error, self._store.n)
         self._pass_error = self._pass_measured = 0.0
+        if self._correcting_positions:
+            self._pos_t = self._corrector.centre(self._pos_t, tuple(self.obj.shape))
         if self._probe_updating and self.options.recenter_probe:
             self._recentre()
+
+    @property
+    def _correcting_positions(self) -> bool:
+        return (self.options.position_correction
+                and self.passes >= self.options.position_correction_start_epoch)
 
     @property
     def _probe_updating(self) -> bool:
@@ -593,14 +612,21 @@ class StreamingRefiner:
                 self._keep_probe(probe)
                 self._finish_pass()
                 probe = self.probe * math.sqrt(self.photon_scale)
+            # Frames never fitted get the full step whatever the schedule says.
+            relax = 1.0 if self._unseen else self.schedule.step
             batch = self._next_batch(None if max_updates is None else max_updates - updates)
             if not len(batch):
                 break
             index = batch.to(self.device)
+            shifts = (torch.empty((len(batch), 2), device=self.device)
+                      if self._correcting_positions else None)
             probe, err = _pie_batch(
                 self.obj, probe, self._store.gather(index), self._pos_t[index], self._mask,
                 engine=self.options.engine, alphas=self.alphas,
-                update_probe=self._probe_updating)
+                update_probe=self._probe_updating, relax=relax, shifts=shifts)
+            if shifts is not None:
+                self._corrector.apply(self._pos_t, index, shifts, tuple(self.obj.shape),
+                                     relax)
             self._pass_error += float(err)
             self._pass_measured += float(self._measured[batch].sum())
             self._visited += len(batch)
@@ -677,7 +703,14 @@ class StreamingRefiner:
             start_residuals=dict(self.start_residuals),
             reconsiderations=[dict(r) for r in self.reconsiderations],
             busy_s=self.busy_s,
+            position_correction_rms_px=self._corrector.rms(self._store.n),
         )
+
+    @property
+    def position_corrections(self) -> np.ndarray:
+        """(n, 2) moves (y, x) of each frame's probe centre by position correction, object
+        pixels, mean removed: the corrected positions are the given ones plus these."""
+        return self._corrector.moves[: self._store.n].numpy().copy()
 
     def residual_of(self, obj: np.ndarray, origin_px: tuple[float, float],
                     max_frames: int = 128) -> float:
