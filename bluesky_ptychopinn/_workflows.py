@@ -48,7 +48,7 @@ def model_inputs(ds, n: int) -> ModelInputs:
 def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | None = None,
                        device: str | None = None, seed: int = 0, probe_update: bool = True,
                        batch_size: int | None = None, alpha_object: float | None = None,
-                       inputs: ModelInputs | None = None):
+                       position_correction: bool = False, inputs: ModelInputs | None = None):
     """The hybrid on a file: rPIE from the start the data prefers (flat, the network's object
     or its high-pass), on the network's canvas, with the dataset's probe at the model's
     sampling. Returns the final :class:`~bluesky_ptychopinn.recon.RefinedSnapshot` (with the
@@ -56,7 +56,8 @@ def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | N
     from .recon import PIEOptions, RefinerThread, StreamingRefiner
 
     frames, positions, probe = inputs or model_inputs(ds, n)
-    tuning = {"batch_size": batch_size, "alpha_object": alpha_object}
+    tuning = {"batch_size": batch_size, "alpha_object": alpha_object,
+              "position_correction": position_correction or None}
     tuning = {key: value for key, value in tuning.items() if value is not None}
     refiner = StreamingRefiner(probe, object_shape=snap.object.shape, origin_px=snap.origin_px,
                                options=PIEOptions(device=device, seed=seed, progress=False,
@@ -204,6 +205,7 @@ def run_reconstruction(
     pixel_m: float | None = None,
     include_frames: bool = False,
     probe: str | None = None,
+    correct_positions: bool = False,
 ) -> dict:
     """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary.
 
@@ -222,7 +224,9 @@ def run_reconstruction(
     ``batch_size`` / ``alpha``: rPIE's batch and object alpha (the refinement's too).
     ``probe``: a probe library name or a probe file to use instead of the file's probe,
     resampled to the frames' size and object pixel
-    (:func:`~bluesky_ptychopinn.physics.probe_at_sampling`).
+    (:func:`~bluesky_ptychopinn.physics.probe_at_sampling`). ``correct_positions``: the
+    iterative engine (or the refinement) also corrects each frame's position
+    (``PIEOptions.position_correction``); the written positions are the corrected ones.
     """
     from .io import read_dataset
 
@@ -248,6 +252,8 @@ def run_reconstruction(
         pie["batch_size"] = batch_size
     if alpha is not None:
         pie["alpha_object"] = alpha
+    if correct_positions:
+        pie["position_correction"] = True
     start = time.perf_counter()
     if model:
         result = _network_result(ds, model, crop=crop, refine=refine, epochs=epochs,
@@ -345,6 +351,10 @@ def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
         result.extra["network phase"] = np.angle(snap.object)
         if refined.best == "refined":
             result.object = refined.object
+            if refined.position_moves is not None:
+                result.positions_px = result.positions_px + refined.position_moves
+                result.summary["position_correction_rms_px"] = round(
+                    refined.position_correction_rms_px, 4)
             if pie["probe_update"]:
                 result.probe = refined.probe
                 result.probe_source = f"refined by rPIE from {file_probe}"
@@ -378,10 +388,17 @@ def _iterative_result(ds, *, engine: str, epochs: int, pie: dict) -> _Result:
                                  "alpha_object": res.options.resolved_alphas()[0],
                                  "alpha_probe": res.options.resolved_alphas()[1]}
     moved = np.asarray(ds.positions_px, dtype=np.float64) - positions
-    if np.any(moved):
+    # Position correction moves each frame with a zero mean; the re-centring roll moves all
+    # by whole pixels, so the mean move, rounded, is the roll.
+    roll = np.round(moved.mean(axis=0))
+    if np.any(roll):
         # The probe was re-centred by this roll (dy, dx); the written positions, which go with
         # the written probe, are the scan's minus it (the object stays in the input's frame).
-        result.summary["probe_recentred_px"] = [float(v) for v in moved[0]]
+        result.summary["probe_recentred_px"] = [float(v) for v in roll]
+    if res.options.position_correction:
+        corrections = moved - roll
+        result.summary["position_correction_rms_px"] = round(
+            float(np.sqrt((corrections**2).sum(axis=1).mean())), 4)
     return result
 
 

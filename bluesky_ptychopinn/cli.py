@@ -187,6 +187,10 @@ def reconstruct(
     include_frames: bool = typer.Option(False, "--include-frames",
                                         help="Also store the frames in an NPZ result (CXI "
                                         "results always hold the frames reconstructed)."),
+    correct_positions: bool = typer.Option(False, "--correct-positions",
+                                           help="Also correct each frame's position (encoder "
+                                           "errors, stage jitter); the corrected positions "
+                                           "are written."),
 ) -> None:
     """Reconstruct a dataset (ePIE/rPIE, or a network with --model); write the result, a PNG
     with amplitude, phase, probe and FRC curves when the file holds a ground truth.
@@ -203,7 +207,7 @@ def reconstruct(
             device=device, seed=seed, model=model, refine=refine,
             refine_seconds=refine_seconds, overwrite=overwrite, crop=_crop_option(crop),
             batch_size=batch_size, alpha=alpha, energy_ev=energy_ev, pixel_m=pixel_m,
-            include_frames=include_frames, probe=probe,
+            include_frames=include_frames, probe=probe, correct_positions=correct_positions,
         )
     except PtychoError as exc:
         _fail(exc)

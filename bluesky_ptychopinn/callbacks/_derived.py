@@ -358,6 +358,7 @@ class DerivedRun:
             "photon_scale": float(snap.photon_scale),
             "frames": int(snap.n_frames),
             "refined_is_best": int(snap.best == "refined"),
+            "position_correction_rms_px": float(snap.position_correction_rms_px),
         }
 
     def _emit_refined(self, name: str, payload: dict) -> None:
@@ -374,7 +375,7 @@ class DerivedRun:
             "probe_phase": _array(probe_dims, probe_shape, "rad", source),
         }
         for key in ("error", "residual", "network_residual", "epochs", "refine_seconds",
-                    "seconds_since_last_frame", "photon_scale"):
+                    "seconds_since_last_frame", "photon_scale", "position_correction_rms_px"):
             keys[key] = _number(source=source)
         keys["frames"] = _number(np.int64, source)
         keys["refined_is_best"] = _number(np.int64, source)

@@ -122,6 +122,10 @@ class LiveReconstruction:
         so the network and the RunEngine keep their share of the cores); 1 after the stop.
     refine_batch_size : int
         Positions per rPIE update.
+    refine_positions : bool
+        Let the refiner correct each frame's position too (encoder errors, stage jitter of
+        tenths of a pixel or more; ``PIEOptions.position_correction``). About a third more
+        time per pass; the refined stream reports the RMS move.
     crop : int or "auto"
         Stitching crop of the network's patches (pixels). ``"auto"`` (default): every
         candidate is stitched and the scan itself chooses: agreement with the refined image
@@ -177,6 +181,7 @@ class LiveReconstruction:
         refine_tol: float | None = 1e-3,
         refine_duty: float = 0.5,
         refine_batch_size: int = 16,
+        refine_positions: bool = False,
         crop: int | str = "auto",
         derived_uid: str = "random",
         data_roots: tuple | list = (),
@@ -218,7 +223,8 @@ class LiveReconstruction:
             publish_interval_s=float(publish_interval_s), refine=refine,
             refine_budget_s=float(refine_budget_s), refine_epochs=refine_epochs,
             refine_tol=refine_tol, refine_duty=float(refine_duty),
-            refine_batch_size=int(refine_batch_size), crop=crop, derived_uid=derived_uid,
+            refine_batch_size=int(refine_batch_size), refine_positions=bool(refine_positions),
+            crop=crop, derived_uid=derived_uid,
             data_roots=tuple(str(r) for r in data_roots), max_canvas_px=int(max_canvas_px),
             read_timeout_s=float(read_timeout_s))
         self.image_key = image_key

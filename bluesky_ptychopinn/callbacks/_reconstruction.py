@@ -121,6 +121,7 @@ class RunReconstruction(DocumentRouter):
                 "engine": self.settings.refine, "probe": self.probe_info,
                 "budget_after_stop_s": self.settings.refine_budget_s,
                 "duty": self.settings.refine_duty, "batch_size": self.settings.refine_batch_size,
+                "position_correction": self.settings.refine_positions,
                 "start": "flat from the first frames; later network images weighed against "
                          "the refined state by the Fourier-magnitude residual",
             }
@@ -296,7 +297,8 @@ class RunReconstruction(DocumentRouter):
         of the network preview: it only takes frames and hands back snapshots)."""
         settings = self.settings
         options = PIEOptions(engine=settings.refine, batch_size=settings.refine_batch_size,
-                             device=settings.device, progress=False, seed=0)
+                             device=settings.device, progress=False, seed=0,
+                             position_correction=settings.refine_positions)
         refiner = StreamingRefiner(self.probe, object_shape=shape, origin_px=tuple(origin),
                                    options=options, frame_size=self.model.config.frame_size)
         self.refiner = RefinerThread(refiner, snapshot_interval_s=settings.publish_interval_s,
@@ -468,7 +470,8 @@ class RunReconstruction(DocumentRouter):
             summary.update(epochs=snap.epochs, error=snap.error, residual=snap.residual,
                            network_residual=snap.network_residual, best=snap.best,
                            start=snap.start, start_residuals=snap.start_residuals,
-                           reconsiderations=snap.reconsiderations, refine_seconds=snap.busy_s)
+                           reconsiderations=snap.reconsiderations, refine_seconds=snap.busy_s,
+                           position_correction_rms_px=snap.position_correction_rms_px)
         return {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else None)
                 for k, v in summary.items()}
 

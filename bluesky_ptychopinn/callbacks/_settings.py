@@ -35,6 +35,7 @@ class WorkerSettings:
     refine_tol: float | None = 1e-3
     refine_duty: float = 0.5
     refine_batch_size: int = 16
+    refine_positions: bool = False  # position correction in the refiner
     crop: int | str = "auto"
     derived_uid: str = "random"
     data_roots: tuple[str, ...] = ()  # added to the default data roots (callbacks/_paths.py)

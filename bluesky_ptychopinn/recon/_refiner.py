@@ -93,6 +93,9 @@ class RefinedSnapshot(ObjectParts):
     position_correction_rms_px : float
         Root-mean-square move of the probe centres by position correction so far, object
         pixels (0 without ``PIEOptions.position_correction``).
+    position_moves : numpy.ndarray or None
+        With position correction: (n, 2) move (y, x) of each frame's probe centre, object
+        pixels, mean removed (the corrected positions are the given ones plus these).
     """
 
     object: np.ndarray
@@ -109,6 +112,7 @@ class RefinedSnapshot(ObjectParts):
     residual: float = math.nan
     network_residual: float = math.nan
     position_correction_rms_px: float = 0.0
+    position_moves: np.ndarray | None = None
 
     @property
     def best(self) -> str:
@@ -704,6 +708,8 @@ class StreamingRefiner:
             reconsiderations=[dict(r) for r in self.reconsiderations],
             busy_s=self.busy_s,
             position_correction_rms_px=self._corrector.rms(self._store.n),
+            position_moves=(self.position_corrections if self.options.position_correction
+                            else None),
         )
 
     @property
