@@ -437,3 +437,32 @@ def test_blind_rpie_with_an_off_centre_probe_keeps_the_object_in_the_positions_f
     assert np.abs(_centre_of_mass(result.probe) - N // 2).max() < 1.0
     np.testing.assert_allclose(result.positions - positions,
                                   np.broadcast_to(np.asarray(offset, float), positions.shape))
+
+
+def test_the_fft_order_batch_is_the_centred_batch(scan):
+    """Data held in the FFT's pixel order (no fftshift per batch) gives the same update, probe,
+    error and residual as the DC-centred data, masked pixels included."""
+    from bluesky_ptychopinn.recon import amplitude_residual
+    from bluesky_ptychopinn.recon._pie import _pie_batch, to_fft_order
+
+    amplitude = torch.from_numpy(scan.counts[:16]).sqrt()
+    positions = torch.from_numpy(scan.positions[:16].astype(np.float32))
+    mask = torch.ones(N, N, dtype=torch.bool)
+    mask[N // 2, N // 2 + 3] = mask[2, 5] = False  # off-centre, so a wrong order shows
+    probe = torch.from_numpy(np.asarray(scan.probe, np.complex64)) * 300
+    start = torch.from_numpy(scan.truth).to(torch.complex64) * 0.9 + 0.1
+    results = []
+    for fft_order in (False, True):
+        obj = start.clone()
+        amp, valid = ((to_fft_order(amplitude), to_fft_order(mask)) if fft_order
+                      else (amplitude, mask))
+        new_probe, error = _pie_batch(obj, probe.clone(), amp, positions, valid, engine="rpie",
+                                      alphas=(0.1, 0.5), update_probe=True, fft_order=fft_order)
+        residual = amplitude_residual(obj, new_probe, amp, positions, fft_order=fft_order)
+        results.append((obj, new_probe, float(error), residual))
+    (obj_c, probe_c, err_c, res_c), (obj_f, probe_f, err_f, res_f) = results
+    torch.testing.assert_close(obj_f, obj_c, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(probe_f, probe_c, rtol=1e-4, atol=1e-4)
+    assert err_f == pytest.approx(err_c, rel=1e-5)
+    assert res_f == pytest.approx(res_c, rel=1e-6)
+    assert not torch.equal(start, obj_c)  # the batch did update the object

@@ -14,7 +14,14 @@ from ._geometry import (
     stage_to_pixels,
     wavelength_m,
 )
-from ._patches import extract_patches, patch_origins, required_object_shape, scatter_patches
+from ._patches import (
+    PatchGeometry,
+    extract_patches,
+    patch_geometry,
+    patch_origins,
+    required_object_shape,
+    scatter_patches,
+)
 from ._probes import (
     PROBE_MODELS,
     airy_probe,
@@ -82,6 +89,8 @@ __all__ = [
     "resample_probe",
     "scan_pattern",
     "scatter_patches",
+    "patch_geometry",
+    "PatchGeometry",
     "simulate_diffraction",
     "stage_to_pixels",
     "step_from_overlap",

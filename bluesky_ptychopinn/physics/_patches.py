@@ -9,13 +9,15 @@ interpolation; :func:`scatter_patches` applies the transpose of the same linear 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from ..errors import InvalidInputError
 from ._tensors import check_positions
 
-__all__ = ["extract_patches", "scatter_patches", "patch_origins", "required_object_shape"]
+__all__ = ["extract_patches", "scatter_patches", "patch_geometry", "PatchGeometry",
+           "patch_origins", "required_object_shape"]
 
 
 def patch_origins(positions: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -65,6 +67,39 @@ def _bilinear_indices(
     return flat, weights
 
 
+class PatchGeometry(NamedTuple):
+    """Where a batch of patches lies on a canvas: what :func:`patch_geometry` computes once so
+    that extraction and its adjoint at the same positions need not (nor check them again)."""
+
+    flat: torch.Tensor  # (n, N+1, N+1) flat canvas indices of each patch's support
+    weights: tuple[torch.Tensor, ...]  # the four bilinear weights, each (n, 1, 1)
+    shape: tuple[int, int]  # the canvas (H, W)
+    patch_size: int
+
+
+def patch_geometry(positions: torch.Tensor, patch_size: int,
+                   shape: tuple[int, int]) -> PatchGeometry:
+    """Indices and bilinear weights of ``patch_size`` patches at ``positions`` on a canvas of
+    ``shape``, checked once; pass it as ``geometry=`` to :func:`extract_patches` and
+    :func:`scatter_patches` at the same positions.
+
+    Raises
+    ------
+    InvalidInputError
+        If a patch would leave the canvas or positions are not a finite (n, 2) array.
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    flat, weights = _bilinear_indices(positions, patch_size, shape)
+    return PatchGeometry(flat, weights, shape, int(patch_size))
+
+
+def _check_geometry(geometry: PatchGeometry, shape: tuple[int, int], patch_size: int) -> None:
+    if tuple(geometry.shape) != (int(shape[0]), int(shape[1])) or geometry.patch_size != patch_size:
+        raise InvalidInputError(
+            f"geometry: made for {geometry.patch_size}-px patches on {geometry.shape}, used for "
+            f"{patch_size}-px patches on {tuple(shape)}")
+
+
 def _object_batch(obj: torch.Tensor, n_positions: int) -> tuple[torch.Tensor, bool]:
     if obj.ndim == 2:
         return obj, False
@@ -75,7 +110,8 @@ def _object_batch(obj: torch.Tensor, n_positions: int) -> tuple[torch.Tensor, bo
     )
 
 
-def extract_patches(obj: torch.Tensor, positions: torch.Tensor, patch_size: int) -> torch.Tensor:
+def extract_patches(obj: torch.Tensor, positions: torch.Tensor, patch_size: int, *,
+                    geometry: PatchGeometry | None = None) -> torch.Tensor:
     """Cut (n, N, N) patches out of an object at float probe-centre positions.
 
     Parameters
@@ -87,6 +123,8 @@ def extract_patches(obj: torch.Tensor, positions: torch.Tensor, patch_size: int)
         (n, 2) probe centres (y, x) in object pixels.
     patch_size : int
         N, the side of the square patch.
+    geometry : PatchGeometry, optional
+        :func:`patch_geometry` of these positions on this object, when already computed.
 
     Returns
     -------
@@ -109,7 +147,10 @@ def extract_patches(obj: torch.Tensor, positions: torch.Tensor, patch_size: int)
     positions = positions.to(obj.device)
     obj, batched = _object_batch(obj, positions.shape[0])
     shape = (obj.shape[-2], obj.shape[-1])
-    flat, (w00, w01, w10, w11) = _bilinear_indices(positions, patch_size, shape)
+    if geometry is None:
+        geometry = patch_geometry(positions, patch_size, shape)
+    _check_geometry(geometry, shape, patch_size)
+    flat, (w00, w01, w10, w11) = geometry.flat, geometry.weights
     if batched:
         flat = flat + (torch.arange(obj.shape[0], device=obj.device) * shape[0] * shape[1]).view(
             -1, 1, 1
@@ -130,6 +171,7 @@ def scatter_patches(
     shape: tuple[int, int],
     *,
     out: torch.Tensor | None = None,
+    geometry: PatchGeometry | None = None,
 ) -> torch.Tensor:
     """Add patches onto an object canvas: the exact adjoint of :func:`extract_patches`.
 
@@ -143,6 +185,8 @@ def scatter_patches(
         Canvas shape (H, W).
     out : torch.Tensor, optional
         Canvas (H, W) to accumulate into (in place). A new zero canvas if omitted.
+    geometry : PatchGeometry, optional
+        :func:`patch_geometry` of these positions on this canvas, when already computed.
 
     Returns
     -------
@@ -169,7 +213,10 @@ def scatter_patches(
             f"positions: {positions.shape[0]} positions for {patches.shape[0]} patches"
         )
     patch_size = patches.shape[-1]
-    flat, (w00, w01, w10, w11) = _bilinear_indices(positions, patch_size, shape)
+    if geometry is None:
+        geometry = patch_geometry(positions, patch_size, shape)
+    _check_geometry(geometry, tuple(shape), patch_size)
+    flat, (w00, w01, w10, w11) = geometry.flat, geometry.weights
     w00, w01, w10, w11 = (w.to(patches.real.dtype) for w in (w00, w01, w10, w11))
     n = patches.shape[0]
     region = patches.new_zeros((n, patch_size + 1, patch_size + 1))

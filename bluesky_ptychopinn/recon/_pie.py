@@ -36,6 +36,7 @@ from ..physics import (
     exit_waves,
     extract_patches,
     far_field,
+    patch_geometry,
     required_object_shape,
     scatter_patches,
 )
@@ -222,22 +223,31 @@ def _pie_batch(
     update_probe: bool,
     relax: float = 1.0,
     shifts: torch.Tensor | None = None,
+    fft_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One batched ePIE/rPIE step: updates ``obj`` in place, returns (new probe, batch error).
 
     ``relax`` in (0, 1] scales both updates (:class:`~._schedule.StepSchedule`). With
     ``shifts`` (a (B, 2) tensor), each position's least-squares shift estimate is written
-    into it (:func:`~._positions.position_shifts`), from the same exit-wave update. The error
+    into it (:func:`~._positions.position_shifts`), from the same exit-wave update. With
+    ``fft_order``, ``amplitude`` and ``mask`` are given with the zero frequency at pixel
+    (0, 0) (:func:`to_fft_order`) and the far field is taken without its two shifts (the
+    modulus constraint is pixel by pixel, so the result is the same, ~10 % sooner). The error
     stays a device tensor so that a GPU is synchronised once per epoch, not per batch.
     """
     size = probe.shape[-1]
-    patches = extract_patches(obj, positions, size)
+    shape = (obj.shape[0], obj.shape[1])
+    # Indices and weights once for the extraction and both depositions (and one bounds check).
+    geometry = patch_geometry(positions, size, shape)
+    patches = extract_patches(obj, positions, size, geometry=geometry)
     waves = exit_waves(probe, patches)
-    psi = far_field(waves)
+    psi = torch.fft.fft2(waves, norm="ortho") if fft_order else far_field(waves)
     model = _model_amplitude(psi)
     error = ((model - amplitude).square() * mask).sum()
     ratio = torch.where(mask, amplitude / model.clamp_min(_AMPLITUDE_FLOOR), 1.0)
-    delta = back_propagate(psi * ratio.unsqueeze(1)) - waves
+    corrected = psi * ratio.unsqueeze(1)
+    delta = (torch.fft.ifft2(corrected, norm="ortho") if fft_order
+             else back_propagate(corrected)) - waves
     if shifts is not None:
         shifts.copy_(position_shifts(patches, probe, delta))
 
@@ -245,17 +255,23 @@ def _pie_batch(
     alpha_o, alpha_p = alphas
     step_o, step_p = (alpha_o, alpha_p) if engine == "epie" else (1.0, 1.0)
     step_o, step_p = step_o * relax, step_p * relax
-    shape = (obj.shape[0], obj.shape[1])
-    numerator = scatter_patches((probe.conj().unsqueeze(0) * delta).sum(dim=1), positions, shape)
+    numerator = scatter_patches((probe.conj().unsqueeze(0) * delta).sum(dim=1), positions, shape,
+                                geometry=geometry)
     power = probe.real.square() + probe.imag.square()
     power = power.sum(dim=0).expand(positions.shape[0], size, size)
-    illumination = scatter_patches(power, positions, shape)
+    illumination = scatter_patches(power, positions, shape, geometry=geometry)
     if update_probe:
         probe_numerator = (patches.conj().unsqueeze(1) * delta).sum(dim=0)
         weight = (patches.real.square() + patches.imag.square()).sum(dim=0)
         probe = probe + step_p * probe_numerator / _denominator(weight, engine, alpha_p)
     obj += step_o * numerator / _denominator(illumination, engine, alpha_o)
     return probe, error
+
+
+def to_fft_order(frames: torch.Tensor) -> torch.Tensor:
+    """Detector frames (..., N, N) with the zero frequency moved from (N//2, N//2) to (0, 0),
+    the order :func:`torch.fft.fft2` produces (``ifftshift``; the inverse is ``fftshift``)."""
+    return torch.fft.ifftshift(frames, dim=(-2, -1))
 
 
 def _centre_shift(probe: torch.Tensor) -> tuple[int, int]:
@@ -442,9 +458,11 @@ def pie_reconstruct(
     else:
         scale = _photon_scale(obj, probe, frames_t, pos, mask_t)
     probe = probe * math.sqrt(scale)
-    amplitude = frames_t.sqrt()
+    measured = float(frames_t[:, mask_t].sum())
+    # The data once in the FFT's pixel order: no fftshift per batch (_pie_batch's fft_order).
+    amplitude = to_fft_order(frames_t.sqrt())
     del frames_t
-    measured = float(amplitude[:, mask_t].square().sum())
+    mask_fft = to_fft_order(mask_t)
 
     alphas = options.resolved_alphas()
     generator = torch.Generator(device="cpu")
@@ -471,9 +489,9 @@ def pie_reconstruct(
             for batch in torch.split(order, options.batch_size):
                 shifts = torch.empty((len(batch), 2), device=device) if correct else None
                 probe, batch_error = _pie_batch(
-                    obj, probe, amplitude[batch], pos[batch], mask_t,
+                    obj, probe, amplitude[batch], pos[batch], mask_fft,
                     engine=options.engine, alphas=alphas, update_probe=update_probe,
-                    relax=schedule.step, shifts=shifts,
+                    relax=schedule.step, shifts=shifts, fft_order=True,
                 )
                 if shifts is not None:
                     corrector.apply(pos, batch, shifts, shape, schedule.step)

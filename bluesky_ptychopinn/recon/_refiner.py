@@ -40,7 +40,7 @@ from scipy.ndimage import gaussian_filter
 from ..errors import InvalidInputError
 from ._canvas import growth_pads
 from ._options import PIEOptions
-from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe
+from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe, to_fft_order
 from ._positions import PositionCorrector
 from ._residual import amplitude_residual, place_on_canvas
 from ._schedule import StepSchedule
@@ -392,8 +392,9 @@ class StreamingRefiner:
         counts = np.concatenate([c for c, _ in pending])
         pos = np.concatenate([p for _, p in pending])
         local = self._canvas(pos)
-        amplitudes = torch.from_numpy(counts).to(self.device).sqrt()  # never in place: the
-        # caller's array may be the one queued
+        # Never in place: the caller's array may be the one queued. Held in the FFT's pixel
+        # order (zero frequency at (0, 0)), as is the mask, so no batch pays for fftshifts.
+        amplitudes = to_fft_order(torch.from_numpy(counts).to(self.device).sqrt())
         first = self._store.n
         self._store.append(amplitudes)
         self._positions = np.concatenate([self._positions, pos])
@@ -459,8 +460,9 @@ class StreamingRefiner:
                 trial_probe, _ = _pie_batch(
                     trial_obj, trial_probe, amplitudes[batch], positions[batch], self._mask,
                     engine=self.options.engine, alphas=self.alphas,
-                    update_probe=self._probe_updating)
-            residuals[name] = amplitude_residual(trial_obj, trial_probe, amplitudes, positions)
+                    update_probe=self._probe_updating, fft_order=True)
+            residuals[name] = amplitude_residual(trial_obj, trial_probe, amplitudes, positions,
+                                                 fft_order=True)
         return residuals
 
     def _choose_start(self) -> None:
@@ -527,6 +529,7 @@ class StreamingRefiner:
 
     @property
     def _mask(self) -> torch.Tensor:
+        """Valid detector pixels, in the FFT's pixel order like the stored amplitudes."""
         if not hasattr(self, "_mask_t"):
             self._mask_t = torch.ones((self.frame_size, self.frame_size), dtype=torch.bool,
                                       device=self.device)
@@ -539,7 +542,7 @@ class StreamingRefiner:
         if tuple(bad_t.shape) != (self.frame_size, self.frame_size):
             raise InvalidInputError(f"mask: expected ({self.frame_size}, {self.frame_size}), "
                                     f"got {tuple(bad_t.shape)}")
-        mask = self._mask & ~bad_t
+        mask = self._mask & ~to_fft_order(bad_t)
         if bool(mask.any()):
             self._mask_t = mask
 
@@ -627,7 +630,8 @@ class StreamingRefiner:
             probe, err = _pie_batch(
                 self.obj, probe, self._store.gather(index), self._pos_t[index], self._mask,
                 engine=self.options.engine, alphas=self.alphas,
-                update_probe=self._probe_updating, relax=relax, shifts=shifts)
+                update_probe=self._probe_updating, relax=relax, shifts=shifts,
+                fft_order=True)
             if shifts is not None:
                 self._corrector.apply(self._pos_t, index, shifts, tuple(self.obj.shape),
                                      relax)
@@ -731,7 +735,7 @@ class StreamingRefiner:
         index = index.to(self.device)
         placed = place_on_canvas(obj, origin_px, tuple(self.obj.shape), tuple(self.origin))
         return amplitude_residual(placed, self.probe, self._store.gather(index),
-                                  self._pos_t[index])
+                                  self._pos_t[index], fft_order=True)
 
     def own_residual(self, max_frames: int = 128) -> float:
         """:meth:`residual_of` the refined object itself, on the same frames (comparable)."""

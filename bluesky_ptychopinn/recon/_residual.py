@@ -23,6 +23,7 @@ def amplitude_residual(
     *,
     fit_scale: bool = True,
     chunk: int = 256,
+    fft_order: bool = False,
 ) -> float:
     """Normalised Fourier-magnitude residual ``sum (s |F(P O_j)| - sqrt(I_j))^2 / sum I_j``.
 
@@ -42,6 +43,10 @@ def amplitude_residual(
         compared on what they can be blamed for: the shape of the modelled diffraction.
     chunk : int
         Frames per forward-model call.
+    fft_order : bool
+        ``amplitudes`` have the zero frequency at pixel (0, 0) (as the refiner holds them)
+        rather than at (N//2, N//2); the model is then compared unshifted (the residual is a
+        sum over pixels, so only the two orders must agree).
 
     Returns
     -------
@@ -57,7 +62,8 @@ def amplitude_residual(
     cross = model_sq = measured_sq = 0.0
     for lo in range(0, len(positions), chunk):
         patches = extract_patches(obj_t, positions[lo : lo + chunk].to(device), size)
-        psi = far_field(exit_waves(probe_t, patches))
+        waves = exit_waves(probe_t, patches)
+        psi = torch.fft.fft2(waves, norm="ortho") if fft_order else far_field(waves)
         # Sums in float64: the residual below is a difference of sums ~1e4 times larger than
         # itself when the estimate is good, which float32 sums would leave at ~1e-3 relative.
         model = (psi.real.square() + psi.imag.square()).sum(dim=1).sqrt().double()
