@@ -26,6 +26,9 @@ a. **network alone**: the shipped ``default`` model through ``StreamingReconstru
    (batch 256); its one image appears when the whole scan has been through it.
 b. **rPIE, flat start**: ``StreamingRefiner(start="flat")`` (batch 16, the live engine's
    refiner settings; probe refined only where it is unknown, scan B), scored after each slice.
+b+. **rPIE, flat start, position correction**: (b) with ``PIEOptions(position_correction=True)``
+   (each frame's probe centre refined from its own update from pass 2 on; opt-in in the
+   library), on the same given positions: what a user gets by turning it on.
 c. **hybrid, one core**: both engines in one thread. The refiner (``start="auto"``) starts
    flat at t = 0; between its slices the network takes a chunk of 128 frames until the scan
    has been through it, and each network image is offered; the first is weighed against the
@@ -89,6 +92,7 @@ judged on (c), the one on LSQML's cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -123,7 +127,7 @@ TARGET_AUC = 0.8
 TAPER_PX = 8
 METRIC = "frc_auc_0.5_complex"
 B_PROBE = "mixed"
-OURS = ("network", "rpie_flat", "hybrid", "hybrid_concurrent")
+OURS = ("network", "rpie_flat", "rpie_positions", "hybrid", "hybrid_concurrent")
 HYBRIDS = ("hybrid", "hybrid_concurrent")
 PTYCHI = ("ptychi_lsqml", "ptychi_rpie")
 
@@ -308,9 +312,10 @@ def run_network(model, scan: Scan, budget_s: float) -> dict:
     return {"points": [{"t": clock.total, **score(obj, scan)}], "seconds": clock.total}
 
 
-def refiner_options(scan: Scan) -> PIEOptions:
+def refiner_options(scan: Scan, correct_positions: bool = False) -> PIEOptions:
     return PIEOptions(engine="rpie", batch_size=16, probe_update=not scan.probe_known,
-                      device="cpu", progress=False, seed=0)
+                      device="cpu", progress=False, seed=0,
+                      position_correction=correct_positions)
 
 
 def slices():
@@ -322,11 +327,12 @@ def slices():
         k += 1
 
 
-def run_rpie_flat(model, scan: Scan, budget_s: float) -> dict:
+def run_rpie_flat(model, scan: Scan, budget_s: float, correct_positions: bool = False) -> dict:
     clock = Clock()
     with clock:
         refiner = StreamingRefiner(scan.probe_start, object_shape=scan.truth.shape,
-                                   options=refiner_options(scan), start="flat")
+                                   options=refiner_options(scan, correct_positions),
+                                   start="flat")
         refiner.add(scan.frames, scan.positions)
     points = []
     for piece in slices():
@@ -704,6 +710,7 @@ def load_average() -> list[float] | None:
 # -- figure --------------------------------------------------------------------------------
 STYLE = {"network": ("(a) network alone", "tab:orange"),
          "rpie_flat": ("(b) rPIE, flat start", "tab:blue"),
+         "rpie_positions": ("(b+) rPIE, flat start, position correction", "tab:cyan"),
          "hybrid": ("(c) hybrid: network, then rPIE start auto (1 core)", "tab:red"),
          "hybrid_concurrent": ("(c2) hybrid, concurrent: network | rPIE (2 cores)", "black"),
          "ptychi_lsqml": ("(d) pty-chi LSQML", "tab:green"),
@@ -804,8 +811,9 @@ def main(argv=None) -> dict:
                             options=refiner_options(small))
     warm.add(small.frames, small.positions)
     warm.run(max_epochs=1)
-    runners = {"network": run_network, "rpie_flat": run_rpie_flat, "hybrid": run_hybrid,
-               "hybrid_concurrent": run_hybrid_concurrent}
+    runners = {"network": run_network, "rpie_flat": run_rpie_flat,
+               "rpie_positions": functools.partial(run_rpie_flat, correct_positions=True),
+               "hybrid": run_hybrid, "hybrid_concurrent": run_hybrid_concurrent}
     use_ptychi = not (args.quick or args.no_ptychi)
     with tempfile.TemporaryDirectory() as tmp:
         for k, scan in enumerate(scans):

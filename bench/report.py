@@ -166,6 +166,7 @@ def _runs(values, digits: int = 2, none: str = "not reached") -> str:
 
 QUALITY_LABELS = {
     "network": "(a) network alone", "rpie_flat": "(b) rPIE, flat start",
+    "rpie_positions": "(b+) rPIE, flat start, position correction",
     "hybrid": "(c) hybrid, one core",
     "hybrid_concurrent": "(c2) hybrid, concurrent (2 cores)",
     "ptychi_lsqml": "(d) pty-chi LSQML", "ptychi_rpie": "(d) pty-chi rPIE",
@@ -231,8 +232,11 @@ def quality_section() -> str:
         "", "Methods, on the same frames, positions and probe start: (a) the shipped `default` "
         "network through `StreamingReconstructor` (one image, when the scan has been through "
         "it); (b) `StreamingRefiner(start=\"flat\")`, rPIE batch 16, probe refined only where "
-        "unknown; (c) the hybrid on **one core**: the same refiner with `start=\"auto\"` starts "
-        "flat at t = 0 and, between its slices, the network takes a chunk of 128 frames until "
+        "unknown (the step shrinks once the fit error settles, `PIEOptions.anneal`, the "
+        "default); (b+) the same with `position_correction=True` (opt-in: each frame's probe "
+        "centre refined from its own update from pass 2 on); (c) the hybrid on **one core**: "
+        "the same refiner with `start=\"auto\"` starts flat at t = 0 and, between its slices, "
+        "the network takes a chunk of 128 frames until "
         "the scan has been through it; the first network image is weighed against the refined "
         "state as it stands (one trial pass each of continuing, the network and its high-pass "
         "on copies, over a fixed 256-frame sample with the run's updates, probe included; a "

@@ -224,8 +224,12 @@ def test_run_probe_resolution_order(tmp_path):
 
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 def test_live_derived_run_carries_network_and_refined_streams(tiled, isolation):
+    # The process run also corrects positions (opt-in), so the option is seen to reach the
+    # refiner across the process boundary.
+    correct = isolation == "process"
     live = LiveReconstruction("default", batch_size=16, snapshot_every=32, torch_threads=1,
-                              publish_interval_s=0.2, isolation=isolation, refine_budget_s=3.0)
+                              publish_interval_s=0.2, isolation=isolation, refine_budget_s=3.0,
+                              refine_positions=correct)
     client = tiled.client()
     RE = RunEngine(call_returns_result=True)
     RE.subscribe(TiledWriter(client, batch_size=20))
@@ -254,6 +258,10 @@ def test_live_derived_run_carries_network_and_refined_streams(tiled, isolation):
     assert final["refined_is_best"].read()[-1] == 1
     snapshots = derived["snapshots"]
     assert snapshots["object_phase"].read().shape[1:] == final["object_phase"].read().shape[1:]
+    assert derived.start["refinement"]["position_correction"] is correct
+    moved = final["position_correction_rms_px"].read()[-1]
+    assert (moved > 0) if correct else (moved == 0)
+    assert summary["position_correction_rms_px"] == pytest.approx(moved)
 
 
 def test_epochs_never_go_backwards_and_a_pass_is_one_update_per_frame(scan):
