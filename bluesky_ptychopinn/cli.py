@@ -662,6 +662,9 @@ def replay(
                                 "the derived run gets 'refined' and 'final' streams."),
     refine_budget_s: float = typer.Option(5.0, "--refine-budget-s",
                                           help="Seconds of refinement after the last frame."),
+    refine_positions: bool = typer.Option(False, "--refine-positions",
+                                          help="The refinement also corrects each frame's "
+                                          "position (encoder errors, stage jitter)."),
 ) -> None:
     """Re-stream an archived raw run through the live callback with a (newer) model."""
     from .catalog import replay_run
@@ -673,7 +676,8 @@ def replay(
     try:
         client, server = _tiled_client(tiled, api_key, data_dir)
         state = replay_run(client, uid, model=model, torch_threads=1,
-                           refine="rpie" if refine else None, refine_budget_s=refine_budget_s)
+                           refine="rpie" if refine else None, refine_budget_s=refine_budget_s,
+                           refine_positions=refine_positions)
     except PtychoError as exc:
         _fail(exc)
     finally:
@@ -746,6 +750,9 @@ def worker(
     no_refine: bool = typer.Option(False, "--no-refine", help="Network only (no rPIE tier)."),
     refine_budget_s: float = typer.Option(5.0, "--refine-budget-s",
                                           help="Seconds of refinement after the last frame."),
+    refine_positions: bool = typer.Option(False, "--refine-positions",
+                                          help="The refinement also corrects each frame's "
+                                          "position (encoder errors, stage jitter)."),
     batch_size: int = typer.Option(64, help="Frames per network call."),
     torch_threads: int = typer.Option(None, help="CPU threads of the reconstruction."),
     ack_wait_s: float = typer.Option(30.0, "--ack-wait-s",
@@ -779,7 +786,8 @@ def worker(
         logging.getLogger("bluesky_ptychopinn").setLevel(logging.DEBUG)
     options = WorkerOptions(bus=bus, tiled=tiled, api_key=api_key, beamline=beamline,
                             model=model, device=device, refine=not no_refine,
-                            refine_budget_s=refine_budget_s, path_map=list(path_map),
+                            refine_budget_s=refine_budget_s, refine_positions=refine_positions,
+                            path_map=list(path_map),
                             ack_wait_s=ack_wait_s, report_every_s=report_every_s,
                             batch_size=batch_size, torch_threads=torch_threads,
                             connect_options=connect_options)

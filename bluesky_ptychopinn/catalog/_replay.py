@@ -30,13 +30,14 @@ def connect(uri: str | None = None, api_key: str | None = None):
 def replay_run(client, uid: str, *, model="default", batch_size: int = 64,
                timeout: float = 600.0, torch_threads: int | None = None,
                refine: str | None = "rpie", refine_budget_s: float = 5.0,
-               crop: int | str = "auto"):
+               crop: int | str = "auto", refine_positions: bool = False):
     """Re-stream the raw run ``uid`` through :class:`LiveReconstruction` with ``model``.
 
     The new derived run (``original_run_uid`` = ``uid``) is written to the same Tiled
     catalog, with the network's snapshots and, unless ``refine=None``, the refined
     (``refine``: rPIE by default) object and probe, refined for up to ``refine_budget_s``
-    seconds after the last frame, stitched with ``crop`` (see :class:`LiveReconstruction`).
+    seconds after the last frame (with position correction if ``refine_positions``), stitched
+    with ``crop`` (see :class:`LiveReconstruction`).
     Returns the callback's :class:`RunState` (with ``derived_uid``).
     """
     from bluesky_tiled_plugins import TiledWriter
@@ -51,7 +52,8 @@ def replay_run(client, uid: str, *, model="default", batch_size: int = 64,
         raise InvalidInputError(f"run {uid} is itself a derived run (of "
                                 f"{run.start['original_run_uid']}); replay its raw run")
     live = LiveReconstruction(model, batch_size=batch_size, torch_threads=torch_threads,
-                              refine=refine, refine_budget_s=refine_budget_s, crop=crop)
+                              refine=refine, refine_budget_s=refine_budget_s, crop=crop,
+                              refine_positions=refine_positions)
     try:
         writer = TiledWriter(client, batch_size=1)  # written as it goes: `watch` shows it live
         live.subscribe(writer)

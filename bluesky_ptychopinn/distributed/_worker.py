@@ -71,6 +71,8 @@ class WorkerOptions:
         Run the rPIE refinement tier beside the network.
     refine_budget_s : float
         Refinement after the last frame.
+    refine_positions : bool
+        Let the refiner correct each frame's position (``LiveReconstruction``'s option).
     path_map : list of str
         ``ACQ_PREFIX=LOCAL_PREFIX``: read detector files from a shared filesystem; empty: read
         frames through Tiled.
@@ -105,6 +107,7 @@ class WorkerOptions:
     device: str | None = None
     refine: bool = True
     refine_budget_s: float = 5.0
+    refine_positions: bool = False
     path_map: list[str] = field(default_factory=list)
     ack_wait_s: float = 30.0
     report_every_s: float = 5.0
@@ -176,6 +179,7 @@ class RunWorker:
             o.model, isolation="thread", derived_uid="deterministic", device=o.device,
             torch_threads=o.torch_threads, batch_size=o.batch_size,
             refine="rpie" if o.refine else None, refine_budget_s=o.refine_budget_s,
+            refine_positions=o.refine_positions,
             # Files are read only inside the data roots: the local side of every path map.
             data_roots=[local for _, local in self.path_map])
         # Small write batches: a viewer of the derived run sees snapshots as they come.
