@@ -231,6 +231,16 @@ def run_reconstruction(
     from .io import read_dataset
 
     output = Path(output) if output else file.with_name(f"{file.stem}_recon.cxi")
+    if correct_positions:  # checked before any work
+        if model and not refine:
+            raise InvalidInputError("--correct-positions corrects positions in the iterative "
+                                    "engine: add --refine to --model, or leave --model out")
+        from .recon import PIEOptions
+
+        start_epoch = PIEOptions().position_correction_start_epoch
+        if epochs <= start_epoch and not (model and refine_seconds):
+            raise InvalidInputError(f"--correct-positions starts after {start_epoch} passes: "
+                                    f"give --epochs > {start_epoch}")
     existing = [p for p in (output, output.with_suffix(".png")) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} exists; choose another output with --output "
@@ -351,13 +361,19 @@ def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
         result.extra["network phase"] = np.angle(snap.object)
         if refined.best == "refined":
             result.object = refined.object
+            positions = np.array(result.positions_px, dtype=np.float64)
             if refined.position_moves is not None:
-                result.positions_px = result.positions_px + refined.position_moves
+                # The refiner holds at most max_frames frames: later ones were not moved.
+                positions[: len(refined.position_moves)] += refined.position_moves
                 result.summary["position_correction_rms_px"] = round(
                     refined.position_correction_rms_px, 4)
             if pie["probe_update"]:
                 result.probe = refined.probe
                 result.probe_source = f"refined by rPIE from {file_probe}"
+                # The refined probe was kept centred by whole-pixel rolls; its positions
+                # moved the other way (the object did not).
+                positions -= np.asarray(refined.probe_roll_px)
+            result.positions_px = positions
         result.label = (f"model {model} + rpie ({refined.epochs:.0f} epochs, shown: "
                         f"{refined.best})")
     return result

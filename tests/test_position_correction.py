@@ -147,3 +147,43 @@ def test_reconstruct_correct_positions_writes_the_corrected_positions(jittered_s
     assert summary["position_correction_rms_px"] > 0.3
     written = read_dataset(out).positions_px
     assert _rms_error(written, true_positions) < 0.6 * _rms_error(given, true_positions)
+
+
+def test_a_featureless_batch_gets_no_shift_and_the_run_goes_on():
+    """Nothing fitted yet (a canvas of ones): zero shifts, not 0 / 0, even from pass 0."""
+    ones = torch.ones(4, N, N, dtype=torch.complex64)
+    probe = torch.ones(1, N, N, dtype=torch.complex64)
+    delta = torch.randn(4, 1, N, N, dtype=torch.complex64)
+    assert torch.equal(position_shifts(ones, probe, delta), torch.zeros(4, 2))
+
+
+def test_positions_of_a_new_region_are_not_moved_on_their_first_visit(jittered_scan):
+    """A scan that jumps to an unfitted region: the refiner goes on (no NaN positions) and the
+    new frames' recorded moves match where their probe centres are."""
+    probe, truth, true_positions, given, counts = jittered_scan
+    left = given[:, 1] < 48
+    options = PIEOptions(device="cpu", probe_update=False, progress=False,
+                         position_correction=True, position_correction_start_epoch=0)
+    refiner = StreamingRefiner(probe, object_shape=SHAPE, options=options, start="flat")
+    refiner.add(counts[left], given[left])
+    refiner.run(max_epochs=4)
+    refiner.add(counts[~left], given[~left])
+    refiner.run(max_epochs=6)
+    assert np.isfinite(refiner.position_corrections).all()
+    held = np.concatenate([given[left], given[~left]])
+    np.testing.assert_allclose(refiner._pos_t.numpy() + refiner.origin,
+                               held + refiner.position_corrections, atol=1e-3)
+
+
+def test_correct_positions_is_refused_where_it_would_do_nothing(jittered_scan, tmp_path):
+    from typer.testing import CliRunner
+
+    from bluesky_ptychopinn.cli import app
+    from bluesky_ptychopinn.io import PtychoDataset, write_dataset
+
+    probe, _, _, given, counts = jittered_scan
+    path = write_dataset(PtychoDataset(counts, given, probe), tmp_path / "jittered.npz")
+    result = CliRunner().invoke(app, ["reconstruct", str(path), "--epochs", "2",
+                                      "--correct-positions"])
+    assert result.exit_code != 0 and "--epochs > 2" in result.output
+    assert "Traceback" not in result.output

@@ -126,3 +126,15 @@ def test_new_frames_bring_the_full_step_back(low_dose_scan):
     assert refiner.schedule.step == 1.0
     refiner.run(max_epochs=20)
     assert _phase_auc(refiner.obj.numpy(), truth) > 0.8
+
+
+def test_a_restart_is_not_compared_with_the_estimate_it_replaced():
+    schedule = StepSchedule()
+    for error in (1.0, 0.5, 0.4, 0.3999):
+        schedule.end_pass(error, n_frames=100)
+    assert schedule.settled_at == 4
+    schedule.restart()  # e.g. the refiner restarts from the network's image
+    schedule.end_pass(0.41, n_frames=100)  # its first pass: no reference, not "flat"
+    assert schedule.settled_at is None and schedule.step == 1.0
+    schedule.end_pass(0.35, n_frames=100)
+    assert schedule.step == 1.0

@@ -70,12 +70,15 @@ def position_shifts(patches: torch.Tensor, probe: torch.Tensor, delta: torch.Ten
     a_xy = (qy.conj() * qx).real.sum(dim=dims)
     b_y = (qy.conj() * delta).real.sum(dim=dims)
     b_x = (qx.conj() * delta).real.sum(dim=dims)
-    ridge = _REGULARISATION * (a_yy + a_xx).mean() / 2
+    # The floor keeps a batch of featureless patches (a canvas of ones, nothing fitted yet)
+    # at a zero shift instead of 0 / 0.
+    ridge = (_REGULARISATION * (a_yy + a_xx).mean() / 2).clamp_min(torch.finfo(a_yy.dtype).tiny)
     a_yy, a_xx = a_yy + ridge, a_xx + ridge
     det = a_yy * a_xx - a_xy.square()
     s_y = (a_xx * b_y - a_xy * b_x) / det
     s_x = (a_yy * b_x - a_xy * b_y) / det
-    return torch.stack([s_y, s_x], dim=1).to(torch.float32)
+    shifts = torch.stack([s_y, s_x], dim=1).to(torch.float32)
+    return torch.nan_to_num(shifts, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _inside(positions: torch.Tensor, canvas_shape: tuple[int, int], size: int) -> torch.Tensor:
@@ -97,15 +100,17 @@ class PositionCorrector:
         N: patches must stay on the canvas.
     """
 
-    def __init__(self, gain: float, frame_size: int) -> None:
+    def __init__(self, gain: float, frame_size: int,
+                 device: torch.device | str = "cpu") -> None:
         self.gain, self.frame_size = float(gain), int(frame_size)
-        #: (n, 2) total move (y, x) of each frame's probe centre, object pixels, mean removed.
-        self.moves = torch.zeros((0, 2), dtype=torch.float64)
+        #: (n, 2) total move (y, x) of each frame's probe centre, object pixels, mean removed;
+        #: on the engine's device, so that a GPU is not synchronised per batch.
+        self.moves = torch.zeros((0, 2), dtype=torch.float64, device=device)
 
     def grow(self, n_frames: int) -> None:
         """Make room for frames up to ``n_frames`` (new ones not moved yet)."""
         if n_frames > len(self.moves):
-            extra = torch.zeros((n_frames - len(self.moves), 2), dtype=torch.float64)
+            extra = self.moves.new_zeros((n_frames - len(self.moves), 2))
             self.moves = torch.cat([self.moves, extra])
 
     def apply(self, positions: torch.Tensor, index: torch.Tensor, shifts: torch.Tensor,
@@ -117,18 +122,22 @@ class PositionCorrector:
         old = positions[index]
         new = _inside(old + move.to(old.dtype), canvas_shape, self.frame_size)
         positions[index] = new
-        self.moves[index.cpu()] += (new - old).double().cpu()
+        index = index.to(self.moves.device)
+        self.moves[index] += (new - old).to(self.moves)
 
     def centre(self, positions: torch.Tensor, canvas_shape: tuple[int, int]) -> torch.Tensor:
         """``positions`` less the mean move: a common shift is a shift of the object, which the
         frames cannot see, and letting it accumulate would move the image."""
         n = len(positions)
-        mean = self.moves[:n].mean(dim=0) if n else torch.zeros(2, dtype=torch.float64)
-        if float(mean.abs().max()) <= 1e-6:
+        if not n:
             return positions
-        self.moves[:n] -= mean
-        return _inside(positions - mean.to(positions.dtype).to(positions.device), canvas_shape,
-                       self.frame_size)
+        mean = self.moves[:n].mean(dim=0)
+        if float(mean.abs().max()) <= 1e-6:  # one host sync a pass
+            return positions
+        moved = _inside(positions - mean.to(positions), canvas_shape, self.frame_size)
+        # What the clamp at the canvas edge let through, so moves stay the positions' record.
+        self.moves[:n] += (moved - positions).to(self.moves)
+        return moved
 
     def rms(self, n_frames: int) -> float:
         """Root-mean-square total move of the first ``n_frames`` frames, pixels."""

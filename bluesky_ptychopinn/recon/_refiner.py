@@ -95,7 +95,10 @@ class RefinedSnapshot(ObjectParts):
         pixels (0 without ``PIEOptions.position_correction``).
     position_moves : numpy.ndarray or None
         With position correction: (n, 2) move (y, x) of each frame's probe centre, object
-        pixels, mean removed (the corrected positions are the given ones plus these).
+        pixels, mean removed, for the first ``n_frames`` frames.
+    probe_roll_px : tuple of float
+        Whole pixels (dy, dx) the refined probe was rolled by to keep it centred: ``probe`` goes
+        with the positions ``given - probe_roll_px + position_moves``.
     """
 
     object: np.ndarray
@@ -113,6 +116,7 @@ class RefinedSnapshot(ObjectParts):
     network_residual: float = math.nan
     position_correction_rms_px: float = 0.0
     position_moves: np.ndarray | None = None
+    probe_roll_px: tuple[float, float] = (0.0, 0.0)
 
     @property
     def best(self) -> str:
@@ -289,7 +293,9 @@ class StreamingRefiner:
         self.error_history: list[float] = []
         #: Shrinks the update step once the error has settled (noise, not signal, is left).
         self.schedule = StepSchedule.for_options(self.options)
-        self._corrector = PositionCorrector(self.options.position_gain, self.frame_size)
+        self._corrector = PositionCorrector(self.options.position_gain, self.frame_size,
+                                            self.device)
+        self._roll = np.zeros(2)  # whole pixels the probe was rolled by (re-centring), summed
         self.frames_dropped = 0
         self.busy_s = 0.0
 
@@ -522,7 +528,7 @@ class StreamingRefiner:
         if best != "refined":
             self.start, self.obj = best, candidates[best]
             self.start_residuals = residuals
-            self.schedule.reset()  # a new estimate: its errors are not noise yet
+            self.schedule.restart()  # a new estimate: its errors are not noise yet
         logger.info("network image weighed at %d frames: %s (residuals %s)", self._store.n,
                     "restarting from " + best if best != "refined" else "refinement continues",
                     {k: round(v, 5) for k, v in residuals.items()})
@@ -598,6 +604,7 @@ class StreamingRefiner:
             self._pos_t = self._pos_t - torch.tensor(shift, dtype=torch.float32,
                                                      device=self.device)
             self._positions = self._positions - np.asarray(shift, dtype=np.float64)
+            self._roll = self._roll + np.asarray(shift, dtype=np.float64)
 
     def step(self, budget_s: float = 0.1, max_updates: int | None = None) -> float:
         """Refine for about ``budget_s`` seconds (at least one batch) or until ``max_updates``
@@ -619,14 +626,16 @@ class StreamingRefiner:
                 self._keep_probe(probe)
                 self._finish_pass()
                 probe = self.probe * math.sqrt(self.photon_scale)
-            # Frames never fitted get the full step whatever the schedule says.
-            relax = 1.0 if self._unseen else self.schedule.step
+            # Frames never fitted get the full step whatever the schedule says, and no position
+            # move (their first patch is mostly canvas nothing has been fitted to yet).
+            fresh = bool(self._unseen)
+            relax = 1.0 if fresh else self.schedule.step
             batch = self._next_batch(None if max_updates is None else max_updates - updates)
             if not len(batch):
                 break
             index = batch.to(self.device)
             shifts = (torch.empty((len(batch), 2), device=self.device)
-                      if self._correcting_positions else None)
+                      if self._correcting_positions and not fresh else None)
             probe, err = _pie_batch(
                 self.obj, probe, self._store.gather(index), self._pos_t[index], self._mask,
                 engine=self.options.engine, alphas=self.alphas,
@@ -714,13 +723,14 @@ class StreamingRefiner:
             position_correction_rms_px=self._corrector.rms(self._store.n),
             position_moves=(self.position_corrections if self.options.position_correction
                             else None),
+            probe_roll_px=(float(self._roll[0]), float(self._roll[1])),
         )
 
     @property
     def position_corrections(self) -> np.ndarray:
         """(n, 2) moves (y, x) of each frame's probe centre by position correction, object
         pixels, mean removed: the corrected positions are the given ones plus these."""
-        return self._corrector.moves[: self._store.n].numpy().copy()
+        return self._corrector.moves[: self._store.n].cpu().numpy().copy()
 
     def residual_of(self, obj: np.ndarray, origin_px: tuple[float, float],
                     max_frames: int = 128) -> float:

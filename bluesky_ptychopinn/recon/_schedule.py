@@ -101,5 +101,11 @@ class StepSchedule:
                 self.settled_at, self._frames_at_settle = self.passes, n_frames
 
     def reset(self) -> None:
-        """Back to the full step (new information: a restart, many new frames)."""
+        """Back to the full step (new information: many new frames, a rising error)."""
         self.settled_at, self._frames_at_settle, self._flat = None, 0, 0
+
+    def restart(self) -> None:
+        """Back to the full step for a new estimate: its first pass is not compared with the
+        error of the one it replaced."""
+        self.reset()
+        self._last = None
