@@ -173,10 +173,13 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, 
                 if new:
                     uid = new.pop()
                     # Its partial derived run is in Tiled (start and first snapshots).
-                    if _derived(client, uid):
+                    derived = _derived(client, uid)
+                    if derived:
                         w.proc.send_signal(signal.SIGKILL)
                         w.proc.wait()
-                        killed.update(index=k, uid=uid, t=time.monotonic())
+                        # Read now: ACK_WAIT_S later the other worker replaces it (same uid).
+                        stop = client[derived[0]].metadata.get("stop")
+                        killed.update(index=k, uid=uid, t=time.monotonic(), stop=stop)
                         return
             time.sleep(0.05)
 
@@ -187,8 +190,7 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, 
     killer.join()
     assert killed.get("uid") == uid, "the worker was not killed during the scan"
     assert killed["t"] < t_stop  # mid-run: before the raw run's stop document
-    partial = client[_derived(client, uid)[0]]
-    assert "stop" not in partial.metadata or partial.metadata["stop"] is None
+    assert killed["stop"] is None  # the killed worker left a partial run, never "success"
     other = pool[1 - killed["index"]]
     _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
     handle.close()
