@@ -69,12 +69,13 @@ def _nrmse(obj: np.ndarray, truth: np.ndarray) -> float:
     return float(metrics.compare_objects(obj[BOX], truth[BOX], taper_px=6)["nrmse"])
 
 
-def _refine(scan, correct: bool) -> StreamingRefiner:
+def _refine(scan, correct: bool, positions: np.ndarray | None = None) -> StreamingRefiner:
+    """25 known-probe passes over the scan at ``positions`` (default: the jittered ones)."""
     probe, _, _, given, counts = scan
     options = PIEOptions(device="cpu", probe_update=False, progress=False,
                          position_correction=correct)
     refiner = StreamingRefiner(probe, object_shape=SHAPE, options=options, start="flat")
-    refiner.add(counts, given)
+    refiner.add(counts, given if positions is None else positions)
     refiner.run(max_epochs=25)
     assert tuple(refiner.origin) == (0.0, 0.0)  # the canvas is the truth's grid
     return refiner
@@ -101,12 +102,8 @@ def test_the_refiner_moves_jittered_positions_towards_the_truth(jittered_scan):
 
 
 def test_exact_positions_stay_put(jittered_scan):
-    probe, truth, true_positions, _, counts = jittered_scan
-    options = PIEOptions(device="cpu", probe_update=False, progress=False,
-                         position_correction=True)
-    refiner = StreamingRefiner(probe, object_shape=SHAPE, options=options, start="flat")
-    refiner.add(counts, true_positions)
-    refiner.run(max_epochs=25)
+    _, truth, true_positions, _, _ = jittered_scan
+    refiner = _refine(jittered_scan, True, positions=true_positions)
     assert refiner.snapshot().position_correction_rms_px < 0.15
     assert _auc(refiner.obj.numpy(), truth) > 0.9
 

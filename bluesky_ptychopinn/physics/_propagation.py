@@ -13,25 +13,31 @@ from ._tensors import as_probe_modes
 __all__ = ["far_field", "back_propagate", "diffraction_intensity", "exit_waves"]
 
 
-def far_field(exit_wave: torch.Tensor) -> torch.Tensor:
+def far_field(exit_wave: torch.Tensor, *, centred: bool = True) -> torch.Tensor:
     """Propagate exit waves to the detector (DC-centred, orthonormal FFT over the last two axes).
 
     Parameters
     ----------
     exit_wave : torch.Tensor
         Complex array (..., N, N).
+    centred : bool
+        False leaves the zero frequency at pixel (0, 0), the FFT's own order: for engines that
+        hold their data in that order and so skip the shift pair of every batch.
 
     Returns
     -------
     torch.Tensor
-        The far-field wave, same shape, zero frequency at (N//2, N//2).
+        The far-field wave, same shape, zero frequency at (N//2, N//2) (or (0, 0)).
     """
-    return torch.fft.fftshift(torch.fft.fft2(exit_wave, norm="ortho"), dim=(-2, -1))
+    wave = torch.fft.fft2(exit_wave, norm="ortho")
+    return torch.fft.fftshift(wave, dim=(-2, -1)) if centred else wave
 
 
-def back_propagate(wave: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of :func:`far_field`."""
-    return torch.fft.ifft2(torch.fft.ifftshift(wave, dim=(-2, -1)), norm="ortho")
+def back_propagate(wave: torch.Tensor, *, centred: bool = True) -> torch.Tensor:
+    """Exact inverse of :func:`far_field` (with the same ``centred``)."""
+    if centred:
+        wave = torch.fft.ifftshift(wave, dim=(-2, -1))
+    return torch.fft.ifft2(wave, norm="ortho")
 
 
 def exit_waves(probe: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:

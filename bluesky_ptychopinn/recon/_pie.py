@@ -241,13 +241,11 @@ def _pie_batch(
     geometry = patch_geometry(positions, size, shape)
     patches = extract_patches(obj, positions, size, geometry=geometry)
     waves = exit_waves(probe, patches)
-    psi = torch.fft.fft2(waves, norm="ortho") if fft_order else far_field(waves)
+    psi = far_field(waves, centred=not fft_order)
     model = _model_amplitude(psi)
     error = ((model - amplitude).square() * mask).sum()
     ratio = torch.where(mask, amplitude / model.clamp_min(_AMPLITUDE_FLOOR), 1.0)
-    corrected = psi * ratio.unsqueeze(1)
-    delta = (torch.fft.ifft2(corrected, norm="ortho") if fft_order
-             else back_propagate(corrected)) - waves
+    delta = back_propagate(psi * ratio.unsqueeze(1), centred=not fft_order) - waves
     if shifts is not None:
         shifts.copy_(position_shifts(patches, probe, delta))
 
