@@ -67,7 +67,7 @@ def test_calibrate_train_and_the_next_scan_uses_the_new_model(tiled, places):
     probe = _new_probe(base.geometry)
     client = tiled.client()
     RE = RunEngine()
-    RE.subscribe(TiledWriter(client, batch_size=1))
+    RE.subscribe(TiledWriter(client, batch_size=50))
 
     # 1. the calibration scan: the probe is unknown to everyone
     bl = sim_beamline("siemens_star", probe=probe, write_path=tiled.detector_dir, seed=1,
