@@ -95,6 +95,7 @@ class RunReconstruction(DocumentRouter):
         self.snapshot: Snapshot | None = None
         self.sent_refined: RefinedSnapshot | None = None
         self.refine_after_stop_s = 0.0
+        self.refine_cut_off = False  # the stop rule never held: cancelled past the budget
         self.started_at = time.time()
         self.stop_doc: dict | None = None  # the stop, while frames are still being read
         self.stop_deadline = math.inf  # when a deferred stop finishes whatever is pending
@@ -108,6 +109,8 @@ class RunReconstruction(DocumentRouter):
             logger.error("live reconstruction of run %s failed: %s", self.raw_uid, reason)
             self.failed = reason
             self.send("failed", {"reason": reason})
+            if self.refiner is not None:  # its image would belong to a failed run
+                self.refiner.cancel()
 
     # -- documents ---------------------------------------------------------------------------
     def start(self, doc: dict) -> None:
@@ -332,6 +335,12 @@ class RunReconstruction(DocumentRouter):
         positions = positions[good]
         if len(counts) and counts.shape[-1] != n:
             counts = crop_frames(counts, n)
+            # A frame whose few counts all lie outside the crop (a stray count on a dark
+            # frame) carries nothing the model sees; the engines refuse all-zero frames.
+            lit = counts.reshape(len(counts), -1).sum(axis=1) > 0
+            if not lit.all():
+                self.sanitizer.rejected["empty_after_crop"] += int((~lit).sum())
+                counts, positions = counts[lit], positions[lit]
         positions_m = positions * self.md.position_scale_m  # units converted at the boundary
         positions_px = stage_to_pixels(positions_m, dx, sign=self.md.position_sign)
         inside = self._inside(positions_m, positions_px, dx, n)
@@ -346,7 +355,8 @@ class RunReconstruction(DocumentRouter):
         t0 = time.perf_counter()
         self.recon.add(counts, positions_px)
         latency = time.perf_counter() - t0
-        if self.refiner is not None:
+        if self.refiner is not None and not self.refiner.failed:
+            # (a refiner that failed consumes nothing: frames would only pile up in it)
             if self.refiner.refiner.start is None and self.recon.n_frames:
                 # Until the refiner has started, every network image is a candidate start.
                 snap = self.recon.snapshot()
@@ -433,8 +443,8 @@ class RunReconstruction(DocumentRouter):
     def _finish_refinement(self) -> None:
         """After the last frame: refine until the stop rule (epochs, time budget or
         convergence), reporting as it goes; then the final refined image."""
-        if self.refiner is None:
-            return
+        if self.refiner is None or self.failed:
+            return  # (a failed run's refiner was cancelled: no refined or final image)
         t0 = time.monotonic()
         settings = self.settings
         self.refiner.finish(max_epochs=settings.refine_epochs, time_s=settings.refine_budget_s,
@@ -443,7 +453,10 @@ class RunReconstruction(DocumentRouter):
         while not self.refiner.done.wait(settings.publish_interval_s):
             self._send_refined()
             if time.monotonic() > deadline:
+                logger.error("run %s: refinement still running %.0f s after its budget: "
+                             "cut off", self.raw_uid, time.monotonic() - t0)
                 self.refiner.cancel()
+                self.refine_cut_off = True
                 break
         self.refine_after_stop_s = time.monotonic() - t0
         if self.refiner.failed:
@@ -465,6 +478,7 @@ class RunReconstruction(DocumentRouter):
             "ran": snap is not None, "engine": self.settings.refine, "probe": self.probe_info,
             "frames": refiner.n_frames, "frames_not_refined": refiner.frames_dropped,
             "seconds_after_stop": self.refine_after_stop_s, "failed": self.refiner.failed,
+            "cut_off": self.refine_cut_off,
         }
         if snap is not None:
             summary.update(epochs=snap.epochs, error=snap.error, residual=snap.residual,

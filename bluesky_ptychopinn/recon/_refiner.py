@@ -280,6 +280,9 @@ class StreamingRefiner:
         self._pos_t = torch.zeros((0, 2), dtype=torch.float32, device=self.device)
         self._measured = torch.zeros(0, dtype=torch.float64)  # sum |a|^2 per frame
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        # Frames accepted by add(), held, queued or being ingested: the bound is checked on
+        # this, under the lock, so an add() during an ingest cannot see too few.
+        self._accepted = 0
         self._lock = threading.Lock()
         self._unseen: collections.deque[int] = collections.deque()
         self._order = torch.zeros(0, dtype=torch.int64)
@@ -298,6 +301,8 @@ class StreamingRefiner:
         self._roll = np.zeros(2)  # whole pixels the probe was rolled by (re-centring), summed
         self.frames_dropped = 0
         self.busy_s = 0.0
+        self._mask_t = torch.ones((self.frame_size, self.frame_size), dtype=torch.bool,
+                                  device=self.device)
 
     # -- input (any thread) ------------------------------------------------------------------
     def add(self, frames, positions_px) -> int:
@@ -318,15 +323,19 @@ class StreamingRefiner:
             )
         if not (np.isfinite(counts).all() and np.isfinite(pos).all()) or (counts < 0).any():
             raise InvalidInputError("frames and positions must be finite, counts >= 0")
+        empty = np.flatnonzero(counts.reshape(len(counts), -1).sum(axis=1) <= 0)
+        if len(empty):
+            raise InvalidInputError(f"all-zero frame(s) {empty[:8].tolist()} carry no "
+                                    "information: drop them before adding")
         with self._lock:
-            queued = self._store.n + sum(len(p) for _, p in self._pending)
-            room = max(self.max_frames - queued, 0)
+            room = max(self.max_frames - self._accepted, 0)
             if room < len(pos):
                 self.frames_dropped += len(pos) - room
                 counts, pos = counts[:room], pos[:room]
             if len(pos):
                 self._pending.append((counts, pos))
-            return queued + len(pos)
+                self._accepted += len(pos)
+            return self._accepted
 
     def offer_seed(self, obj: np.ndarray, weight: np.ndarray,
                    origin_px: tuple[float, float]) -> None:
@@ -369,7 +378,7 @@ class StreamingRefiner:
         """Enough frames (held or queued) for an update, and not waiting for the network's
         image (``wait_for_seed_frames``)."""
         with self._lock:
-            frames = self._store.n + sum(len(p) for _, p in self._pending)
+            frames = self._accepted
         return frames >= self.min_frames and not self._waits_for_seed(frames)
 
     # -- canvas ------------------------------------------------------------------------------
@@ -396,7 +405,9 @@ class StreamingRefiner:
         if not pending:
             return
         counts = np.concatenate([c for c, _ in pending])
-        pos = np.concatenate([p for _, p in pending])
+        # Re-centring rolled the probe and moved the held frames by the roll: new frames go
+        # with the same rolled probe, so they move by it too.
+        pos = np.concatenate([p for _, p in pending]) - self._roll
         local = self._canvas(pos)
         # Never in place: the caller's array may be the one queued. Held in the FFT's pixel
         # order (zero frequency at (0, 0)), as is the mask, so no batch pays for fftshifts.
@@ -418,10 +429,10 @@ class StreamingRefiner:
             self.photon_scale = float(counts.sum(axis=(1, 2)).mean())
 
     # -- the start ---------------------------------------------------------------------------
-    def _candidates(self) -> dict[str, torch.Tensor]:
+    def _candidates(self, seed) -> dict[str, torch.Tensor]:
+        """The candidate starts from ``seed`` (the network's image as offered, or None)."""
         shape = tuple(self.obj.shape)
         candidates = {"flat": torch.ones(shape, dtype=torch.complex64, device=self.device)}
-        seed = self.seed
         if seed is None or self.start_choice == "flat":
             return candidates
         obj, weight, origin = seed
@@ -474,8 +485,9 @@ class StreamingRefiner:
     def _choose_start(self) -> None:
         """Trial each candidate start and continue from the untouched candidate with the
         lowest residual."""
-        candidates = self._candidates()
-        self._weighed_seed = self.seed
+        # One read: a network image offered meanwhile is a later one, reconsidered then.
+        seed = self._weighed_seed = self.seed
+        candidates = self._candidates(seed)
         # The first network image is weighed whenever it comes (it may come after all the
         # frames, as for a file); later ones once the frames have doubled since the start.
         self._reconsider_at = 0 if self._weighed_seed is None else 2 * self._store.n
@@ -515,7 +527,7 @@ class StreamingRefiner:
         if not own > network:
             self.reconsiderations.append(entry)
             return
-        candidates = self._candidates()
+        candidates = self._candidates(seed)
         candidates.pop("flat", None)
         if not candidates:
             self.reconsiderations.append(entry)
@@ -529,6 +541,11 @@ class StreamingRefiner:
             self.start, self.obj = best, candidates[best]
             self.start_residuals = residuals
             self.schedule.restart()  # a new estimate: its errors are not noise yet
+            # The pass under way measured the discarded estimate: start a new one, so that
+            # the error and its history describe only the estimate continued.
+            self._visited, self._pass_error, self._pass_measured = 0, 0.0, 0.0
+            self._order, self._cursor = self._order[:0], 0
+            self.error = math.nan  # until the new estimate's first batch
         logger.info("network image weighed at %d frames: %s (residuals %s)", self._store.n,
                     "restarting from " + best if best != "refined" else "refinement continues",
                     {k: round(v, 5) for k, v in residuals.items()})
@@ -536,9 +553,6 @@ class StreamingRefiner:
     @property
     def _mask(self) -> torch.Tensor:
         """Valid detector pixels, in the FFT's pixel order like the stored amplitudes."""
-        if not hasattr(self, "_mask_t"):
-            self._mask_t = torch.ones((self.frame_size, self.frame_size), dtype=torch.bool,
-                                      device=self.device)
         return self._mask_t
 
     def mask_pixels(self, bad) -> None:
@@ -682,9 +696,15 @@ class StreamingRefiner:
             Converged when a full pass lowers the error by less than this fraction.
         slice_s : float
             Granularity of the checks.
+
+        A refiner waiting for the network's image (``wait_for_seed_frames``) stops waiting and
+        starts from what it has.
         """
         if max_epochs is None and time_s is None and tol is None:
             max_epochs = self.options.n_epochs
+        # run() means refine now: no more waiting for a network image that may never come
+        # (step() would return at once, and this loop would never end).
+        self.wait_for_seed_frames = 0
         t0, start_epochs, start_passes = time.perf_counter(), self.epochs, self.passes
         while True:
             todo = None

@@ -82,7 +82,8 @@ class RefinerThread(threading.Thread):
         self._wake.set()
 
     def cancel(self) -> None:
-        """Stop as soon as the current slice ends (no final snapshot beyond the latest)."""
+        """Stop at the end of the slice (or, after :meth:`finish`, the piece) under way;
+        :attr:`final` is then the state at that point and :attr:`done` is set."""
         self._cancel.set()
         self._wake.set()
 
@@ -119,7 +120,9 @@ class RefinerThread(threading.Thread):
         double up to ``snapshot_interval_s`` (the early images improve fastest)."""
         if self.latest is None:
             return 0.0
-        return min(self.snapshot_interval_s, self.first_interval_s * 2.0 ** self._publishes)
+        # (the exponent capped: 2.0 ** 1024 raises OverflowError, i.e. after ~8 min)
+        return min(self.snapshot_interval_s,
+                   self.first_interval_s * 2.0 ** min(self._publishes, 60))
 
     def _lower_priority(self) -> None:
         if not self.nice or not hasattr(os, "setpriority"):
@@ -180,6 +183,6 @@ class RefinerThread(threading.Thread):
             if max_epochs is not None and refiner.epochs - epochs0 >= max_epochs:
                 break
             history = refiner.error_history
-            if (tol is not None and refiner.passes - passes0 >= 2
+            if (tol is not None and refiner.passes - passes0 >= 2 and len(history) >= 2
                     and history[-2] - history[-1] < tol * history[-2]):
                 break
