@@ -191,3 +191,16 @@ def test_a_failed_run_is_not_refined_after_its_stop():
     assert after == ["finished"]  # no refined or final image of a failed run
     assert run.refine_after_stop_s == 0.0
     assert run.refiner.done.wait(5)  # and its thread was stopped
+
+
+def test_a_position_far_away_is_refused_before_it_allocates(scan):
+    _, probe, pos, counts = scan
+    r = _refiner(probe, (112, 112), max_canvas_px=1024)
+    r.add(counts[:8], pos[:8])
+    glitch = pos[8:16].copy()
+    glitch[3] = (1e6, 50.0)  # one encoder reading far away
+    with pytest.raises(InvalidInputError, match="max_canvas_px"):
+        r.add(counts[8:16], glitch)
+    r.add(counts[8:16], pos[8:16])  # the refiner goes on with sane positions
+    r.run(max_epochs=1)
+    assert r.n_frames == 16 and max(r.obj.shape) < 1024

@@ -303,7 +303,8 @@ class RunReconstruction(DocumentRouter):
                              device=settings.device, progress=False, seed=0,
                              position_correction=settings.refine_positions)
         refiner = StreamingRefiner(self.probe, object_shape=shape, origin_px=tuple(origin),
-                                   options=options, frame_size=self.model.config.frame_size)
+                                   options=options, frame_size=self.model.config.frame_size,
+                                   max_canvas_px=settings.max_canvas_px)
         self.refiner = RefinerThread(refiner, snapshot_interval_s=settings.publish_interval_s,
                                      duty=settings.refine_duty,
                                      name=f"ptychopinn-refine-{self.raw_uid[:8]}")

@@ -210,6 +210,10 @@ class StreamingRefiner:
     max_frames : int
         Frames held at most (4 bytes per detector pixel each: 16 KB at 64 px). Later frames are
         counted in :attr:`frames_dropped` and not refined, so no scan can exhaust memory.
+    max_canvas_px : int
+        Largest canvas side the positions may make the object grow to (8 bytes per pixel:
+        0.5 GB at 8192); :meth:`add` refuses frames beyond it (one glitched encoder reading
+        far away would otherwise allocate without bound).
 
     Examples
     --------
@@ -241,6 +245,7 @@ class StreamingRefiner:
         start: str = "auto",
         min_frames: int = 16,
         max_frames: int = 65_536,
+        max_canvas_px: int = 8192,
         frame_size: int | None = None,
         trial_frames: int = 256,
         wait_for_seed_frames: int = 0,
@@ -266,6 +271,11 @@ class StreamingRefiner:
         self.start: str | None = None
         self.start_residuals: dict[str, float] = {}
         self.min_frames, self.max_frames = int(min_frames), int(max_frames)
+        self.max_canvas_px = max(int(max_canvas_px), *(int(v) for v in object_shape))
+        # Extent (object pixels) the canvas must cover: its start, then every accepted frame.
+        self._extent = (np.asarray(origin_px, dtype=np.float64),
+                        np.asarray(origin_px, dtype=np.float64)
+                        + np.asarray(object_shape, dtype=np.float64))
         self.trial_frames, self.wait_for_seed_frames = int(trial_frames), int(wait_for_seed_frames)
         self.reconsider = int(reconsider)
         #: One entry per weighing of a network image against the refined state.
@@ -328,6 +338,17 @@ class StreamingRefiner:
             raise InvalidInputError(f"all-zero frame(s) {empty[:8].tolist()} carry no "
                                     "information: drop them before adding")
         with self._lock:
+            if len(pos):
+                half = n / 2 + 1
+                lo = np.minimum(self._extent[0], pos.min(axis=0) - half)
+                hi = np.maximum(self._extent[1], pos.max(axis=0) + half)
+                if ((hi - lo) > self.max_canvas_px).any():
+                    far = np.abs(pos - (self._extent[0] + self._extent[1]) / 2).max(axis=1)
+                    raise InvalidInputError(
+                        f"positions: the frames would grow the canvas to "
+                        f"{int(np.ceil((hi - lo).max()))} px, more than max_canvas_px="
+                        f"{self.max_canvas_px} (farthest position {pos[int(far.argmax())]} "
+                        "object pixels); a glitched reading? nothing of this batch was added")
             room = max(self.max_frames - self._accepted, 0)
             if room < len(pos):
                 self.frames_dropped += len(pos) - room
@@ -335,6 +356,8 @@ class StreamingRefiner:
             if len(pos):
                 self._pending.append((counts, pos))
                 self._accepted += len(pos)
+                self._extent = (np.minimum(self._extent[0], pos.min(axis=0) - n / 2 - 1),
+                                np.maximum(self._extent[1], pos.max(axis=0) + n / 2 + 1))
             return self._accepted
 
     def offer_seed(self, obj: np.ndarray, weight: np.ndarray,
