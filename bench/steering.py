@@ -543,12 +543,10 @@ def section(results: dict) -> str:
         "![steering](figures/steering.png)", "",
         "Top: ROI FRC-AUC vs frames. Grey: the image shown during the fine raster (the better "
         "of the latest network and refined snapshots in the run state), scored at each "
-        "snapshot; it is the network preview until the last frame, because during a scan "
-        "without pauses the refiner's snapshots reach the run state only when the documents "
-        "stop coming (`RunWorker.idle`), i.e. at the stop; the star is the final image, its "
-        "bar the range of the last refined snapshots. Red: the feedback runs' final images, "
-        "thin red lines the image shown during each run (a feedback scan pauses at every "
-        "decision, so the refined image is shown from the first one). Blue: coarser rasters "
+        "snapshot (refined snapshots reach the run state while the scan runs, pauses or "
+        "not); the star is the final image, its bar the range of the last refined "
+        "snapshots. Red: the feedback runs' final images, thin red lines the image shown "
+        "during each run. Blue: coarser rasters "
         "over the whole region. Below: where the feedback scan at the 50 % budget measured, "
         "and where the strategy before measured with the same budget.", "",
         "The strategy (`plans.FeatureRecommender`): structure = RMS deviation of the best "
