@@ -11,6 +11,17 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for the test: 64-px FFTs gain nothing from a second one, and OpenMP
+    spin-waits make a shared 2-core machine up to 100x slower when another process holds a
+    core (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def device(request) -> str:
     """Every physics test runs on the CPU, and on CUDA too when a GPU is present."""

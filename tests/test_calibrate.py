@@ -19,7 +19,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from bluesky_ptychopinn.calibration import (
@@ -47,12 +46,7 @@ PROVENANCE = ("kind", "file", "file_sha256", "engine", "epochs", "final_fourier_
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # 64-px FFTs gain nothing from a second thread on a shared box
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _beamline_probe(geometry: ExperimentGeometry) -> np.ndarray:

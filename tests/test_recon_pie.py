@@ -23,14 +23,7 @@ N = 64
 PHOTONS = 1e6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 64 x 64 FFTs gain nothing from a second thread, and OpenMP spin-waits make a shared
-    # 2-core machine up to 100x slower when another process holds a core.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @dataclasses.dataclass

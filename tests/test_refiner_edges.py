@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from bluesky_ptychopinn import physics
 from bluesky_ptychopinn.callbacks._reconstruction import RunReconstruction
@@ -23,12 +22,7 @@ from bluesky_ptychopinn.synthetic import make_object
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -339,7 +339,7 @@ class StreamingRefiner:
                                     "information: drop them before adding")
         with self._lock:
             if len(pos):
-                half = n / 2 + 1
+                half = n / 2 + 1  # the patch around each centre, and a pixel of rounding
                 lo = np.minimum(self._extent[0], pos.min(axis=0) - half)
                 hi = np.maximum(self._extent[1], pos.max(axis=0) + half)
                 if ((hi - lo) > self.max_canvas_px).any():
@@ -356,8 +356,8 @@ class StreamingRefiner:
             if len(pos):
                 self._pending.append((counts, pos))
                 self._accepted += len(pos)
-                self._extent = (np.minimum(self._extent[0], pos.min(axis=0) - n / 2 - 1),
-                                np.maximum(self._extent[1], pos.max(axis=0) + n / 2 + 1))
+                # (the frames dropped for room widen it too: harmless, they were in bounds)
+                self._extent = (lo, hi)
             return self._accepted
 
     def offer_seed(self, obj: np.ndarray, weight: np.ndarray,
