@@ -38,7 +38,7 @@ def required_object_shape(positions, patch_size: int, margin: int = 1) -> tuple[
 def _bilinear_indices(
     positions: torch.Tensor, patch_size: int, shape: tuple[int, int]
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Flat indices of the (N+1)^2 support of each patch and the four bilinear weights."""
+    """Flat indices of the (N+1)^2 support of each patch and its fractional offsets (y, x)."""
     height, width = shape
     check_positions(positions)
     origin = patch_origins(positions.to(torch.float64), patch_size)
@@ -61,10 +61,7 @@ def _bilinear_indices(
     rows = (lo[:, 0:1] + offsets).clamp(max=height - 1)
     cols = (lo[:, 1:2] + offsets).clamp(max=width - 1)
     flat = rows[:, :, None] * width + cols[:, None, :]
-    fy = frac[:, 0].view(-1, 1, 1)
-    fx = frac[:, 1].view(-1, 1, 1)
-    weights = ((1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx)
-    return flat, weights
+    return flat, (frac[:, 0].view(-1, 1, 1), frac[:, 1].view(-1, 1, 1))
 
 
 class PatchGeometry(NamedTuple):
@@ -72,7 +69,7 @@ class PatchGeometry(NamedTuple):
     that extraction and its adjoint at the same positions need not (nor check them again)."""
 
     flat: torch.Tensor  # (n, N+1, N+1) flat canvas indices of each patch's support
-    weights: tuple[torch.Tensor, ...]  # the four bilinear weights, each (n, 1, 1)
+    fractions: tuple[torch.Tensor, torch.Tensor]  # sub-pixel offsets (fy, fx), each (n, 1, 1)
     shape: tuple[int, int]  # the canvas (H, W)
     patch_size: int
 
@@ -89,8 +86,8 @@ def patch_geometry(positions: torch.Tensor, patch_size: int,
         If a patch would leave the canvas or positions are not a finite (n, 2) array.
     """
     shape = (int(shape[0]), int(shape[1]))
-    flat, weights = _bilinear_indices(positions, patch_size, shape)
-    return PatchGeometry(flat, weights, shape, int(patch_size))
+    flat, fractions = _bilinear_indices(positions, patch_size, shape)
+    return PatchGeometry(flat, fractions, shape, int(patch_size))
 
 
 def _check_geometry(geometry: PatchGeometry, shape: tuple[int, int], patch_size: int) -> None:
@@ -150,19 +147,18 @@ def extract_patches(obj: torch.Tensor, positions: torch.Tensor, patch_size: int,
     if geometry is None:
         geometry = patch_geometry(positions, patch_size, shape)
     _check_geometry(geometry, shape, patch_size)
-    flat, (w00, w01, w10, w11) = geometry.flat, geometry.weights
+    flat = geometry.flat
     if batched:
         flat = flat + (torch.arange(obj.shape[0], device=obj.device) * shape[0] * shape[1]).view(
             -1, 1, 1
         )
     region = obj.reshape(-1)[flat]
-    w00, w01, w10, w11 = (w.to(region.real.dtype) for w in (w00, w01, w10, w11))
-    return (
-        w00 * region[:, :-1, :-1]
-        + w01 * region[:, :-1, 1:]
-        + w10 * region[:, 1:, :-1]
-        + w11 * region[:, 1:, 1:]
-    )
+    fy, fx = (f.to(region.dtype) for f in geometry.fractions)
+    # Bilinear as two lerps, along x then y: the same weights as the four-term sum
+    # (1-fy)(1-fx) a + (1-fy) fx b + fy (1-fx) c + fy fx d, in two fused kernels instead of
+    # seven (half the time of the engines' extraction).
+    along_x = torch.lerp(region[:, :, :-1], region[:, :, 1:], fx)
+    return torch.lerp(along_x[:, :-1], along_x[:, 1:], fy)
 
 
 def scatter_patches(
@@ -216,8 +212,9 @@ def scatter_patches(
     if geometry is None:
         geometry = patch_geometry(positions, patch_size, shape)
     _check_geometry(geometry, tuple(shape), patch_size)
-    flat, (w00, w01, w10, w11) = geometry.flat, geometry.weights
-    w00, w01, w10, w11 = (w.to(patches.real.dtype) for w in (w00, w01, w10, w11))
+    flat = geometry.flat
+    fy, fx = (f.to(patches.real.dtype) for f in geometry.fractions)
+    w00, w01, w10, w11 = (1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx
     n = patches.shape[0]
     region = patches.new_zeros((n, patch_size + 1, patch_size + 1))
     region[:, :-1, :-1] += w00 * patches
