@@ -180,6 +180,9 @@ def _resolve_device(device) -> torch.device:
 
 def _model_amplitude(psi: torch.Tensor) -> torch.Tensor:
     """sqrt of the mode-summed intensity: (B, M, N, N) -> (B, N, N)."""
+    if psi.shape[1] == 1:  # one mode: no sum over a mode axis of length 1 (a full copy)
+        psi = psi[:, 0]
+        return (psi.real.square() + psi.imag.square()).sqrt()
     return (psi.real.square() + psi.imag.square()).sum(dim=1).sqrt()
 
 
@@ -245,7 +248,9 @@ def _pie_batch(
     model = _model_amplitude(psi)
     error = ((model - amplitude).square() * mask).sum()
     ratio = torch.where(mask, amplitude / model.clamp_min(_AMPLITUDE_FLOOR), 1.0)
-    delta = back_propagate(psi * ratio.unsqueeze(1), centred=not fft_order) - waves
+    # (the ratio made complex once, on B N^2 values, rather than inside the M B N^2 product)
+    delta = back_propagate(psi * ratio.unsqueeze(1).to(psi.dtype), centred=not fft_order)
+    delta -= waves
     if shifts is not None:
         shifts.copy_(position_shifts(patches, probe, delta))
 
@@ -253,8 +258,11 @@ def _pie_batch(
     alpha_o, alpha_p = alphas
     step_o, step_p = (alpha_o, alpha_p) if engine == "epie" else (1.0, 1.0)
     step_o, step_p = step_o * relax, step_p * relax
-    numerator = scatter_patches((probe.conj().unsqueeze(0) * delta).sum(dim=1), positions, shape,
-                                geometry=geometry)
+    if probe.shape[0] == 1:
+        deposit = probe[0].conj() * delta[:, 0]
+    else:
+        deposit = (probe.conj().unsqueeze(0) * delta).sum(dim=1)
+    numerator = scatter_patches(deposit, positions, shape, geometry=geometry)
     power = probe.real.square() + probe.imag.square()
     power = power.sum(dim=0).expand(positions.shape[0], size, size)
     illumination = scatter_patches(power, positions, shape, geometry=geometry)
