@@ -14,7 +14,7 @@ from ophyd import Device, Signal
 from ..errors import InvalidInputError
 from ..recon._residual import place_on_canvas
 from ._metadata import ptycho_metadata
-from ._ptycho_scan import _check_limits, scan_points
+from ._ptycho_scan import _check_limits, scan_points, to_stage_units
 from ._recommenders import ReconstructionView, make_recommender
 
 __all__ = ["ptycho_scan_with_feedback", "FeedbackState"]
@@ -40,6 +40,7 @@ class FeedbackState(Device):
 
 
 def _acquire(detector, stage, feedback, points):
+    """Measure at ``points`` (stage units)."""
     for y, x in points:
         yield from bps.mv(stage.y, float(y), stage.x, float(x))
         yield from bps.trigger_and_read([detector, stage, feedback])
@@ -156,7 +157,9 @@ def ptycho_scan_with_feedback(
     if len(overview) > budget:
         raise InvalidInputError(f"budget {budget} is smaller than the {len(overview)}-point "
                                 "overview; raise the budget or the coarse step")
-    _check_limits(stage, overview)
+    if "ptycho" in (md or {}):
+        raise InvalidInputError("md: 'ptycho' is written by the plan from geometry; pass "
+                                "those fields in geometry instead")
     feedback = FeedbackState(name="feedback")
     feedback.strategy.put(getattr(recommender, "name", type(recommender).__name__))
     scan = {"pattern": "feedback", "extent_m": list(map(float, region_extent_m)),
@@ -170,6 +173,10 @@ def ptycho_scan_with_feedback(
         "ptycho": ptycho_metadata(detector, stage, geometry, scan),
         **(md or {}),
     }
+    ptycho = _md["ptycho"]
+    units, sign = ptycho["position_units"], int(ptycho["position_sign"])
+    # Everything here is in stage metres (the recommenders' unit); the stage gets its own.
+    _check_limits(stage, to_stage_units(overview, ptycho), units)
     summary = {"frames": 0, "decisions": 0, "stop_reason": ""}
 
     @bpp.stage_decorator([detector, stage])
@@ -177,7 +184,7 @@ def ptycho_scan_with_feedback(
     def inner():
         uid = None
         visited = [p for p in overview]
-        yield from _acquire(detector, stage, feedback, overview)
+        yield from _acquire(detector, stage, feedback, to_stage_units(overview, ptycho))
         summary["frames"] = len(overview)
         previous = None
         for decision in range(1, max_decisions + 1):
@@ -192,16 +199,16 @@ def ptycho_scan_with_feedback(
                     f": {state.failed}" if state is not None and state.failed else "")
                 break
             snap = state.snapshot
-            view = _best_view(state)
+            view = _best_view(state, sign)
             change = _relative_change(previous, snap)
             previous = snap
             remaining = budget - summary["frames"]
             n = min(points_per_decision, remaining)
             points, info = recommender.suggest(view, n, np.asarray(visited)) if n > 0 else (
                 np.zeros((0, 2)), {})
-            points = np.asarray(points).reshape(-1, 2)
+            points = _checked_suggestion(points, n, recommender)
             if len(points):
-                _check_limits(stage, points)
+                _check_limits(stage, to_stage_units(points, ptycho), units)
             yield from bps.mv(feedback.iteration, decision, feedback.n_points, len(points),
                               feedback.score, float(info.get("score_max", 0.0)),
                               feedback.change, float(change),
@@ -218,7 +225,7 @@ def ptycho_scan_with_feedback(
             if not len(points):
                 summary["stop_reason"] = "nothing left to measure"
                 break
-            yield from _acquire(detector, stage, feedback, points)
+            yield from _acquire(detector, stage, feedback, to_stage_units(points, ptycho))
             visited.extend(points)
             summary["frames"] += len(points)
         else:
@@ -228,10 +235,30 @@ def ptycho_scan_with_feedback(
     return summary
 
 
-def _best_view(state) -> ReconstructionView:
+def _checked_suggestion(points, n: int, recommender) -> np.ndarray:
+    """A recommender's points as (k, 2) metres, at most ``n`` of them (the Recommender
+    contract says "up to n"; a wrapped optimizer may return more, which would overrun the
+    budget), all finite."""
+    name = getattr(recommender, "name", type(recommender).__name__)
+    try:
+        points = np.asarray(points, dtype=float).reshape(-1, 2)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"recommender {name!r}: expected (k, 2) positions in metres, "
+                                f"got {np.shape(points)}") from exc
+    if not np.isfinite(points).all():
+        raise InvalidInputError(f"recommender {name!r}: suggested non-finite positions")
+    if len(points) > n:
+        logger.warning("feedback: recommender %r suggested %d points for %d; measuring the "
+                       "first %d", name, len(points), n, n)
+        points = points[:n]
+    return points
+
+
+def _best_view(state, sign: int = 1) -> ReconstructionView:
     """The recommenders' view of the run: the best current estimate (the refined object,
     placed on the network's canvas, when ``state.best == "refined"``; else the network's),
-    with the network's coverage and uncertainty."""
+    with the network's coverage and uncertainty. ``sign``: the run's ``position_sign``, with
+    which the callback placed the frames (canvas pixels go back to stage metres with it)."""
     snap = state.snapshot
     obj, estimate, frames = snap.object, "network", snap.n_frames
     refined = getattr(state, "refined", None)
@@ -240,7 +267,7 @@ def _best_view(state) -> ReconstructionView:
                               snap.origin_px)
         estimate, frames = "refined", refined.n_frames
     return ReconstructionView(obj, snap.weight, snap.uncertainty, snap.origin_px,
-                              state.pixel_size_m, estimate=estimate, frames=frames)
+                              state.pixel_size_m, sign=sign, estimate=estimate, frames=frames)
 
 
 def _current_uid(recon) -> str | None:

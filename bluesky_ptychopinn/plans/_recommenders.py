@@ -72,11 +72,16 @@ class Recommender(Protocol):
 
 
 def _candidates(region_center_m, region_extent_m, step_m: float) -> np.ndarray:
-    cy, cx = region_center_m
-    hy, hx = np.asarray(region_extent_m, dtype=float) / 2
-    ys = np.arange(cy - hy, cy + hy + 1e-12, step_m)
-    xs = np.arange(cx - hx, cx + hx + 1e-12, step_m)
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    """The fine grid over the region: ``step_m`` apart from its low edge, never past its high
+    edge (an ``arange`` to the edge plus a tolerance could step 1e-12 m beyond it, outside a
+    stage limit set at the edge)."""
+    axes = []
+    halves = np.broadcast_to(np.asarray(region_extent_m, dtype=float) / 2, (2,))
+    for centre, half in zip(region_center_m, halves, strict=True):
+        count = int(np.floor(2 * half / step_m + 1e-9)) + 1
+        axes.append(np.clip(centre - half + step_m * np.arange(count), centre - half,
+                            centre + half))
+    yy, xx = np.meshgrid(*axes, indexing="ij")
     return np.stack([yy.ravel(), xx.ravel()], axis=1)
 
 
