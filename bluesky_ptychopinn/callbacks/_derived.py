@@ -72,6 +72,26 @@ class RunState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _skipped_too_many(summary: dict) -> str:
+    """Why a run the reconstruction called a success is not one, or "".
+
+    The reconstruction's own rule (most frames reconstructed) cannot see the frames this side
+    dropped for back-pressure (``backpressure="skip"``): they never reached it. Counted with
+    them, a run of which most frames were skipped is no success.
+    """
+    skipped = int(summary.get("frames_skipped") or 0)
+    if not skipped:
+        return ""
+    done = int(summary.get("frames_done") or 0)
+    total = done + skipped + int(summary.get("frames_rejected") or 0) + int(
+        summary.get("frames_unpaired") or 0)
+    if done >= 0.5 * total:
+        return ""
+    return (f"only {done} of {total} frames reconstructed ({skipped} skipped for back-pressure: "
+            "the reconstruction could not keep up; use backpressure='block', a larger "
+            "max_queue or a GPU)")
+
+
 def derived_start_metadata(start: dict, md: PtychoMetadata | dict | None,
                            model_info: dict) -> dict:
     """Start-document metadata of the derived run of raw run ``start`` (docs/conventions.md)."""
@@ -224,7 +244,11 @@ class DerivedRun:
             self.state.frames_done = int(summary.get("frames_done", self.state.frames_done))
             self.state.frames_rejected = int(summary.get("frames_rejected",
                                                          self.state.frames_rejected))
-        self._close(payload["exit_status"], payload.get("reason", ""), summary)
+        exit_status, reason = payload["exit_status"], payload.get("reason", "")
+        if exit_status == "success":
+            reason = _skipped_too_many(summary)
+            exit_status = "fail" if reason else exit_status
+        self._close(exit_status, reason, summary)
 
     # -- the RunEngine side's own events ------------------------------------------------------
     def fail(self, reason: str) -> None:

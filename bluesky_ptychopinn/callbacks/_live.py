@@ -285,15 +285,21 @@ class LiveReconstruction:
             md = PtychoMetadata.from_start(start, detector_key=self.image_key,
                                            positioner_keys=self.positioner_keys)
         except InvalidMetadataError as exc:
-            state = self.runs[start["uid"]] = RunState(raw_uid=start["uid"])
+            state = self._track(RunState(raw_uid=start["uid"]))
             self._new_derived_run(start, None, state).fail(f"invalid start document: {exc}")
             return [], []
         if md is None:
             logger.info("run %s has no ptycho metadata; not reconstructing", start["uid"])
             return [], []
         uid = start["uid"]
-        state = self.runs[uid] = RunState(raw_uid=uid)
-        model_path, model_info = self._choose_model(md)
+        state = self._track(RunState(raw_uid=uid))
+        try:
+            model_path, model_info = self._choose_model(md)
+        except Exception as exc:  # e.g. model="auto" and the chosen weights are unreadable
+            logger.exception("run %s: no model for its reconstruction", uid)
+            self._new_derived_run(start, md, state).fail(
+                f"no model for this run: {type(exc).__name__}: {exc}")
+            return [], []
         self._derived[uid] = self._new_derived_run(start, md, state, model_info)
         self._transport.open(uid, md, model_path, model_info)
         transport, backpressure = self._transport, self.backpressure
@@ -303,6 +309,19 @@ class LiveReconstruction:
                   state, backpressure)
 
         return [enqueue], []
+
+    #: Finished runs whose :class:`RunState` (with its latest images) stays in :attr:`runs`;
+    #: older finished ones are forgotten, so a session of many scans does not grow for ever.
+    keep_finished_runs = 16
+
+    def _track(self, state: RunState) -> RunState:
+        """Add a run to :attr:`runs`, forgetting the oldest finished ones beyond
+        :attr:`keep_finished_runs` (open runs are always kept)."""
+        self.runs[state.raw_uid] = state
+        finished = [uid for uid, s in self.runs.items() if s.finished.is_set()]
+        for uid in finished[: max(0, len(finished) - self.keep_finished_runs)]:
+            del self.runs[uid]
+        return state
 
     def _new_derived_run(self, start: dict, md: PtychoMetadata | None, state: RunState,
                          model_info: dict | None = None) -> DerivedRun:
@@ -358,7 +377,7 @@ class LiveReconstruction:
         """State of a run (default: the most recent) including its latest snapshot."""
         if not self.runs:
             return None
-        return self.runs[raw_uid] if raw_uid else list(self.runs.values())[-1]
+        return self.runs.get(raw_uid) if raw_uid else list(self.runs.values())[-1]
 
     def wait(self, raw_uid: str | None = None, timeout: float = 60.0) -> RunState:
         """Block until a run's derived run is complete (for scripts and tests, not plans)."""

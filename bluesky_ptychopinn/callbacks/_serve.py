@@ -83,6 +83,26 @@ def _model(models: dict, path: str) -> torch.nn.Module:
     return models[path]
 
 
+def _open_run(item: tuple, models: dict, send: Send, model: torch.nn.Module,
+              model_info: dict, settings: WorkerSettings) -> RunReconstruction | None:
+    """A run's reconstruction, or ``None`` after failing its derived run: an error here (the
+    run's model unreadable, its metadata refused) ends that run alone, never the loop that
+    serves every later run."""
+    uid, md = item[1], item[2]
+    try:
+        run_model, run_info = model, model_info
+        if len(item) > 3 and item[3] is not None:
+            run_model, run_info = _model(models, item[3]), item[4]
+        return RunReconstruction(run_model, run_info, settings, md, uid, send)
+    except Exception as exc:
+        logger.exception("live reconstruction: run %s could not be opened", uid)
+        reason = f"the reconstruction could not start: {type(exc).__name__}: {exc}"
+        send("failed", uid, {"reason": reason})
+        send("finished", uid, {"exit_status": "fail", "reason": reason,
+                               "summary": {"frames_done": 0, "frames_rejected": 0}})
+        return None
+
+
 def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
           settings: WorkerSettings, *, alive: Callable[[], bool] = lambda: True) -> None:
     """Reconstruct every run whose documents arrive in ``inbox`` until ``("shutdown",)``.
@@ -115,12 +135,11 @@ def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
                 _finish_deferred(runs, flush)
                 return
             elif item[0] == "open":
-                uid, md = item[1], item[2]
-                run_model, run_info = model, model_info
-                if len(item) > 3 and item[3] is not None:
-                    run_model, run_info = _model(models, item[3]), item[4]
-                runs[uid] = RunReconstruction(run_model, run_info, settings, md, uid, send)
-                next_idle[uid] = time.monotonic() + flush
+                uid = item[1]
+                run = _open_run(item, models, send, model, model_info, settings)
+                if run is not None:
+                    runs[uid] = run
+                    next_idle[uid] = time.monotonic() + flush
             else:
                 _, uid, name, doc = item
                 run = runs.get(uid)

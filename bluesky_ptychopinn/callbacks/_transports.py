@@ -82,13 +82,14 @@ class ThreadTransport:
         self._inbox: queue.Queue = queue.Queue(maxsize=max_queue)
         self._outbox: queue.Queue = queue.Queue()
         self._lost, self._open = lost, set()
+        self._warned_dead = False
         self._reason = "the live reconstruction was closed before the run finished"
         self._serving = threading.Thread(
             target=self._serve, args=(model, model_info, settings), daemon=True,
             name="ptychopinn-reconstruction")
         self._pump = threading.Thread(target=pump, daemon=True, name="ptychopinn-derived-runs",
                                       args=(self._receive, deliver, tick, self._open))
-        self.put, self.put_nowait = self._inbox.put, self._inbox.put_nowait
+        self.put_nowait = self._inbox.put_nowait
         self._serving.start()
         self._pump.start()
 
@@ -101,6 +102,21 @@ class ThreadTransport:
             raise
         finally:
             self._outbox.put((_ENDED, self._reason))
+
+    def put(self, item) -> None:
+        """Queue ``item``, waiting while the queue is full, but not for a reconstruction
+        thread that has ended (its runs were given up as lost when it did): the RunEngine
+        must never wait for ever on a queue nobody reads."""
+        while self._serving.is_alive():
+            try:
+                self._inbox.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        if not self._warned_dead:
+            self._warned_dead = True
+            logger.warning("live reconstruction: the reconstruction thread has ended (%s); "
+                           "documents from now on are not reconstructed", self._reason)
 
     def _receive(self, timeout: float) -> tuple | None:
         try:
@@ -115,11 +131,11 @@ class ThreadTransport:
     def open(self, raw_uid: str, md: PtychoMetadata, model_path: str | None = None,
              model_info: dict | None = None) -> None:
         self._open.add(raw_uid)
-        self._inbox.put(("open", raw_uid, md, model_path, model_info))
+        self.put(("open", raw_uid, md, model_path, model_info))
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued, then stop; runs still open after ``timeout`` are lost."""
-        self._inbox.put(("shutdown",))
+        self.put(("shutdown",))
         self._serving.join(timeout)
         if self._serving.is_alive():  # a thread cannot be killed: give its runs up
             self._lost(list(self._open), f"the reconstruction did not finish within {timeout} s "

@@ -51,9 +51,13 @@ def replay_run(client, uid: str, *, model="default", batch_size: int = 64,
     if "original_run_uid" in run.start:
         raise InvalidInputError(f"run {uid} is itself a derived run (of "
                                 f"{run.start['original_run_uid']}); replay its raw run")
+    # No RunEngine to keep going here, and Tiled hands documents over far faster than they are
+    # reconstructed: "block" waits for the reconstruction ("skip" would drop most frames), and
+    # a short queue bounds what is read ahead.
     live = LiveReconstruction(model, batch_size=batch_size, torch_threads=torch_threads,
                               refine=refine, refine_budget_s=refine_budget_s, crop=crop,
-                              refine_positions=refine_positions)
+                              refine_positions=refine_positions, backpressure="block",
+                              max_queue=max(4 * batch_size, 256))
     try:
         writer = TiledWriter(client, batch_size=1)  # written as it goes: `watch` shows it live
         live.subscribe(writer)

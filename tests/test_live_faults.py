@@ -1,0 +1,134 @@
+"""The live callback under faults on the RunEngine side (review of 2026-12-02): a derived run
+never says "success" for frames it dropped, a run that cannot open fails alone without
+taking later runs (or the RunEngine) with it, and a long session does not keep every run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+from event_model import compose_run
+
+from bluesky_ptychopinn.callbacks import LiveReconstruction
+from bluesky_ptychopinn.models._registry import packaged_models_dir
+
+MD = {"detector_key": "img", "positioner_keys": {"y": "sy", "x": "sx"}, "energy_ev": 8800.0,
+      "detector_distance_m": 2.0, "detector_pixel_size_m": 75e-6,
+      "scan": {"extent_m": [1e-7, 1e-7], "center_m": [0.0, 0.0]}}
+
+
+def _run(n: int = 12, md: dict = MD):
+    """A raw run's documents (event-model composers): n frames of Poisson counts."""
+    bundle = compose_run(metadata={"ptycho": md})
+    keys = {"img": {"source": "sim", "dtype": "array", "shape": [64, 64]},
+            "sy": {"source": "sim", "dtype": "number", "shape": []},
+            "sx": {"source": "sim", "dtype": "number", "shape": []}}
+    desc = bundle.compose_descriptor(name="primary", data_keys=keys)
+    docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        data = {"img": rng.poisson(5.0, (64, 64)).astype(np.float32),
+                "sy": 1e-9 * (k % 10), "sx": 1e-9 * (k // 10)}
+        docs.append(("event", desc.compose_event(data=data, seq_num=k + 1,
+                                                 timestamps=dict.fromkeys(data, 0.0))))
+    docs.append(("stop", bundle.compose_stop()))
+    return bundle.start_doc["uid"], docs
+
+
+def _live(**kw) -> tuple[LiveReconstruction, list]:
+    live = LiveReconstruction("default", isolation="thread", refine=None, batch_size=4,
+                              torch_threads=1, flush_after_s=0.05, **kw)
+    stops: list = []
+    live.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
+    return live, stops
+
+
+def test_a_run_whose_frames_were_mostly_skipped_is_no_success():
+    live, stops = _live(max_queue=4)  # back-pressure "skip": most of 200 frames are dropped
+    try:
+        uid, docs = _run(200)
+        for doc in docs:
+            live(*doc)
+        state = live.wait(uid, timeout=60)
+    finally:
+        live.close()
+    summary = stops[-1]["ptychopinn"]
+    assert summary["frames_skipped"] > 100, summary
+    assert stops[-1]["exit_status"] == "fail", stops[-1]
+    assert "skipped for back-pressure" in stops[-1]["reason"]
+    assert state.frames_done + summary["frames_skipped"] <= 200
+
+
+def test_a_run_that_cannot_open_fails_alone_and_the_next_one_is_reconstructed(tmp_path,
+                                                                              monkeypatch):
+    live, stops = _live(max_queue=20, backpressure="block")
+    try:
+        gone = tmp_path / "session"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+        gone.rmdir()  # the session's working directory was removed: opening a run fails
+        first, docs = _run()
+        for doc in docs:
+            live(*doc)
+        assert "could not start" in live.wait(first, timeout=30).failed
+        monkeypatch.chdir(tmp_path)
+        second, docs = _run(30)
+        feeding = threading.Thread(target=lambda: [live(*doc) for doc in docs], daemon=True)
+        feeding.start()
+        feeding.join(30)
+        assert not feeding.is_alive()  # the RunEngine side never blocked
+        state = live.wait(second, timeout=60)
+    finally:
+        live.close()
+    assert state.failed is None and state.frames_done == 30
+    assert [s["exit_status"] for s in stops] == ["fail", "success"]
+
+
+def test_a_model_that_cannot_be_loaded_fails_the_derived_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTYCHOPINN_MODELS", str(tmp_path))
+    model = tmp_path / "beamline-probe-model"
+    shutil.copytree(packaged_models_dir() / "default", model)
+    card = json.loads((model / "model.json").read_text())
+    card.setdefault("provenance", {}).setdefault("training_data", {})["probes"] = [
+        {"name": "myprobe"}]
+    (model / "model.json").write_text(json.dumps(card))
+    (model / "model.safetensors").unlink()  # half deleted
+    live = LiveReconstruction("auto", isolation="thread", refine=None, batch_size=4,
+                              torch_threads=1, flush_after_s=0.05)
+    names: list = []
+    live.subscribe(lambda name, doc: names.append((name, doc)))
+    try:
+        uid, docs = _run(8, md={**MD, "probe": "myprobe"})
+        for doc in docs:
+            live(*doc)
+        state = live.wait(uid, timeout=30)
+    finally:
+        live.close()
+    assert [n for n, _ in names] == ["start", "stop"]
+    assert names[-1][1]["exit_status"] == "fail" and "no model" in names[-1][1]["reason"]
+    assert state.failed and "no model" in state.failed
+
+
+def test_a_long_session_keeps_only_the_latest_finished_runs():
+    live, stops = _live()
+    live.keep_finished_runs = 2
+    try:
+        uids = []
+        for _ in range(4):
+            uid, docs = _run(4)
+            for doc in docs:
+                live(*doc)
+            live.wait(uid, timeout=30)
+            uids.append(uid)
+        last, docs = _run(4)
+        for doc in docs:
+            live(*doc)
+        live.wait(last, timeout=30)
+    finally:
+        live.close()
+    assert len(stops) == 5 and all(s["exit_status"] == "success" for s in stops)
+    # The new run's entry pushed out the oldest finished ones, never an open run.
+    assert set(live.runs) == {uids[-2], uids[-1], last} or set(live.runs) == {uids[-1], last}
+    assert live.latest(uids[0]) is None and live.latest(last) is not None
