@@ -272,7 +272,7 @@ def test_cxi_without_our_origin_puts_lowest_position_inside(dataset, tmp_path):
     np.testing.assert_allclose(back.positions_px.min(axis=0), [N / 2 + 2] * 2, atol=1e-9)
     shift = back.positions_px - dataset.positions_px  # a rigid shift, nothing else
     np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-9)
-    assert "no dc_position attribute: frames assumed to have DC at the centre" in \
+    assert "no dc_position attribute: DC found at the center of the mean frame" in \
         back.metadata["conversions"]
 
 

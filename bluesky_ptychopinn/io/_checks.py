@@ -6,6 +6,7 @@ Also the JSON encoding of dataset metadata, shared by the writers.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,19 +52,54 @@ def open_hdf5(path: Path) -> h5py.File:
         raise FileFormatError(path, "", _open_problem(exc)) from exc
 
 
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def _check_size(item: Any, key: str, path: Path) -> None:
+    """Refuse, before reading, a dataset that declares more bytes than the machine has: a
+    27 kB file may declare a 195 GiB array (compressed, or never written)."""
+    shape = getattr(item, "shape", None)
+    dtype = getattr(item, "dtype", None)
+    if shape is None or dtype is None:
+        return
+    declared = int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize)
+    limit = memory_bytes()
+    if limit and declared > 0.8 * limit:
+        raise FileFormatError(path, key, f"declares {tuple(shape)} of {np.dtype(dtype)} = "
+                              f"{declared / 2**30:.1f} GiB, more than this machine can hold "
+                              f"({limit / 2**30:.1f} GiB of memory); read a subset of the "
+                              "frames, or use a machine with more memory")
+
+
+def _native(value: np.ndarray) -> np.ndarray:
+    """``value`` in the machine's byte order (torch refuses big-endian arrays)."""
+    if value.dtype.byteorder not in ("=", "|") and not value.dtype.isnative:
+        return value.astype(value.dtype.newbyteorder("="))
+    return value
+
+
 def _load(container: Any, key: str, path: Path) -> np.ndarray:
-    """The value stored under ``key`` as a numpy array (NPZ member or HDF5 dataset)."""
+    """The value stored under ``key`` as a numpy array (NPZ member or HDF5 dataset), in
+    native byte order."""
     try:
         item = container[key]
     except ValueError as exc:  # an NPZ member that needs pickle (object array)
         raise FileFormatError(path, key, f"holds Python objects, not a numeric array ({exc})"
                               ) from exc
     if isinstance(item, np.ndarray):
-        return item
+        return _native(item)
     if not hasattr(item, "shape"):  # an HDF5 group where a dataset is expected
         raise FileFormatError(path, key, f"expected a dataset, found {type(item).__name__}")
+    _check_size(item, key, path)
     try:
-        return np.asarray(item[()])
+        return _native(np.asarray(item[()]))
+    except MemoryError as exc:
+        raise FileFormatError(path, key, f"does not fit in memory ({exc})") from exc
     except (OSError, TypeError, ValueError) as exc:  # unreadable / corrupt chunk
         raise FileFormatError(path, key, f"cannot be read ({exc})") from exc
 

@@ -6,7 +6,9 @@ Layout (what we write, and what we read):
 - ``/entry_1/instrument_1/detector_1/data`` (n, N, N) intensities, one chunk per frame, gzip;
   attribute ``dc_position`` ("center" or "corner"); ``distance``, ``x_pixel_size``,
   ``y_pixel_size`` (m); ``mask`` uint32 bit field (bit 0x1 = invalid pixel; ours: True = valid).
-- ``/entry_1/data_1/data``: soft link to the detector data.
+- ``/entry_1/data_1/data``: soft link to the detector data (read when it is the only copy).
+- On reading, a length's ``units`` attribute (m, mm, um, nm) is honoured; without one it is
+  metres, and distances and pixel sizes outside plausible ranges are refused.
 - ``/entry_1/instrument_1/source_1/energy``: photon energy in **joules** (1 eV = 1.602176634e-19 J).
 - ``/entry_1/sample_1/geometry_1/translation`` (n, 3) x, y, z in metres ((3, n) accepted on
   reading, as PyNX writes it). Our convention: translation (x, y) is the sample-stage position,
@@ -75,6 +77,19 @@ ORIGIN_ATTR = "object_origin_yx_m"
 SIGN_ATTR = "position_sign"
 #: CXI mask bit of an invalid pixel.
 MASK_INVALID = 0x1
+#: Bits of the CXI pixel-mask convention (cxidb; condor's PixelMask) that make a pixel unusable:
+#: invalid 0x1, saturated 0x2, hot 0x4, dead 0x8, shadowed (beamstop) 0x10, to be ignored 0x40,
+#: bad 0x80, missing 0x200. The others (in peak mask, out of resolution, noisy, corrected...)
+#: describe a pixel that still measured something.
+MASK_UNUSABLE = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40 | 0x80 | 0x200
+DATA_LINK = "/entry_1/data_1/data"
+#: Metres per unit of a length's ``units`` attribute (absent: metres, the CXI unit).
+_LENGTH_UNITS = {"m": 1.0, "meter": 1.0, "metre": 1.0, "meters": 1.0, "metres": 1.0,
+                 "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "μm": 1e-6, "micron": 1e-6,
+                 "microns": 1e-6, "nm": 1e-9}
+#: Plausible detector distances and pixel sizes (m): outside, the units are almost surely off.
+_DISTANCE_RANGE_M = (1e-4, 1e3)
+_PIXEL_RANGE_M = (1e-8, 1e-2)
 #: Plausible photon energies in joules (0.6 eV .. 6 MeV): outside, the unit is wrong.
 _ENERGY_RANGE_J = (1e-19, 1e-12)
 _DC_POSITIONS = ("center", "corner")
@@ -98,36 +113,120 @@ def _energy_ev(f: h5py.File, path: Path) -> float:
     return joules / EV_TO_J
 
 
-def _detector_pixel(f: h5py.File, path: Path) -> float:
-    px = scalar(f, X_PIXEL, path)
-    py = scalar(f, Y_PIXEL, path, required=False)
+def _length_factor(f: h5py.File, key: str, path: Path, conversions: list[str] | None) -> float:
+    """Metres per stored unit of the length at ``key`` (its ``units`` attribute)."""
+    if not has(f, key) or "units" not in f[key].attrs:
+        return 1.0
+    unit = text(f[key].attrs["units"]).strip()
+    if unit not in _LENGTH_UNITS:
+        raise FileFormatError(path, f"{key}@units", f"unknown length unit {unit!r}; expected "
+                              f"one of {sorted(set(_LENGTH_UNITS))}")
+    factor = _LENGTH_UNITS[unit]
+    if factor != 1.0 and conversions is not None:
+        conversions.append(f"{key}: {unit} -> m")
+    return factor
+
+
+def _length(f: h5py.File, key: str, path: Path, conversions: list[str] | None,
+            plausible: tuple[float, float], *, required: bool = True) -> float | None:
+    """A positive length in metres (units attribute honoured), within ``plausible``."""
+    value = scalar(f, key, path, required=required)
+    if value is None:
+        return None
+    metres = value * _length_factor(f, key, path, conversions)
+    low, high = plausible
+    if not low <= metres <= high:
+        raise FileFormatError(path, key, f"{metres:g} m is not a plausible value (expected "
+                              f"{low:g} to {high:g} m); is its units attribute missing or wrong?")
+    return metres
+
+
+def _detector_pixel(f: h5py.File, path: Path, conversions: list[str] | None = None) -> float:
+    px = _length(f, X_PIXEL, path, conversions, _PIXEL_RANGE_M)
+    py = _length(f, Y_PIXEL, path, None, _PIXEL_RANGE_M, required=False)
     if py is not None and abs(py - px) > 1e-9 * px:
         raise FileFormatError(path, Y_PIXEL, f"expected square pixels (= x_pixel_size {px:g} m), "
                               f"got {py:g} m")
     return px
 
 
-def _dc_mode(f: h5py.File, path: Path, dc_position: str, conversions: list[str]) -> str:
+def _dc_from_frames(data: h5py.Dataset, max_frames: int = 64) -> str:
+    """Where the zero frequency is, from the data: a far-field pattern is brightest around
+    it, so the mean of some frames is compared at the centre and at the four corners."""
+    sample = np.asarray(data[: min(len(data), max_frames)], dtype=np.float64)
+    mean = np.where(np.isfinite(sample), sample, 0).clip(min=0).mean(axis=0)
+    n = mean.shape[-1]
+    q = max(1, n // 8)
+    centre = mean[n // 2 - q: n // 2 + q, n // 2 - q: n // 2 + q].sum()
+    corners = (mean[:q, :q].sum() + mean[:q, -q:].sum() + mean[-q:, :q].sum()
+               + mean[-q:, -q:].sum())
+    return "corner" if corners > 4 * centre else "center"
+
+
+def _dc_mode(f: h5py.File, path: Path, dc_position: str, conversions: list[str],
+             data: str = DATA) -> str:
     if dc_position not in ("auto", *_DC_POSITIONS):
         raise InvalidInputError(f"dc_position: expected 'auto', 'center' or 'corner', got "
                                 f"{dc_position!r}")
     if dc_position != "auto":
         return dc_position
-    if "dc_position" not in f[DATA].attrs:
-        conversions.append("no dc_position attribute: frames assumed to have DC at the centre")
-        return "center"
-    mode = text(f[DATA].attrs["dc_position"])
+    if "dc_position" not in f[data].attrs:
+        mode = _dc_from_frames(f[data])
+        conversions.append(f"no dc_position attribute: DC found at the {mode} of the mean "
+                           "frame")
+        return mode
+    mode = text(f[data].attrs["dc_position"])
     if mode not in _DC_POSITIONS:
         raise FileFormatError(path, f"{DATA}@dc_position", f"expected 'center' or 'corner', "
                               f"got {mode!r}")
     return mode
 
 
-def _mask(f: h5py.File, path: Path, mask_bits: int) -> np.ndarray | None:
+def _mask(f: h5py.File, path: Path, mask_bits: int, conversions: list[str]) -> np.ndarray | None:
     bits = optional(f, MASK, path, ndim=2, kinds="iu")
     if bits is None:
         return None
-    return (bits.astype(np.int64) & int(mask_bits)) == 0
+    valid = (bits.astype(np.int64) & int(mask_bits)) == 0
+    if not valid.all():
+        conversions.append(f"mask: {int((~valid).sum())} pixel(s) flagged with bits "
+                           f"{int(mask_bits):#x} are invalid")
+    return valid
+
+
+def _saturation_marks(frames: np.ndarray, conversions: list[str]) -> np.ndarray | None:
+    """Pixels holding an integer type's maximum in some frame (detectors mark gaps, dead and
+    overflowing pixels so, e.g. 2^32 - 1), as the live path masks them; None if there are
+    none or the frames are floats."""
+    if frames.dtype.kind not in "iu":
+        return None
+    top = np.iinfo(frames.dtype).max
+    marked = np.zeros(frames.shape[-2:], dtype=bool)
+    for lo in range(0, len(frames), 256):  # a bool per pixel per chunk, not per frame
+        marked |= (frames[lo: lo + 256] == top).any(axis=0)
+    if not marked.any():
+        return None
+    conversions.append(f"{int(marked.sum())} pixel(s) holding {top} (the {frames.dtype} "
+                       "maximum: a detector marker) masked")
+    return marked
+
+
+def _clear_masked(frames: np.ndarray, mask: np.ndarray | None,
+                  conversions: list[str]) -> np.ndarray:
+    """Flags at masked pixels (negative or non-finite values, which detectors store there
+    and which mean nothing) set to 0; masked pixels never enter a loss (docs/conventions.md),
+    so a flag there must not make the file unreadable. Other masked values are kept."""
+    if mask is None or mask.all() or frames.dtype.kind == "u":
+        return frames
+    flagged = frames[:, ~mask]
+    odd = flagged < 0
+    if flagged.dtype.kind == "f":
+        odd |= ~np.isfinite(flagged)
+    if not odd.any():
+        return frames
+    frames[:, ~mask] = np.where(odd, 0, flagged)
+    conversions.append(f"{int(odd.sum())} flag value(s) at masked pixels (negative or "
+                       "non-finite) set to 0")
+    return frames
 
 
 def _probe(f: h5py.File, path: Path, conversions: list[str]) -> tuple[np.ndarray | None, str]:
@@ -152,10 +251,12 @@ def _object(f: h5py.File, path: Path, conversions: list[str]) -> np.ndarray | No
     return obj
 
 
-def _object_pixel(f: h5py.File, path: Path) -> tuple[float | None, str]:
+def _object_pixel(f: h5py.File, path: Path,
+                  conversions: list[str] | None = None) -> tuple[float | None, str]:
     """The object pixel size stored beside the probe or object image, if any."""
     for group in ("/entry_1/image_1", "/entry_1/image_2"):
-        value = scalar(f, f"{group}/x_pixel_size", path, required=False)
+        value = _length(f, f"{group}/x_pixel_size", path, conversions, (1e-12, 1e-3),
+                        required=False)
         if value is not None:
             return value, f"{group}/x_pixel_size"
     return None, "object_pixel_size_m"
@@ -164,7 +265,12 @@ def _object_pixel(f: h5py.File, path: Path) -> tuple[float | None, str]:
 def _translation_yx_m(f: h5py.File, path: Path, n: int, conversions: list[str]) -> np.ndarray:
     translation = require(f, TRANSLATION, path, ndim=2, kinds=REAL,
                           what="(n, 3) x, y, z in metres").astype(np.float64)
-    if translation.shape[1] != 3 and translation.shape[0] == 3:
+    translation *= _length_factor(f, TRANSLATION, path, conversions)
+    if translation.shape == (3, 3):
+        # Three frames: (n, 3) and PyNX's (3, n) look alike; the CXI layout is (n, 3).
+        conversions.append("translation (3, 3): read as (n, 3) x, y, z per the CXI layout "
+                           "(a (3, n) file of 3 frames would need transposing)")
+    elif translation.shape[1] != 3 and translation.shape[0] == 3:
         translation = translation.T
         conversions.append("translation stored (3, n): transposed to (n, 3)")
     if translation.shape[1] != 3:
@@ -202,7 +308,7 @@ def read_cxi(
     origin_m: tuple[float, float] | None = None,
     sign: int | None = None,
     margin_px: float = DEFAULT_MARGIN_PX,
-    mask_bits: int = MASK_INVALID,
+    mask_bits: int = MASK_UNUSABLE,
     probe: np.ndarray | None = None,
 ) -> PtychoDataset:
     """Read a CXI file into a validated :class:`PtychoDataset`.
@@ -213,7 +319,8 @@ def read_cxi(
         The CXI (HDF5) file.
     dc_position : {"auto", "center", "corner"}
         Where the frames' zero frequency is. ``"auto"`` reads the data's ``dc_position``
-        attribute (we write it) and assumes the centre without one. Corner frames (and the
+        attribute (we write it), else finds it in the mean of the first frames (brightest at
+        the centre or at the corners). Corner frames (and the
         mask) are fftshifted to the centre and the conversion is recorded.
     origin_m : (float, float), optional
         Stage position (y, x) in metres of object pixel (0, 0). Default: the origin stored by
@@ -224,7 +331,9 @@ def read_cxi(
     margin_px : float
         Margin of the default origin.
     mask_bits : int
-        Mask bits that mark a pixel invalid (default 0x1, the CXI "invalid" bit).
+        Mask bits that mark a pixel invalid (default :data:`MASK_UNUSABLE`: the CXI bits of
+        invalid, saturated, hot, dead, shadowed, ignored, bad and missing pixels). Pixels
+        holding an integer type's maximum are masked too, and masked pixels are set to 0.
     probe : numpy.ndarray, optional
         A probe to use when the file holds none (raw beamline data).
 
@@ -250,15 +359,22 @@ def read_cxi(
     conversions: list[str] = []
     with open_hdf5(path) as f:
         _require_cxi(f, path)
-        frames = require(f, DATA, path, ndim=3, kinds=REAL, what="(n, N, N) intensities")
-        mask = _mask(f, path, mask_bits)
-        if _dc_mode(f, path, dc_position, conversions) == "corner":
+        data = DATA if has(f, DATA) or not has(f, DATA_LINK) else DATA_LINK
+        if data != DATA:
+            conversions.append(f"frames read from {DATA_LINK} (no {DATA})")
+        frames = require(f, data, path, ndim=3, kinds=REAL, what="(n, N, N) intensities")
+        mask = _mask(f, path, mask_bits, conversions)
+        marks = _saturation_marks(frames, conversions)
+        if marks is not None:
+            mask = ~marks if mask is None else mask & ~marks
+        frames = _clear_masked(frames, mask, conversions)
+        if _dc_mode(f, path, dc_position, conversions, data) == "corner":
             frames = np.fft.fftshift(frames, axes=(-2, -1))
             mask = None if mask is None else np.fft.fftshift(mask)
             conversions.append("frames had DC at the corner -> fftshifted to (N//2, N//2)"
                                + (" (mask too)" if mask is not None else ""))
-        distance = scalar(f, DISTANCE, path)
-        pixel = _detector_pixel(f, path)
+        distance = _length(f, DISTANCE, path, conversions, _DISTANCE_RANGE_M)
+        pixel = _detector_pixel(f, path, conversions)
         energy_ev = _energy_ev(f, path)
         conversions.append("energy converted from joules to eV")
         file_probe, probe_key = _probe(f, path, conversions)
@@ -269,7 +385,7 @@ def read_cxi(
             conversions.append("probe supplied by the caller (none in the file)")
         obj = _object(f, path, conversions)
         n = frames.shape[-1]
-        dx, dx_key = _object_pixel(f, path)
+        dx, dx_key = _object_pixel(f, path, conversions)
         if dx is None:
             dx = object_pixel_size_m(energy_ev, distance, pixel, n)
         yx_m = _translation_yx_m(f, path, len(frames), conversions)
@@ -313,7 +429,8 @@ def read_cxi_probe(path: Path) -> tuple[np.ndarray, dict]:
         energy_ev = _energy_ev(f, path) if has(f, ENERGY) else None
         dx, _ = _object_pixel(f, path)
         if dx is None and energy_ev is not None and has(f, DISTANCE) and has(f, X_PIXEL):
-            dx = object_pixel_size_m(energy_ev, scalar(f, DISTANCE, path),
+            dx = object_pixel_size_m(energy_ev,
+                                     _length(f, DISTANCE, path, None, _DISTANCE_RANGE_M),
                                      _detector_pixel(f, path), probe.shape[-1])
     return probe, {"source": str(path), "field": key, "energy_ev": energy_ev, "pixel_size_m": dx}
 
