@@ -124,11 +124,16 @@ class PtychoDetector(Device):
         patch = extract_patches(self._sample, pos, self.frame_size)
         expected = diffraction_intensity(self._probe, patch)[0]
         photons = float(self.photon_flux.get()) * float(self.exposure_time.get())
-        counts = torch.poisson(expected.double() * photons, generator=self._rng)
-        return counts.numpy().astype(self.dtype)
+        counts = torch.poisson(expected.double() * photons, generator=self._rng).numpy()
+        if self.dtype.kind in "iu":  # a real detector saturates; a cast would wrap around
+            counts = np.minimum(counts, np.iinfo(self.dtype).max)
+        return counts.astype(self.dtype)
 
     # -- ophyd API ------------------------------------------------------------------------
     def stage(self):
+        # ophyd's own checks first: staging twice raises before a second file is opened
+        # (the first would stay open, in SWMR mode, past unstage).
+        staged = super().stage()
         if self.write_path is not None:
             self.write_path.mkdir(parents=True, exist_ok=True)
             self._hdf5_path = self.write_path / f"{self.name}_{time.strftime('%Y%m%d-%H%M%S')}_" \
@@ -149,15 +154,17 @@ class PtychoDetector(Device):
             self._asset_docs.append(("stream_resource", self._resource_bundle.stream_resource_doc))
             self._last_emitted = 0
         self.frames_written.put(0)
-        return super().stage()
+        return staged
 
     def unstage(self):
-        result = super().unstage()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._dataset = None
-        return result
+        try:
+            return super().unstage()
+        finally:
+            with self._lock:  # an exposure still running must not write to a closing file
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+                    self._dataset = None
 
     def trigger(self) -> DeviceStatus:
         status = DeviceStatus(self)

@@ -104,6 +104,18 @@ def _load(container: Any, key: str, path: Path) -> np.ndarray:
         raise FileFormatError(path, key, f"cannot be read ({exc})") from exc
 
 
+def finite_range(values: np.ndarray) -> tuple[float, float]:
+    """Smallest and largest finite value of an array, without copying it (``(inf, -inf)``
+    when there is none)."""
+    if values.size == 0:
+        return np.inf, -np.inf
+    if values.dtype.kind != "f":
+        return float(values.min()), float(values.max())
+    finite = np.isfinite(values)  # one byte per value, a quarter of float32 data
+    return (float(values.min(where=finite, initial=np.inf)),
+            float(values.max(where=finite, initial=-np.inf)))
+
+
 def has(container: Any, key: str) -> bool:
     """``key in container`` that also accepts HDF5 paths with leading slashes."""
     try:

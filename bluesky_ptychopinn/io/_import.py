@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
 from ..geometry import object_pixel_size_m
+from ._checks import finite_range
 from ._dataset import PtychoDataset
 
 __all__ = ["import_arrays", "list_arrays"]
@@ -87,15 +88,25 @@ def import_arrays(
     """
     src = Path(src)
     conversions: list[str] = []
-    counts = _read(src, frames).astype(np.float64)
-    if counts.ndim != 3 or counts.shape[1] != counts.shape[2]:
-        raise FileFormatError(src, frames, f"expected (n, N, N) frames, got {counts.shape}")
+    if frames_are not in ("counts", "amplitude"):
+        raise InvalidInputError(f"--frames-are: counts or amplitude, got {frames_are!r}")
+    raw = _read(src, frames)
+    if raw.dtype.kind not in "uif":
+        what = ("complex values (a wave, not a measurement: store |psi|^2 as counts or |psi| "
+                "as amplitudes)" if raw.dtype.kind == "c" else f"dtype {raw.dtype}")
+        raise FileFormatError(src, frames, f"expected real counts or amplitudes, got {what}")
+    if raw.ndim != 3 or raw.shape[1] != raw.shape[2]:
+        raise FileFormatError(src, frames, f"expected (n, N, N) frames, got {raw.shape}")
+    counts = raw.astype(np.float32)  # float32 throughout: the dataset's dtype, half the memory
+    del raw
     n = counts.shape[-1]
     if frames_are == "amplitude":
-        counts = counts**2
+        low, _ = finite_range(counts)
+        if low < 0:
+            raise FileFormatError(src, frames, f"expected amplitudes >= 0 (sqrt of counts), got "
+                                  f"negative values (min {low:g})")
+        np.square(counts, out=counts)  # the closest float32 to amplitude**2, in place
         conversions.append(f"{frames}: amplitude -> squared to photon counts")
-    elif frames_are != "counts":
-        raise InvalidInputError(f"--frames-are: counts or amplitude, got {frames_are!r}")
     if dc == "corner":
         counts = np.fft.fftshift(counts, axes=(-2, -1))
         conversions.append("DC at the corner -> fftshift to the centre (N//2, N//2)")
@@ -135,7 +146,7 @@ def import_arrays(
 
         probe_arr = probe_from_frames(counts)
         conversions.append("no probe in the file: estimated from the mean pattern (refine it)")
-    return PtychoDataset(counts.astype(np.float32), pos, probe_arr, energy_ev=energy_ev,
+    return PtychoDataset(counts, pos, probe_arr, energy_ev=energy_ev,
                          detector_distance_m=distance_m, detector_pixel_size_m=detector_pixel_m,
                          metadata={"conversions": conversions,
                                    "import": {"source": str(src), "frames": frames,

@@ -25,6 +25,7 @@ from ..errors import FileFormatError
 from ._checks import (
     COMPLEX,
     REAL,
+    finite_range,
     has,
     merge_metadata,
     metadata_from_json,
@@ -60,22 +61,29 @@ def _counts(data, path: Path, conversions: list[str]) -> tuple[np.ndarray, str]:
     """Photon counts from ``diffraction`` (amplitudes, squared) or ``diff3d`` (counts)."""
     if has(data, "diffraction"):
         amplitude = require(data, "diffraction", path, ndim=3, kinds=REAL)
-        finite = np.isfinite(amplitude)
-        if (amplitude[finite] < 0).any():
+        # Reductions, not boolean-index copies: peak memory stays ~2x the data.
+        low, high = finite_range(amplitude)
+        if low < 0:
             raise FileFormatError(path, "diffraction", "expected amplitudes >= 0 (sqrt of "
-                                  f"counts), got negative values (min {amplitude[finite].min():g})")
-        values = amplitude[finite]
-        if values.size and values.max() > 1 and np.array_equal(values, np.round(values)):
+                                  f"counts), got negative values (min {low:g})")
+        sample = amplitude[: max(1, 4_000_000 // max(1, amplitude[0].size))]  # a few frames
+        sample = sample[np.isfinite(sample)]
+        if high > 1 and sample.size and np.array_equal(sample, np.round(sample)):
             # sqrt(counts) is almost never an integer: these are very likely counts stored
             # under the amplitude key, and squaring them would square the photon numbers.
             warnings.warn(
-                f"{path}: 'diffraction' holds only integer values (max {values.max():g}): "
+                f"{path}: 'diffraction' holds only integer values (max {high:g}): "
                 "these look like photon counts, but the PtychoPINN contract stores amplitudes "
                 "(sqrt of counts) there; they are squared as the contract says. Store counts "
                 "under 'diff3d' (or convert with sqrt) if they are counts.",
                 UserWarning, stacklevel=3)
-        # Square in float64 then round once: the closest float32 to amplitude**2.
-        counts = np.square(amplitude, dtype=np.float64).astype(np.float32)
+        # The closest float32 to amplitude**2: a float32 square is correctly rounded (the
+        # exact square of a float32 fits a float64, so squaring there and rounding is the same);
+        # wider input is squared in float64 and rounded once.
+        if amplitude.dtype == np.float32:
+            counts = np.square(amplitude)
+        else:
+            counts = np.square(amplitude, dtype=np.float64).astype(np.float32)
         conversions.append("diffraction was amplitude (sqrt of counts) -> squared to photon "
                            "counts (float32)")
         if has(data, "diff3d"):
