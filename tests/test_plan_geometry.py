@@ -103,3 +103,31 @@ def test_fine_candidates_never_step_past_the_region_edge():
         grid = _candidates((0.0, 0.0), (2 * half, 2 * half), step)
         assert grid.max() <= half and grid.min() >= -half
         assert len(np.unique(grid[:, 0])) == 8  # both edges kept
+
+
+def test_the_feedback_plan_never_steers_from_an_earlier_run():
+    """A live callback that is not subscribed to this RunEngine has only an earlier, finished
+    run: the plan stops after its overview instead of steering from that run's image."""
+    from bluesky_ptychopinn.callbacks import LiveReconstruction
+    from bluesky_ptychopinn.plans import ptycho_scan_with_feedback
+
+    bl = sim_beamline("cells", write_path=None, seed=5)
+    dx = bl.pixel_size_m
+    live = LiveReconstruction("default", isolation="thread", refine=None, batch_size=16,
+                              torch_threads=1)
+    try:
+        earlier = RunEngine()
+        earlier.subscribe(live)
+        earlier(ptycho_scan(bl.detector, bl.stage, geometry=bl.ptycho_metadata(),
+                            pattern="raster", extent_m=(20 * dx, 20 * dx), step_m=10 * dx))
+        live.wait(timeout=60)
+        RE = RunEngine(call_returns_result=True)  # the callback is not subscribed here
+        result = RE(ptycho_scan_with_feedback(
+            bl.detector, bl.stage, live, geometry=bl.ptycho_metadata(),
+            region_extent_m=(40 * dx, 40 * dx), coarse_step_m=20 * dx, budget=30,
+            wait_timeout_s=2.0))
+    finally:
+        live.close()
+    summary = result.plan_result
+    assert summary["frames"] == 9 and summary["decisions"] == 0
+    assert "not seen this run" in summary["stop_reason"]

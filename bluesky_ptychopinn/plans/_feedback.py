@@ -190,6 +190,11 @@ def ptycho_scan_with_feedback(
         for decision in range(1, max_decisions + 1):
             if uid is None:
                 uid = _current_uid(recon)
+            if uid is None:
+                summary["stop_reason"] = ("reconstruction unavailable: the live callback has "
+                                          "not seen this run (is it subscribed to this "
+                                          "RunEngine?)")
+                break
             state = yield from _wait_for_reconstruction(recon, uid, summary["frames"],
                                                         wait_timeout_s)
             if state is not None and not state.failed and state.snapshot is not None:
@@ -271,8 +276,14 @@ def _best_view(state, sign: int = 1) -> ReconstructionView:
 
 
 def _current_uid(recon) -> str | None:
+    """The raw uid of the run this plan opened, as the callback knows it: its latest run,
+    if that run is still open (the RunEngine hands the start document to its subscribers
+    before the plan goes on). A finished latest run is an earlier scan: steering from it
+    would measure where another sample had structure."""
     state = recon.latest()
-    return state.raw_uid if state is not None else None
+    if state is None or (state.finished.is_set() and not state.failed):
+        return None  # (a failed one may be this run's: the loop then stops with its reason)
+    return state.raw_uid
 
 
 def _relative_change(previous, snap) -> float:
