@@ -12,6 +12,7 @@ Only numpy and the standard library are used (the project depends on nothing lik
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -161,6 +162,7 @@ class JournalWriter:
         self.path = Path(path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self.size = os.fstat(self._fd).st_size
+        self._torn = False  # bytes of a failed append may be past ``size``
 
     def fileno(self) -> int:
         return self._fd
@@ -170,13 +172,37 @@ class JournalWriter:
 
         Unbuffered: once this returns the record is in the operating system's hands, where
         another process (``spool flush``) and a later start of this one can read it.
+
+        A write that fails part-way (``ENOSPC``, ``EFBIG``) leaves no partial record behind:
+        the file is cut back to its last whole record before the error is raised, so the
+        offsets of later records stay right and a reader after a restart does not stop at the
+        torn one (losing every record after it, the stop document included).
+
+        Raises
+        ------
+        OSError
+            The record could not be written; the journal is as it was before the call.
         """
+        if self._torn:  # an earlier failed append could not cut its bytes off: try again
+            self._truncate()
         offset = self.size
         view = memoryview(record)
-        while view:  # os.write may write less than asked (a signal, a full pipe)
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:  # os.write may write less than asked (a signal, a full pipe)
+                view = view[os.write(self._fd, view):]
+        except BaseException:
+            if len(view) != len(record):  # part of it is in the file (O_APPEND: at the end)
+                self._torn = True
+                with contextlib.suppress(OSError):
+                    self._truncate()
+            raise
         self.size += len(record)
         return offset
+
+    def _truncate(self) -> None:
+        """Cut the file back to ``self.size`` (the end of its last whole record)."""
+        os.ftruncate(self._fd, self.size)
+        self._torn = False
 
     def sync(self) -> None:
         """Make the journal durable (fsync), e.g. once a run's stop document is in."""

@@ -16,12 +16,25 @@ How a run reaches Tiled exactly once:
   Tiled answers again the run's container is deleted and the whole run replayed from its
   journal into a fresh writer, then followed live.
 * After the stop document the run is checked in Tiled: stop metadata present, every stream
-  with as many rows (unique ``seq_num``) and array entries as events were journaled. A run that
-  does not pass is replayed the same way. Only then is its journal deleted.
+  with the same ``seq_num`` values (a RunEngine rewind repeats some) and as many array entries
+  as events were handed over. A run that does not pass is replayed the same way. Only then is
+  its journal deleted.
+* A document the writer refuses (not a Tiled outage: e.g. an event its writer has no
+  descriptor for) is left out and counted (``rejected``), as the RunEngine does with a
+  subscriber that raises; the rest of the run still goes. A refused start or stop fails the
+  pass, since the run could not be whole.
+* Documents are routed to their run by ``run_start``, descriptor or resource; one of no open
+  run (an event of an unknown descriptor, a late document of a stopped run) is dropped and
+  counted, never put into another run. A document seen before in its run (a redelivered start
+  or event, same uid) is dropped and counted as a duplicate.
 
 A crash leaves journals behind; the next writer of the same label, or
-``bluesky-ptychopinn spool flush``, delivers them. A journal being written is locked (flock),
-so two processes never deliver the same run.
+``bluesky-ptychopinn spool flush``, delivers them. Such a journal is first compared with
+Tiled: if Tiled already holds all of it (stop included; the journal may have lost its last,
+not yet fsynced, second), only the journal is removed. Otherwise the run is deleted in Tiled
+and replayed; a journal without a stop document is finished with a synthesized one
+(``exit_status="abort"``), so that the writer writes its last rows. A journal being written is
+locked (flock), so two processes never deliver the same run.
 """
 
 from __future__ import annotations
@@ -34,7 +47,8 @@ import os
 import shutil
 import threading
 import time
-from collections import Counter
+import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +64,10 @@ logger = logging.getLogger(__name__)
 _BY_RUN_START = ("descriptor", "stop", "resource", "stream_resource")
 _BY_DESCRIPTOR = ("event", "event_page", "stream_datum")
 _BY_RESOURCE = ("datum", "datum_page")
+#: Uids of delivered runs remembered by a writer, to drop a redelivered start of one.
+_DONE_REMEMBERED = 4096
+#: Why ``_route`` returns no run for a document seen before in its run.
+_DUPLICATE = "duplicate"
 #: A delivery call running longer than this means Tiled is not answering: count as spooled.
 #: (Healthy requests take well under a second, a loaded machine's first writes up to ~2 s.)
 _STALLED_S = 5.0
@@ -81,13 +99,25 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+class JournalError(RuntimeError):
+    """A journaled document cannot be read back (a missing, cut or damaged journal).
+
+    Not an ``OSError`` on purpose: it is a local fault, never "Tiled is unreachable", so the
+    run fails (and is counted) instead of being deleted and replayed at every probe.
+    """
+
+
 def _transient(exc: BaseException) -> bool:
-    """Whether ``exc`` says "Tiled is not reachable now" rather than "this cannot be written"."""
+    """Whether ``exc`` says "Tiled is not reachable now" rather than "this cannot be written".
+
+    Only what the HTTP client raises for the network or an overloaded server counts. Any other
+    ``OSError`` (a local file, ``EMFILE``) would be taken for an outage that never ends.
+    """
     import httpx
 
     if isinstance(exc, httpx.HTTPStatusError):
         return exc.response.status_code >= 500 or exc.response.status_code == 429
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError, OSError))
+    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
 
 
 @dataclass
@@ -112,10 +142,17 @@ class SpoolStats:
     outages : int
         Times delivery found Tiled unreachable.
     dropped : int
-        Documents that could not be journaled (no run to route them to, a disk error, or the
-        spool's disk below ``min_free_bytes``).
+        Documents that could not be journaled: no open run to route them to (an event of an
+        unknown descriptor, a document arriving after its run's stop), a disk error, or the
+        spool's disk below ``min_free_bytes``.
     disk_low : int
         Of ``dropped``, those refused because the disk was nearly full.
+    duplicates : int
+        Documents not journaled because their run already has them (same uid: a redelivered
+        start, descriptor or event).
+    rejected : int
+        Documents a run's writer refused (not an outage), left out of Tiled as a plain
+        ``TiledWriter`` would leave them; each is logged once.
     max_backlog : int
         Most documents waiting for delivery at one time.
     """
@@ -129,6 +166,8 @@ class SpoolStats:
     outages: int = 0
     dropped: int = 0
     disk_low: int = 0
+    duplicates: int = 0
+    rejected: int = 0
     max_backlog: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -151,15 +190,30 @@ class _Run:
     writer: Any = None
     dirty: bool = False  # Tiled's copy is unknown: delete and replay before going on
     failures: int = 0  # non-transient failures (a replay that fails the same way each time)
-    events: Counter = field(default_factory=Counter)  # per stream, in the current pass
+    # stream -> Counter of the seq_nums handed over (and accepted) in the current pass; a
+    # multiset, since a RunEngine rewind repeats seq_nums
+    seqs: dict = field(default_factory=dict)
     streams: dict = field(default_factory=dict)  # descriptor uid -> stream name
     reader: Any = None
     synced: int = 0  # journal bytes made durable (fsync)
     lost: int = 0  # documents not journaled (the disk was nearly full)
+    tail: list = field(default_factory=list)  # documents after the journal's (a synthesized stop)
+    unchecked: bool = False  # an orphan journal not yet compared with Tiled
+    seen: set = field(default_factory=set)  # keys of the journaled documents (duplicates)
+    start_record: bytes = b""  # the journaled start, to tell a redelivery from a conflict
+    rejected: int = 0  # documents the writer refused in the current pass
 
     @property
     def written(self) -> int:
-        return len(self.offsets)
+        return len(self.offsets) + len(self.tail)
+
+    def count(self, name: str, doc: dict) -> None:
+        """Note a descriptor's stream, or an event's seq_nums (for :meth:`_Delivery.verify`)."""
+        if name == "descriptor":
+            self.streams[doc["uid"]] = doc["name"]
+        elif name in ("event", "event_page"):
+            stream = self.streams.get(doc.get("descriptor"))
+            self.seqs.setdefault(stream, Counter()).update(_seq_nums(name, doc))
 
     def close(self) -> None:
         if self.reader is not None:
@@ -173,22 +227,45 @@ class _Run:
         self.lock_fd = -1
 
 
+def _seq_nums(name: str, doc: dict) -> list[int]:
+    """The seq_nums of an event or event page."""
+    if name == "event":
+        return [int(doc["seq_num"])]
+    seq = doc["seq_num"]
+    return [int(s) for s in (seq.tolist() if hasattr(seq, "tolist") else seq)]
+
+
+def _doc_key(name: str, doc: dict) -> Any:
+    """What identifies a document within its run (None: nothing to tell duplicates by)."""
+    key = doc.get("datum_id" if name in ("datum", "datum_page") else "uid")
+    if isinstance(key, str):
+        return name, key
+    if isinstance(key, list) and key:  # a page: its uids together
+        return name, tuple(key)
+    return None
+
+
 def _open_orphan(path: Path) -> _Run | None:
     """A journal no live process holds, with its records indexed; None if it is held."""
     fd = os.open(path, os.O_RDONLY)
     if not _try_lock(fd):
         os.close(fd)
         return None
-    run = _Run(uid=path.stem, path=path, lock_fd=fd)
-    for offset, name, doc in read_headers(path):
-        run.offsets.append(offset)
-        if name == "stop":
-            run.stop_seen, run.stop_uid = True, doc.get("uid")
-        elif name == "descriptor":  # stream counts, for the check of a run already in Tiled
-            run.streams[doc["uid"]] = doc["name"]
-        elif name in ("event", "event_page"):
-            n = 1 if name == "event" else len(doc["seq_num"])
-            run.events[run.streams.get(doc["descriptor"])] += n
+    run = _Run(uid=path.stem, path=path, lock_fd=fd, unchecked=True)
+    try:
+        with open(path, "rb") as fh:
+            for offset, name, doc in read_headers(path):
+                run.offsets.append(offset)
+                if name == "stop":
+                    run.stop_seen, run.stop_uid = True, doc.get("uid")
+                    continue
+                if name == "event_page" and not isinstance(doc.get("seq_num"), list):
+                    name, doc = read_record_at(fh, offset)  # seq_num journaled as an array
+                # seq_nums per stream: to tell whether Tiled already holds the run
+                run.count(name, doc)
+    except BaseException:
+        os.close(fd)
+        raise
     return run
 
 
@@ -215,12 +292,24 @@ class _Delivery:
         return writer
 
     def document(self, run: _Run, index: int, take: Callable) -> tuple[str, dict]:
+        """Document ``index`` of the run: buffered, synthesized, or read from its journal.
+
+        Raises
+        ------
+        JournalError
+            The journal cannot be read there (a local fault, not an outage).
+        """
+        if index >= len(run.offsets):
+            return run.tail[index - len(run.offsets)]
         cached = take((run.uid, index))
         if cached is not None:
             return cached
-        if run.reader is None:
-            run.reader = open(run.path, "rb")  # noqa: SIM115 (kept open across calls)
-        return read_record_at(run.reader, run.offsets[index])
+        try:
+            if run.reader is None:
+                run.reader = open(run.path, "rb")  # noqa: SIM115 (kept open across calls)
+            return read_record_at(run.reader, run.offsets[index])
+        except (OSError, ValueError, EOFError) as exc:
+            raise JournalError(f"journal {run.path}: document {index}: {exc}") from exc
 
     def reset(self, run: _Run) -> None:
         """Delete the run's container in Tiled (if any) and start a fresh writer at 0."""
@@ -231,30 +320,48 @@ class _Delivery:
             if getattr(response, "status_code", None) != 404:
                 raise
         run.writer, run.cursor, run.dirty = self.new_writer(), 0, False
-        run.events.clear()
+        run.seqs.clear()
+        run.rejected = 0
         self.stats.replays += 1
 
     def deliver(self, run: _Run, upto: int, take: Callable = _nothing,
                 busy: list | None = None) -> None:
-        """Hand documents ``run.cursor .. upto`` to the run's writer (raises on a failure)."""
+        """Hand documents ``run.cursor .. upto`` to the run's writer.
+
+        A document the writer refuses for a reason other than an outage is left out (logged
+        the first time, counted as ``rejected``) and the next one goes, as the RunEngine does
+        with a subscriber; :meth:`verify` then expects only what the writer accepted.
+
+        Raises
+        ------
+        Exception
+            A transient error (Tiled unreachable), or the writer refusing the start or the
+            stop document (the run cannot be whole): the run must be replayed.
+        JournalError
+            A document cannot be read from the journal.
+        """
         if run.dirty:
             self.reset(run)
         if run.writer is None:
             run.writer = self.new_writer()
+        busy = busy if busy is not None else [None]
         while run.cursor < upto:
             name, doc = self.document(run, run.cursor, take)
-            if name == "descriptor":
+            if name == "descriptor":  # (also when refused: its events are then left out)
                 run.streams[doc["uid"]] = doc["name"]
-            elif name == "event":
-                run.events[run.streams.get(doc["descriptor"])] += 1
-            elif name == "event_page":
-                run.events[run.streams.get(doc["descriptor"])] += len(doc["seq_num"])
-            busy = busy if busy is not None else [None]
             busy[0] = time.monotonic()
             try:
                 run.writer(name, doc)
+            except Exception as exc:
+                if _transient(exc) or name in ("start", "stop"):
+                    raise
+                self._reject(run, name, exc)
+                run.cursor += 1
+                run.attempted = max(run.attempted, run.cursor)
+                continue
             finally:
                 busy[0] = None
+            run.count(name, doc)
             if run.cursor < run.attempted:
                 self.stats.redelivered += 1
             else:
@@ -262,21 +369,49 @@ class _Delivery:
             run.cursor += 1
             run.attempted = max(run.attempted, run.cursor)
 
-    def verify(self, run: _Run) -> str | None:
-        """Why the run in Tiled is not exactly its journal, or None when it is."""
+    def _reject(self, run: _Run, name: str, exc: Exception) -> None:
+        run.rejected += 1
+        if run.cursor >= run.attempted:  # the first time only: a replay refuses it again
+            self.stats.rejected += 1
+            logger.error("run %s: its %r document #%d was refused by the writer (%s: %s); "
+                         "it is left out of Tiled, the rest of the run goes on", run.uid, name,
+                         run.cursor, type(exc).__name__, exc, exc_info=exc)
+
+    def verify(self, run: _Run, at_least: bool = False) -> str | None:
+        """Why the run in Tiled is not exactly what was handed over, or None when it is.
+
+        Parameters
+        ----------
+        run : _Run
+            Its ``seqs`` are the seq_nums expected per stream.
+        at_least : bool
+            Accept a Tiled copy holding more than that, with any stop document: for a journal
+            that lost its last records (and its stop) while Tiled got all of them.
+        """
         try:
             node = self.client[run.uid]
         except KeyError:
             return "not in Tiled"
-        if run.stop_seen and (node.metadata.get("stop") or {}).get("uid") != run.stop_uid:
+        stop = (node.metadata.get("stop") or {}).get("uid")
+        if stop is None or (run.stop_seen and stop != run.stop_uid):
             return "no stop document"
-        for stream, n in run.events.items():
-            base = node[stream].base
-            if n == 0:
+        for stream, want in run.seqs.items():
+            n = sum(want.values())
+            if stream is None or n == 0:
                 continue
-            seq = base["internal"].read(["seq_num"])["seq_num"]
-            if len(seq) != n or len(set(seq.tolist())) != n:
-                return f"stream {stream!r}: {len(seq)} rows for {n} events"
+            try:  # a writer that never flushed a stream's rows leaves no table
+                base = node[stream].base
+                seq = base["internal"].read(["seq_num"])["seq_num"]
+            except KeyError:
+                return f"stream {stream!r}: no rows in Tiled for {n} events"
+            # Compared as multisets: a RunEngine rewind repeats seq_nums, a batch written
+            # twice repeats them too (and then counts differ from the journal's).
+            got = Counter(int(s) for s in seq.tolist())
+            if at_least and want - got:
+                return f"stream {stream!r}: {sum((want - got).values())} of {n} events missing"
+            if not at_least and got != want:
+                return (f"stream {stream!r}: {len(seq)} rows for {n} events"
+                        + (" (other seq_nums)" if len(seq) == n else ""))
             for key in base:
                 if key == "internal":
                     continue
@@ -285,7 +420,7 @@ class _Delivery:
                 if sources and sources[0].management != "writable":
                     continue  # external (detector files): shape set by StreamDatums
                 shape = getattr(item, "shape", None)
-                if shape and shape[0] != n:
+                if shape and (shape[0] < n if at_least else shape[0] != n):
                     return f"stream {stream!r}: {key!r} has {shape[0]} entries for {n} events"
         return None
 
@@ -298,12 +433,51 @@ class _Delivery:
             run.dirty = True
             run.failures += 1
             return False
+        self._remove(run)
+        logger.info("run %s delivered to Tiled and verified", run.uid)
+        return True
+
+    def _remove(self, run: _Run) -> None:
         run.close()
         with contextlib.suppress(FileNotFoundError):
             run.path.unlink()
         self.stats.runs_done += 1
-        logger.info("run %s delivered to Tiled and verified", run.uid)
-        return True
+
+    def settle(self, run: _Run) -> bool:
+        """Compare a journal left by an ended process with Tiled before replaying anything.
+
+        Returns
+        -------
+        bool
+            True when Tiled already holds all of it (the journal is removed, Tiled is left
+            alone: a machine crash may have cut the journal's unsynced tail, stop included,
+            after Tiled, on another host, got the whole run). False when the run must be
+            deleted and replayed; it is then marked so, and a journal without a stop gets a
+            synthesized one, without which the writer never writes its last batch of rows.
+
+        Raises
+        ------
+        Exception
+            Tiled did not answer (the check is made again later).
+        """
+        why = self.verify(run, at_least=not run.stop_seen)
+        if why is None:
+            self._remove(run)
+            logger.info("run %s: Tiled already holds all of %s; the journal is removed",
+                        run.uid, run.path)
+            run.unchecked = False
+            return True
+        if not run.stop_seen:
+            stop = {"run_start": run.uid, "time": time.time(), "uid": str(uuid.uuid4()),
+                    "exit_status": "abort",
+                    "reason": "writer process ended; delivered from spool",
+                    "num_events": {s: sum(c.values()) for s, c in run.seqs.items()
+                                   if s is not None}}
+            run.tail.append(("stop", stop))
+            run.stop_seen, run.stop_uid = True, stop["uid"]
+        logger.info("spool: replaying run %s from %s (%s in Tiled)", run.uid, run.path, why)
+        run.unchecked, run.dirty, run.cursor = False, True, 0
+        return False
 
     def ready(self, run: _Run) -> bool:
         """Whether every document of a finished run has been handed over."""
@@ -386,6 +560,9 @@ class SpooledWriter:
         self._runs: dict[str, _Run] = {}
         self._route_map: dict[str, str] = {}  # descriptor / resource uid -> run uid
         self._open: list[str] = []  # runs without a stop document, newest last
+        # runs delivered lately: a redelivered start of one must not open it again (its
+        # writer's start would conflict in Tiled, and the replay delete the complete run)
+        self._done: OrderedDict[str, None] = OrderedDict()
         self._cond = threading.Condition(threading.RLock())
         self._down = False
         self._busy: list = [None]  # monotonic time a writer call started, None when idle
@@ -406,22 +583,37 @@ class SpooledWriter:
     def _receive(self, name: str, doc: dict) -> None:
         with self._cond:
             self.stats.received += 1
-            run = self._route(name, doc)
+            run, why = self._route(name, doc)
+            if why == _DUPLICATE:
+                self.stats.duplicates += 1
+                return
+            if run is None:
+                self.stats.dropped += 1
+                logger.error("spool %s: a %r document was dropped: %s", self.label, name, why)
+                return
             # A start or stop is always journaled (a few hundred bytes): runs stay whole
             # units, and the documents of the next run are never routed into this one.
             if name not in ("start", "stop") and self._disk_is_low():
                 self.stats.dropped += 1
                 self.stats.disk_low += 1
-                if run is not None:
-                    run.lost += 1
-                return
-            if run is None or run.journal is None:
-                self.stats.dropped += 1
-                logger.error("spool %s: a %r document of no open run was dropped",
-                             self.label, name)
+                run.lost += 1
                 return
             record = encode_document(name, doc)
-            run.offsets.append(run.journal.append(record))
+            try:
+                run.offsets.append(run.journal.append(record))
+            except BaseException:
+                if name == "start":  # the run is not opened: its documents are dropped
+                    run.close()
+                    with contextlib.suppress(OSError):
+                        run.path.unlink()
+                raise
+            if name == "start":  # opened only once its start is in the journal
+                run.start_record = record
+                self._runs[run.uid] = run
+                self._open.append(run.uid)
+            key = _doc_key(name, doc)
+            if key is not None:
+                run.seen.add(key)
             if name == "stop":
                 run.stop_seen, run.stop_uid = True, doc.get("uid")
                 run.journal.sync()
@@ -476,40 +668,76 @@ class SpooledWriter:
                 continue
             run.synced = max(run.synced, size)
 
-    def _route(self, name: str, doc: dict) -> _Run | None:
+    def _route(self, name: str, doc: dict) -> tuple[_Run | None, str | None]:
+        """The run of a document, or None and why it is not journaled (``_DUPLICATE``, or a
+        reason that is logged as an error)."""
         if name == "start":
-            uid = doc["uid"]
-            path = self.directory / f"{uid}.journal"
-            run = _Run(uid=uid, path=path, journal=JournalWriter(path))
-            _try_lock(run.journal.fileno())  # ours: a flush elsewhere leaves it alone
-            self._runs[uid] = run
-            self._open.append(uid)
-            return run
+            return self._route_start(doc)
         if name in _BY_RUN_START:
             uid = doc.get("run_start")
+            if uid is None and name in ("resource", "stream_resource") and self._open:
+                uid = self._open[-1]  # a (Stream)Resource may lack run_start: the newest run
         elif name in _BY_DESCRIPTOR:
             uid = self._route_map.get(doc.get("descriptor"))
         elif name in _BY_RESOURCE:
             uid = self._route_map.get(doc.get("resource"))
         else:
             uid = None
-        if uid is None and self._open:
-            uid = self._open[-1]  # e.g. a StreamResource without run_start: the newest run
-        run = self._runs.get(uid)
+        # Never a guess for the rest: an event of an unknown descriptor put into the newest
+        # run would be refused by its writer, and a late document of a stopped run would
+        # land in another, healthy run.
+        run = self._runs.get(uid) if uid is not None else None
         if run is None:
-            return None
+            return None, "no open run for it (unknown run_start, descriptor or resource)"
+        key = _doc_key(name, doc)
+        if key is not None and key in run.seen:
+            logger.info("spool %s: run %s already has %r %s: the duplicate is dropped",
+                        self.label, run.uid, name, key[1])
+            return None, _DUPLICATE
+        if run.journal is None:
+            return None, f"run {run.uid} was written by an ended process"
+        if run.stop_seen:
+            return None, f"it came after the stop document of run {run.uid}"
         if name in ("descriptor", "resource", "stream_resource"):
             self._route_map[doc["uid"]] = run.uid
         if name == "stop":
             with contextlib.suppress(ValueError):
                 self._open.remove(run.uid)
             self._route_map = {k: v for k, v in self._route_map.items() if v != run.uid}
-        return run
+        return run, None
+
+    def _route_start(self, doc: dict) -> tuple[_Run | None, str | None]:
+        """A new run for a start document, unless its run is known (a redelivered start: a
+        second run over the same journal would lose the documents journaled before it)."""
+        uid = doc["uid"]
+        path = self.directory / f"{uid}.journal"
+        run = self._runs.get(uid)
+        if run is not None and run.journal is not None:
+            if encode_document("start", doc) == run.start_record:
+                logger.info("spool %s: run %s: the start document came again; the duplicate "
+                            "is dropped", self.label, uid)
+                return None, _DUPLICATE
+            return None, f"a different start document with the uid of open run {uid}"
+        if uid in self._done:
+            logger.warning("spool %s: run %s, already delivered, started again: the start "
+                           "document is dropped", self.label, uid)
+            return None, _DUPLICATE
+        if run is not None or path.exists():
+            return None, f"run {uid} already has a journal, {path}, of an ended process"
+        run = _Run(uid=uid, path=path, journal=JournalWriter(path))
+        _try_lock(run.journal.fileno())  # ours: a flush elsewhere leaves it alone
+        return run, None
 
     def _adopt(self, path: Path) -> None:
-        run = _open_orphan(path)
+        try:
+            run = _open_orphan(path)
+        except Exception:  # one unreadable journal must not stop the writer
+            logger.exception("spool %s: cannot read %s; it is left there", self.label, path)
+            return
         if run is not None:
-            run.dirty = True  # what reached Tiled before the process ended is unknown
+            # What reached Tiled before the process ended is unknown: the delivery thread
+            # compares it with Tiled first (settle), then replays it if needed.
+            run.dirty = True
             logger.info("spool %s: delivering %d documents left in %s", self.label,
                         run.written, path)
             self._runs[run.uid] = run
@@ -551,10 +779,20 @@ class SpooledWriter:
     def _step(self, run: _Run, upto: int) -> bool:
         """Advance one run; False when Tiled failed (the loop then probes before going on)."""
         try:
+            if run.unchecked:  # a journal of an ended process: maybe Tiled has it all
+                if self._delivery.settle(run):
+                    self._delivered(run)
+                    return True
+                upto = run.written  # with its synthesized stop
             self._delivery.deliver(run, upto, self._take, self._busy)
             if self._delivery.ready(run) and self._delivery.finish(run):
-                with self._cond:
-                    self._runs.pop(run.uid, None)
+                self._delivered(run)
+            return True
+        except JournalError as exc:  # local: not an outage, and the same on every try
+            run.dirty = True
+            run.failures += 1
+            logger.error("spool %s: run %s cannot be delivered (%d of %d tries): %s",
+                         self.label, run.uid, run.failures, self._delivery.max_failures, exc)
             return True
         except Exception as exc:
             run.dirty = True
@@ -570,6 +808,13 @@ class SpooledWriter:
                                "%s until it answers", self.label, exc, self.directory)
             self._down = True
             return False
+
+    def _delivered(self, run: _Run) -> None:
+        with self._cond:
+            self._runs.pop(run.uid, None)
+            self._done[run.uid] = None
+            while len(self._done) > _DONE_REMEMBERED:
+                self._done.popitem(last=False)
 
     def _take(self, key: tuple[str, int]) -> tuple[str, dict] | None:
         """The buffered copy of a document (then released), or None: read the journal."""
@@ -664,8 +909,10 @@ def flush_spool(writer, spool_dir: str | Path | None = None, *,
                 label: str | None = None) -> dict:
     """Deliver, in this thread, every journal no running writer holds, through ``writer``.
 
-    Each run is deleted in Tiled if it is there but not complete, replayed from its journal
-    and verified; a delivered journal is removed.
+    A journal whose run Tiled already holds in full is only removed (Tiled may hold more
+    than a journal that lost its unsynced tail). Any other run is deleted in Tiled, replayed
+    from its journal (finished with a synthesized ``"abort"`` stop document if the journal
+    has none) and verified; a delivered journal is removed.
 
     Parameters
     ----------
@@ -687,25 +934,38 @@ def flush_spool(writer, spool_dir: str | Path | None = None, *,
     delivery = _Delivery(writer, stats)
     busy, failed = 0, {}
     for path in sorted(root.glob(f"{label or '*'}/*.journal")):
-        run = _open_orphan(path)
+        try:
+            run = _open_orphan(path)
+        except Exception as exc:
+            failed[path.stem] = f"{type(exc).__name__}: {exc}"
+            logger.exception("spool flush: cannot read %s", path)
+            continue
         if run is None:
             busy += 1
             continue
         try:
             # Already complete in Tiled (a crash after the last write)? Then only the journal
             # goes. Otherwise delete what is there and write it once.
-            run.writer = delivery.new_writer()
-            run.cursor = run.written
-            if delivery.verify(run) is None:
-                delivery.finish(run)
+            if delivery.settle(run):
                 continue
-            run.dirty, run.cursor = True, 0
+            why = "not complete in Tiled after replays"
             while run.failures < delivery.max_failures:
-                delivery.deliver(run, run.written)
+                try:
+                    delivery.deliver(run, run.written)
+                except Exception as exc:
+                    if _transient(exc):
+                        raise
+                    # refused start or stop, unreadable journal: counted like a failed check
+                    run.dirty = True
+                    run.failures += 1
+                    why = f"{type(exc).__name__}: {exc}"
+                    logger.error("spool flush: run %s failed (%d of %d tries): %s", run.uid,
+                                 run.failures, delivery.max_failures, why)
+                    continue
                 if delivery.finish(run):
                     break
             else:
-                failed[run.uid] = "not complete in Tiled after replays"
+                failed[run.uid] = why
         except Exception as exc:
             failed[run.uid] = f"{type(exc).__name__}: {exc}"
             logger.exception("spool flush: run %s", run.uid)
