@@ -1,5 +1,10 @@
 """Documents as NATS message payloads: JSON, with numpy arrays (inline detector images) carried
-as raw bytes in base64 so that they come back with their dtype and shape, bit for bit."""
+as raw bytes in base64 so that they come back with their dtype and shape, bit for bit.
+
+What would not come back is refused at encode time (``TypeError``), so that a publisher counts
+the document as dropped rather than storing one that no worker can read: object arrays (their
+bytes are pointers) and structured arrays (their fields would be lost). As in any JSON, dict
+keys come back as strings."""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ _ARRAY = "__ndarray__"
 
 def _default(obj):
     if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject or obj.dtype.names is not None:
+            raise TypeError(f"cannot encode a numpy array of dtype {obj.dtype} in a document "
+                            "(object or structured arrays do not survive as bytes)")
         arr = np.ascontiguousarray(obj)
         return {_ARRAY: [arr.dtype.str, list(arr.shape),
                          base64.b64encode(arr.tobytes()).decode("ascii")]}
@@ -31,7 +39,13 @@ def _hook(obj: dict):
 
 
 def encode(name: str, doc: dict) -> bytes:
-    """``(name, doc)`` -> bytes."""
+    """``(name, doc)`` -> bytes.
+
+    Raises
+    ------
+    TypeError
+        ``doc`` holds something :func:`decode` could not give back (module docstring).
+    """
     return json.dumps({"name": name, "doc": doc}, default=_default,
                       separators=(",", ":")).encode()
 

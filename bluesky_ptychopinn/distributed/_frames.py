@@ -14,10 +14,11 @@ The bus carries documents, not frames: an HDF5-writing detector's events point i
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import numpy as np
 from event_model import unpack_event_page
@@ -48,40 +49,63 @@ class PathMap:
     ----------
     pairs : list of (str, str)
         ``(ACQ_PREFIX, LOCAL_PREFIX)``; the longest matching prefix wins. A path under no
-        prefix is left alone.
+        prefix is left alone. A legacy Resource is mapped on its whole path (``root`` joined
+        with ``resource_path``: ophyd writes ``root="/"`` and the absolute path in
+        ``resource_path``); a StreamResource's ``file:`` URI on its decoded path.
     """
 
     pairs: list[tuple[str, str]]
 
-    def path(self, path: str) -> str:
+    def _match(self, path: str) -> tuple[str, str] | None:
+        """``(local prefix, the rest of path)`` for the longest ACQ prefix of ``path``."""
         for acq, local in self.pairs:
-            if path == acq or path.startswith(acq.rstrip("/") + "/"):
-                return local + path[len(acq):]
-        return path
+            if acq == "/" and path.startswith("/"):
+                return local, path[1:]
+            if path == acq or path.startswith(acq + "/"):
+                return local, path[len(acq):].lstrip("/")
+        return None
+
+    def path(self, path: str) -> str:
+        """``path`` on this host (unchanged when under no ACQ prefix)."""
+        hit = self._match(path)
+        if hit is None:
+            return path
+        local, rest = hit
+        return posixpath.join(local, rest) if rest else local
 
     def __call__(self, name: str, doc: dict) -> list[Doc]:
         if name == "stream_resource" and "uri" in doc:
             parsed = urlparse(doc["uri"])
-            if parsed.scheme in ("file", ""):
-                new = self.path(parsed.path if parsed.scheme else doc["uri"])
-                uri = f"file://localhost{new}" if parsed.scheme else new
-                doc = {**doc, "uri": uri}
+            if parsed.scheme == "file":
+                # The reader unquotes the URI's path: match (and rebuild) it decoded.
+                old = unquote(parsed.path)
+                new = self.path(old)
+                if new != old:
+                    doc = {**doc, "uri": f"file://localhost{quote(new)}"}
+            elif not parsed.scheme:
+                doc = {**doc, "uri": self.path(doc["uri"])}
         elif name == "resource":
-            root = doc.get("root", "")
-            if root:
-                doc = {**doc, "root": self.path(root)}
-            else:
-                doc = {**doc, "resource_path": self.path(doc["resource_path"])}
+            root = doc.get("root") or ""
+            whole = posixpath.join(root, doc.get("resource_path", "")) if root else \
+                doc.get("resource_path", "")
+            hit = self._match(whole)
+            if hit is not None:
+                # Split at the mapped prefix: handlers join root and resource_path again.
+                local, rest = hit
+                doc = {**doc, "root": local, "resource_path": rest}
         return [(name, doc)]
 
     def pending(self) -> bool:
         return False
 
-    def pump(self, force: bool = False) -> list[Doc]:
+    def pump(self, force: bool = False, limit: int | None = None) -> list[Doc]:
         return []
 
     def finish(self) -> list[Doc]:
         return []
+
+    def finish_blocks(self, limit: int | None = None) -> Iterator[list[Doc]]:
+        return iter(())
 
 
 @dataclass
@@ -200,27 +224,30 @@ class TiledFrames:
         self._shape[stream] = int(node.shape[0])
         return self._shape[stream]
 
-    def pump(self, force: bool = False) -> list[Doc]:
+    def pump(self, force: bool = False, limit: int | None = None) -> list[Doc]:
         """Release the held events (in order) whose frames Tiled serves now.
 
         Reads go in blocks: unless ``force``, nothing is read while fewer than ``max_read``
         events wait and the last read is less than ``poll_s`` old (one HTTP request per
-        frame would make a backlog crawl).
+        frame would make a backlog crawl). At most ``limit`` events are released per call
+        (about ``limit`` frames in memory; call again for the rest).
         """
         now = time.monotonic()
         if not force and len(self.waiting) < self.max_read and now - self._pumped < self.poll_s:
             return []
         self._pumped = now
         out: list[Doc] = []
-        while self.waiting:
+        while self.waiting and (limit is None or len(out) < limit):
             first = self.waiting[0]
             desc = first["descriptor"]
             start = self.index.get((desc, int(first["seq_num"])))
             if start is None:  # its StreamDatum has not come yet
                 break
             # The run of consecutive waiting events of this stream with consecutive indices.
+            cap = self.max_read if limit is None else max(1, min(self.max_read,
+                                                                 limit - len(out)))
             run = 1
-            while (run < len(self.waiting) and run < self.max_read
+            while (run < len(self.waiting) and run < cap
                    and self.waiting[run]["descriptor"] == desc
                    and self.index.get((desc, int(self.waiting[run]["seq_num"]))) == start + run):
                 run += 1
@@ -240,16 +267,24 @@ class TiledFrames:
 
     def finish(self) -> list[Doc]:
         """At the stop document: wait (up to ``timeout_s``) for the frames still missing."""
-        out = self.pump(force=True)
+        return [doc for block in self.finish_blocks() for doc in block]
+
+    def finish_blocks(self, limit: int | None = None) -> Iterator[list[Doc]]:
+        """:meth:`finish` in blocks of at most ``limit`` events: a consumer that takes each
+        block before the next is read holds one block of frames, not the whole backlog."""
         deadline = time.monotonic() + self.timeout_s
-        while self.waiting and time.monotonic() < deadline:
+        while self.waiting:
+            block = self.pump(force=True, limit=limit)
+            if block:
+                yield block
+                continue
+            if time.monotonic() >= deadline:
+                break
             time.sleep(self.poll_s)
-            out.extend(self.pump(force=True))
         if self.waiting:
             self.frames_missing = len(self.waiting)
             logger.warning("run %s: %d frames never appeared in Tiled within %.0f s; their "
                            "points are not reconstructed", self.raw_uid, self.frames_missing,
                            self.timeout_s)
-            out.extend(("event", event) for event in self.waiting)
-            self.waiting = []
-        return out
+            waiting, self.waiting = self.waiting, []
+            yield [("event", event) for event in waiting]

@@ -53,6 +53,10 @@ logger = logging.getLogger(__name__)
 #: can share the beamline's runs (a facility creates its topics itself, with its own number).
 DEFAULT_PARTITIONS = 8
 
+#: Attempts at a run on one worker before it is given up (logged as an error, committed
+#: past): a run that always fails must not block the runs after it in its partition.
+MAX_ATTEMPTS = 5
+
 
 def _require():
     try:
@@ -348,6 +352,10 @@ class KafkaWorker(RunWorker):
     arrive (from its other partitions, or interleaved in the same one) are put back: the
     partition is rewound to the earliest of them once the run is finished, and its offset is
     committed no further than that.
+
+    A run that fails is redone from its start, after a pause, up to :data:`MAX_ATTEMPTS`
+    times; then it is given up (an error is logged) and committed past, like a start document
+    this codec cannot read, so that the runs after it in its partition go on.
     """
 
     waiting_unit = "documents"
@@ -414,7 +422,7 @@ class KafkaWorker(RunWorker):
             if lost:
                 # Out of the group (session timed out): another worker may be writing this
                 # run's derived run already. Write nothing more of it, not even a stop.
-                state = self.live.latest(raw_uid)
+                state = self.live.runs.get(raw_uid)
                 if state is not None and state.derived_uid:
                     self.guard.abandon(state.derived_uid)
             # Revoked: closed here, before the partition goes to another worker (which waits
@@ -535,14 +543,28 @@ class KafkaWorker(RunWorker):
                     msg = await self._poll(1.0)
                     if msg is None:
                         continue
-                raw_uid = (msg.key() or b"").decode()
+                raw_uid = (msg.key() or b"").decode(errors="replace")
                 if self._name(msg) == "start" and raw_uid not in self._done:
-                    await self._wait_for_tiled()
-                    if not await self._take(msg, raw_uid):
-                        failures[raw_uid] = failures.get(raw_uid, 0) + 1
-                        await asyncio.sleep(min(5.0 * failures[raw_uid], 60.0))
-                    else:
+                    try:
+                        first = decode(msg.value())
+                    except Exception as exc:
+                        # Stored for good: every worker would fail on it. Skip it (committed).
+                        logger.error("%s: run %s: its start document (partition %d, offset "
+                                     "%d) cannot be read (%s: %s); skipped", o.name, raw_uid,
+                                     msg.partition(), msg.offset(), type(exc).__name__, exc)
+                        self._finished(raw_uid)
+                        msg = None
+                        continue
+                    if not await self._wait_for_tiled():
+                        break
+                    attempt = failures.get(raw_uid, 0) + 1
+                    if await self._take(msg, raw_uid, first, last=attempt >= MAX_ATTEMPTS):
                         failures.pop(raw_uid, None)
+                    else:
+                        failures[raw_uid] = attempt
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._stop.wait(),
+                                                   self._retry_delay(attempt))
                 elif time.monotonic() - last_commit > 5.0:
                     # Documents of finished (or earlier) runs: skipped, and so committed.
                     await self._commit({})
@@ -556,13 +578,15 @@ class KafkaWorker(RunWorker):
                 await asyncio.to_thread(self._consumer.close)
         return self.progress.runs_done
 
-    async def _take(self, first, raw_uid: str) -> bool:
-        """Reconstruct the run that starts at ``first``; False: it failed here and is to be
-        redone (its partition is rewound to its start)."""
+    async def _take(self, first, raw_uid: str, start: tuple[str, dict],
+                    last: bool = False) -> bool:
+        """Reconstruct the run that starts at ``first`` (decoded: ``start``); False: it
+        failed here and is to be redone (its partition is rewound to its start). On the
+        ``last`` attempt a failure gives the run up: committed past, True."""
         partition, start_offset = first.partition(), first.offset()
         rewind: dict[int, int] = {}
         self._current, self._lost_current = (raw_uid, partition), None
-        pending = [decode(first.value())]
+        pending = [start]
 
         async def next_doc(timeout: float):
             if pending:
@@ -577,11 +601,17 @@ class KafkaWorker(RunWorker):
                 msg = await self._poll(min(left, 0.2))
                 if msg is None:
                     continue
-                key = (msg.key() or b"").decode()
+                key = (msg.key() or b"").decode(errors="replace")
                 if key == raw_uid and msg.partition() == partition:
-                    if self._name(msg) is not None:
+                    if self._name(msg) is None:
+                        continue
+                    try:
                         return decode(msg.value())
-                    continue
+                    except Exception as exc:  # stored for good: a retry would fail again
+                        logger.warning("%s: run %s: partition %d offset %d cannot be read "
+                                       "(%s); skipped", self.options.name, raw_uid,
+                                       msg.partition(), msg.offset(), exc)
+                        continue
                 if key not in self._done and key != raw_uid and self._name(msg) == "start":
                     self._defer(msg, rewind, partition)
                 # Else: a document of a finished run, or of one whose start this worker put
@@ -593,6 +623,10 @@ class KafkaWorker(RunWorker):
         finally:
             self._current = None
         lost = self._lost_current == raw_uid
+        if not done and not lost and last:
+            logger.error("%s: run %s failed %d times; given up (not reconstructed)",
+                         self.options.name, raw_uid, MAX_ATTEMPTS)
+            done = True
         if done:
             self._finished(raw_uid)
         elif not lost:

@@ -6,6 +6,10 @@ publishes the buffer in order, one acknowledged publish at a time: a later docum
 stored before an earlier one, so a worker can rebuild a run by reading its subject from the
 first message. Each message carries a ``Nats-Msg-Id`` made of the run uid and the document's
 position in the run; a publish retried after a lost acknowledgement is stored once.
+
+A bus that comes back without the streams (a new server, an emptied store) gets them again:
+after a reconnect, and whenever a publish finds no stream. Publishes that keep failing, and
+connection errors (a wrong password first of all), are logged at WARNING or ERROR.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import uuid
 from dataclasses import dataclass
 
 from ._codec import encode
+from ._errors import BusErrorLog
 from ._streams import ensure_streams
 from ._subjects import docs_stream, docs_subject, runs_stream, runs_subject
 
 __all__ = ["DocumentPublisher", "PublisherHandle", "PublisherStats", "publish_documents"]
 
 logger = logging.getLogger(__name__)
+
+#: A publish failing for this long (seconds) is reported at WARNING, then again as often.
+FAILING_REPORT_S = 10.0
 
 
 @dataclass
@@ -177,6 +185,7 @@ class DocumentPublisher(PublisherHandle):
         self._closing = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams_ready = False  # the background thread's: made (again) when False
         self._thread = threading.Thread(target=self._thread_main, name="bus-publisher",
                                         daemon=True)
         self._thread.start()
@@ -252,9 +261,6 @@ class DocumentPublisher(PublisherHandle):
     async def _connect(self):
         import nats
 
-        async def quiet(exc):  # nats-py reports every failed reconnect; once is enough here
-            logger.debug("bus %s: %s", self.bus, exc)
-
         async def disconnected():
             with self._cond:
                 self._stats.connected = False
@@ -266,13 +272,16 @@ class DocumentPublisher(PublisherHandle):
             with self._cond:
                 self._stats.connected = True
                 self._stats.reconnects += 1
+            self._streams_ready = False  # maybe another server, or an emptied store
             logger.info("bus %s: reconnected", self.bus)
 
         # Unlimited reconnects: nats-py also keeps retrying the first connect, so a bus that
         # is down when the profile loads is picked up when it comes.
         return await nats.connect(
             self.bus.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            connect_timeout=2, error_cb=quiet, disconnected_cb=disconnected,
+            # nats-py reports every failed reconnect: each distinct cause once, visibly.
+            connect_timeout=2, error_cb=BusErrorLog(logger, f"bus {self.bus}").handle,
+            disconnected_cb=disconnected,
             reconnected_cb=reconnected, **self.connect_options)
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -288,7 +297,8 @@ class DocumentPublisher(PublisherHandle):
         with self._cond:
             self._stats.connected = True
         js = nc.jetstream(timeout=self.publish_timeout_s)
-        streams_ready = False
+        failing_since: float | None = None
+        reported = 0.0
         try:
             while True:
                 with self._cond:
@@ -303,18 +313,33 @@ class DocumentPublisher(PublisherHandle):
                         await self._wake.wait()
                     continue
                 try:
-                    if not streams_ready:
+                    if not self._streams_ready:
                         await ensure_streams(js, self.beamline)
-                        streams_ready = True
+                        self._streams_ready = True
                     ack = await js.publish(message.subject, message.payload,
                                            stream=message.stream,
                                            headers={"Nats-Msg-Id": message.msg_id})
                 except Exception as exc:  # timeout, disconnected, no responders: retry
                     if self._closing:
                         return
-                    logger.debug("publish of %s failed (%s); retrying", message.msg_id, exc)
+                    if _no_stream(exc):
+                        self._streams_ready = False  # the bus lost them: make them again
+                    now = time.monotonic()
+                    failing_since = failing_since if failing_since is not None else now
+                    if now - failing_since >= FAILING_REPORT_S and now - reported >= \
+                            FAILING_REPORT_S:
+                        reported = now
+                        logger.warning("bus %s: publishing has failed for %.0f s (%s: %s); "
+                                       "%d documents buffered", self.bus, now - failing_since,
+                                       type(exc).__name__, exc, len(self._buffer))
+                    else:
+                        logger.debug("publish of %s failed (%s); retrying", message.msg_id,
+                                     exc)
                     await asyncio.sleep(0.2)
                     continue
+                if failing_since is not None and reported:
+                    logger.info("bus %s: publishing again", self.bus)
+                failing_since, reported = None, 0.0
                 with self._cond:
                     self._buffer.popleft()
                     self._stats.published += 1
@@ -322,6 +347,15 @@ class DocumentPublisher(PublisherHandle):
                     self._cond.notify_all()
         finally:
             await nc.close()
+
+
+def _no_stream(exc: BaseException) -> bool:
+    """Whether a publish failed because no stream takes its subject (not a timeout)."""
+    from nats.errors import NoRespondersError
+    from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
+
+    return isinstance(exc, (NoStreamResponseError, NotFoundError, NoRespondersError,
+                            ServiceUnavailableError))
 
 
 def publish_documents(RE, bus: str = "nats://127.0.0.1:4222", *, beamline: str = "local",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..catalog import TiledUnavailableError, connect
 from ._codec import decode
+from ._errors import BusErrorLog, BusUnavailableError
 from ._frames import PathMap, TiledFrames, parse_path_map
 from ._guard import DerivedRunGuard
 from ._server import probe_bus
@@ -93,6 +94,12 @@ class WorkerOptions:
         Through Tiled: how long after the stop document to wait for frames to be registered.
     name : str
         In log lines; default ``host:pid``.
+    retry_delay_s : float
+        A run that failed here is offered again after this many seconds times its attempts
+        so far (at most 60 s).
+    max_queue : int, optional
+        Documents (frames inline) queued for the reconstruction; when full, reading the bus
+        waits (a backlog stays on the bus, not in memory). Default: 4 batches, at least 64.
     connect_options : dict
         NATS: more ``nats.connect`` keywords (``user_credentials``, ``tls``, ``token`` ...).
         Kafka: more librdkafka properties (``security.protocol``, ``sasl.mechanism`` ...;
@@ -116,6 +123,8 @@ class WorkerOptions:
     run_idle_timeout_s: float = 3600.0
     frames_timeout_s: float = 120.0
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    retry_delay_s: float = 5.0
+    max_queue: int | None = None
     connect_options: dict = field(default_factory=dict)
 
 
@@ -152,6 +161,7 @@ class RunWorker:
         self.client = None
         self.live = None
         self.guard: DerivedRunGuard | None = None
+        self._tiled_ok_at = -1e9  # monotonic time Tiled last answered
 
     # -- start-up: fail fast and clearly ------------------------------------------------------
     def probe_bus(self) -> None:
@@ -178,6 +188,9 @@ class RunWorker:
         self.live = LiveReconstruction(
             o.model, isolation="thread", derived_uid="deterministic", device=o.device,
             torch_threads=o.torch_threads, batch_size=o.batch_size,
+            # A few batches in memory, then the feed waits (in a thread, see _afeed): a
+            # backlog is read from the bus as fast as it is reconstructed, never skipped.
+            backpressure="block", max_queue=self.max_queue,
             refine="rpie" if o.refine else None, refine_budget_s=o.refine_budget_s,
             refine_positions=o.refine_positions,
             # Files are read only inside the data roots: the local side of every path map.
@@ -185,6 +198,17 @@ class RunWorker:
         # Small write batches: a viewer of the derived run sees snapshots as they come.
         self.guard = DerivedRunGuard(self.client, TiledWriter(self.client, batch_size=1))
         self.live.subscribe(self.guard)
+
+    @property
+    def max_queue(self) -> int:
+        """Documents queued for the reconstruction at most (``WorkerOptions.max_queue``)."""
+        o = self.options
+        return int(o.max_queue) if o.max_queue else max(64, 4 * int(o.batch_size))
+
+    @property
+    def _block(self) -> int:
+        """Frames read from Tiled per step: half the queue, so reading overlaps the work."""
+        return max(1, self.max_queue // 2)
 
     def _ready_line(self) -> None:
         o = self.options
@@ -209,18 +233,29 @@ class RunWorker:
         """Take runs until :meth:`stop` (or ``max_runs``); returns the number of runs done."""
         raise NotImplementedError
 
-    async def _wait_for_tiled(self) -> None:
-        """Before taking a run: Tiled must answer (retry with backoff while it does not)."""
+    async def _wait_for_tiled(self, max_age_s: float = 0.0) -> bool:
+        """Before taking a run: Tiled must answer (retry with backoff while it does not).
+
+        An answer less than ``max_age_s`` old will do. Returns False if :meth:`stop` was
+        called meanwhile."""
+        if time.monotonic() - self._tiled_ok_at < max_age_s:
+            return True
         delay = 0.5
-        while True:
+        while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self.client.refresh)
-                return
+                self._tiled_ok_at = time.monotonic()
+                return True
             except Exception as exc:
                 logger.warning("%s: Tiled at %s does not answer (%s); retrying in %.1f s",
                                self.options.name, self.options.tiled, exc, delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
                 delay = min(delay * 2, 30.0)
+        return False
+
+    def _retry_delay(self, attempts: int) -> float:
+        return min(self.options.retry_delay_s * max(1, attempts), 60.0)
 
     async def run_once(self, raw_uid: str, next_doc: NextDoc, how: str = "") -> bool:
         """Reconstruct one run whole; True: done (its derived run is complete in Tiled, or was
@@ -240,6 +275,7 @@ class RunWorker:
             return False
         finally:
             self.progress.current = None
+            self._forget(raw_uid)
         if outcome is not None and outcome.status == "error":
             logger.warning("%s: run %s: Tiled write failed (%s); to be redone", o.name,
                            raw_uid, outcome.error)
@@ -251,6 +287,13 @@ class RunWorker:
                     ", replaced a partial one" if outcome and outcome.replaced else "",
                     state.frames_done if state else 0, time.monotonic() - t0)
         return True
+
+    def _forget(self, raw_uid: str) -> None:
+        """Drop what the live callback and the guard keep of a finished (or failed) run: a
+        worker lives for weeks, and each run's state holds its last snapshots."""
+        state = self.live.runs.pop(raw_uid, None) if self.live is not None else None
+        if state is not None and state.derived_uid and self.guard is not None:
+            self.guard.outcomes.pop(state.derived_uid, None)
 
     async def _reconstruct(self, raw_uid: str, next_doc: NextDoc):
         o = self.options
@@ -264,12 +307,12 @@ class RunWorker:
             item = await next_doc(0.2)
             if item is None:
                 if adapter.pending():  # a pause in the documents: read what is there
-                    self._feed(await asyncio.to_thread(adapter.pump, True))
+                    await asyncio.to_thread(self._pump_into_live, adapter, True)
                 if time.monotonic() - last > o.run_idle_timeout_s:
                     logger.warning("run %s: no document for %.0f s; closing it", raw_uid,
                                    o.run_idle_timeout_s)
-                    self._feed(await asyncio.to_thread(adapter.finish))
-                    self._feed([("stop", _abandoned_stop(
+                    await asyncio.to_thread(self._finish_into_live, adapter)
+                    await self._afeed([("stop", _abandoned_stop(
                         raw_uid, "fail",
                         f"no document on the bus for {o.run_idle_timeout_s:.0f} s"))])
                     break
@@ -278,12 +321,12 @@ class RunWorker:
             name, doc = item
             self.progress.last_doc_time = doc.get("time")
             if name == "stop":
-                self._feed(await asyncio.to_thread(adapter.finish))
-                self._feed(adapter(name, doc))
+                await asyncio.to_thread(self._finish_into_live, adapter)
+                await self._afeed(adapter(name, doc))
                 break
-            self._feed(adapter(name, doc))
+            await self._afeed(adapter(name, doc))
             if adapter.pending():
-                self._feed(await asyncio.to_thread(adapter.pump))
+                await asyncio.to_thread(self._pump_into_live, adapter, False)
             if derived is None and name == "start":
                 if raw_uid not in live.runs:  # no ptycho metadata: nothing to reconstruct
                     logger.info("run %s is not a ptychography run; skipped", raw_uid)
@@ -292,8 +335,8 @@ class RunWorker:
                 derived = guard.outcomes.get(state.derived_uid) if state else None
                 if derived is not None and derived.status == "kept":
                     # Finished before (its ack or commit was lost): nothing to redo.
-                    self._feed([("stop", _abandoned_stop(raw_uid, "success",
-                                                         "already reconstructed"))])
+                    await self._afeed([("stop", _abandoned_stop(raw_uid, "success",
+                                                                "already reconstructed"))])
                     break
         t_stop = time.monotonic()
         state = await asyncio.to_thread(live.wait, raw_uid, 600.0 + o.refine_budget_s)
@@ -315,7 +358,7 @@ class RunWorker:
         this worker) starts from a clean state; its derived run ends ``"fail"`` (unless the
         guard abandoned it) and is replaced when the run is redone. Blocks until the stop
         document is through the guard."""
-        state = self.live.latest(raw_uid)
+        state = self.live.runs.get(raw_uid)
         if state is None or state.finished.is_set():
             return
         try:
@@ -328,10 +371,30 @@ class RunWorker:
             logger.warning("run %s: could not close it on this worker: %s", raw_uid, exc)
 
     def _feed(self, docs) -> None:
+        """To the live callback; may wait while its queue is full (call it in a thread)."""
         for name, doc in docs:
             self.live(name, doc)
             if name in ("event", "event_page"):
                 self.progress.window_frames += 1
+
+    async def _afeed(self, docs) -> None:
+        """:meth:`_feed` in a thread: a full queue must not stall the event loop (bus
+        heartbeats, the health line)."""
+        if docs:
+            await asyncio.to_thread(self._feed, docs)
+
+    def _pump_into_live(self, adapter, force: bool) -> None:
+        """Frames that are there, in blocks, each fed before the next is read (in a thread)."""
+        while True:
+            docs = adapter.pump(force, limit=self._block)
+            if not docs:
+                return
+            self._feed(docs)
+
+    def _finish_into_live(self, adapter) -> None:
+        """At the stop document: the last frames, in blocks (in a thread)."""
+        for docs in adapter.finish_blocks(limit=self._block):
+            self._feed(docs)
 
     async def _report(self, waiting: Callable[[], Awaitable[int]]) -> None:
         """Health: throughput and lag every ``report_every_s`` seconds; ``waiting`` says how
@@ -348,7 +411,7 @@ class RunWorker:
                 n_waiting = await waiting()
             except Exception:
                 n_waiting = -1  # bus away; the reconnect is logged separately
-            state = self.live.latest(p.current) if p.current else None
+            state = self.live.runs.get(p.current) if p.current else None
             logger.info("%s: %s, %.1f events/s, document lag %.1f s, %s %s waiting, "
                         "%d runs done", o.name,
                         f"run {p.current[:8]} at {state.frames_done} frames" if state
@@ -362,6 +425,11 @@ class RunWorker:
 class Worker(RunWorker):
     """Serves one beamline's NATS JetStream run work queue (see the module docstring).
 
+    A bus that goes away (restarts, blips, comes back without its streams) never ends
+    :meth:`serve`: fetches, subscriptions and acknowledgements are retried, and the streams
+    and the consumer are made again when the bus lost them. A message on the work queue that
+    is not a run announcement is logged and terminated (never redelivered).
+
     Examples
     --------
     >>> worker = Worker(WorkerOptions(bus="nats://127.0.0.1:4222",
@@ -369,14 +437,36 @@ class Worker(RunWorker):
     >>> asyncio.run(worker.serve())                                          # doctest: +SKIP
     """
 
+    #: Fetch errors in a row after which the streams and the consumer are made again (the
+    #: bus may have come back with an empty store).
+    REBIND_AFTER = 3
+    #: How long a finished run's acknowledgement is retried while the bus is away; past it the
+    #: run may be delivered again, and its complete derived run is then kept.
+    ACK_RETRY_S = 120.0
+
+    def __init__(self, options: WorkerOptions) -> None:
+        super().__init__(options)
+        self._sub = None
+        self._rebind = False
+        #: The shared consumer's ack deadline (it is the first worker's, not this one's).
+        self.ack_wait_s = float(options.ack_wait_s)
+        self._max_deliver: int | None = None
+
     def probe_bus(self) -> None:
-        probe_bus(self.options.bus.split(",")[0], timeout=3.0)
+        """Raise :class:`BusUnavailableError` unless one of the bus's servers answers now."""
+        errors = []
+        for url in (u.strip() for u in self.options.bus.split(",")):
+            if not url:
+                continue
+            try:
+                probe_bus(url, timeout=3.0)
+                return
+            except BusUnavailableError as exc:  # nats.connect would try the next one too
+                errors.append(str(exc))
+        raise BusUnavailableError("; ".join(errors) or f"no server in --bus {self.options.bus!r}")
 
     async def _connect_bus(self):
         import nats
-
-        async def on_error(exc):
-            logger.debug("bus: %s", exc)
 
         async def on_disconnect():
             if self._stop.is_set():
@@ -386,11 +476,38 @@ class Worker(RunWorker):
 
         async def on_reconnect():
             logger.info("%s: bus reconnected", self.options.name)
+            self._rebind = True  # a new server may lack the streams; cheap to check
 
         return await nats.connect(self.options.bus.split(","), max_reconnect_attempts=-1,
-                                  reconnect_time_wait=0.5, error_cb=on_error,
+                                  reconnect_time_wait=0.5,
+                                  error_cb=BusErrorLog(logger, self.options.name).handle,
                                   disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                                   **self.options.connect_options)
+
+    async def _bind(self, js):
+        """The streams and the shared consumer (made if missing); reads the consumer's
+        ack deadline, on which the heartbeats are paced."""
+        o = self.options
+        await ensure_streams(js, o.beamline)
+        sub = await ensure_workers_consumer(js, o.beamline, ack_wait_s=o.ack_wait_s)
+        old, self._sub = self._sub, sub
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.unsubscribe()
+        try:
+            config = (await sub.consumer_info()).config
+        except Exception as exc:  # bus away right now: keep what is known
+            logger.debug("consumer info: %s", exc)
+            return sub
+        actual = config.ack_wait
+        if actual and abs(actual - o.ack_wait_s) > 1e-3:
+            logger.warning("%s: the work queue's consumer has an ack deadline of %.1f s (made "
+                           "by the first worker), not this worker's %.1f s; heartbeats are "
+                           "paced on %.1f s", o.name, actual, o.ack_wait_s,
+                           min(actual, o.ack_wait_s))
+        self.ack_wait_s = min(actual, o.ack_wait_s) if actual else o.ack_wait_s
+        self._max_deliver = config.max_deliver if (config.max_deliver or 0) > 0 else None
+        return sub
 
     async def serve(self, max_runs: int | None = None) -> int:
         if self.client is None:
@@ -400,33 +517,46 @@ class Worker(RunWorker):
         nc = await self._connect_bus()
         js = nc.jetstream()
         o = self.options
-        await ensure_streams(js, o.beamline)
-        sub = await ensure_workers_consumer(js, o.beamline, ack_wait_s=o.ack_wait_s)
+        await self._bind(js)
+        self._rebind = False
         self._ready_line()
 
         async def waiting() -> int:
-            return (await sub.consumer_info()).num_pending
+            return (await self._sub.consumer_info()).num_pending
 
         reporter = asyncio.ensure_future(self._report(waiting))
-        backoff = 0.5
+        backoff, errors = 0.5, 0
         try:
             while not self._stop.is_set():
                 if max_runs is not None and self.progress.runs_done >= max_runs:
                     break
+                # Tiled first: a fetched announcement is held without heartbeats until
+                # _take, and must not wait there (it would go to another worker meanwhile).
+                if not await self._wait_for_tiled(max_age_s=5.0):
+                    break
+                if self._rebind or errors >= self.REBIND_AFTER:
+                    try:
+                        await self._bind(js)
+                        self._rebind, errors = False, 0
+                    except Exception as exc:
+                        logger.debug("streams and consumer not made yet: %s", exc)
                 try:
-                    msgs = await sub.fetch(1, timeout=1.0)
+                    msgs = await self._sub.fetch(1, timeout=1.0)
                 except asyncio.TimeoutError:
                     continue
                 except Exception as exc:  # disconnected: nats-py reconnects, we wait for it
+                    errors += 1
                     logger.warning("%s: cannot fetch from the bus (%s); retrying in %.1f s",
                                    o.name, exc, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 10.0)
                     continue
-                backoff = 0.5
+                backoff, errors = 0.5, 0
                 for msg in msgs:
-                    await self._wait_for_tiled()
-                    await self._take(js, msg)
+                    try:
+                        await self._take(js, msg)
+                    except Exception:  # one run's trouble never ends the worker
+                        logger.exception("%s: unexpected error while serving a run", o.name)
         finally:
             reporter.cancel()
             with contextlib.suppress(Exception):
@@ -434,7 +564,8 @@ class Worker(RunWorker):
         return self.progress.runs_done
 
     async def _heartbeat(self, msg) -> None:
-        interval = max(0.2, self.options.ack_wait_s / 3)
+        # Paced on the shared consumer's deadline (read in _bind), not only on this worker's.
+        interval = max(0.2, self.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -445,32 +576,87 @@ class Worker(RunWorker):
     async def _take(self, js, msg) -> None:
         from nats.js.api import DeliverPolicy
 
-        _, announcement = decode(msg.data)
-        raw_uid = announcement["uid"]
-        delivery = msg.metadata.num_delivered
         o = self.options
-        sub = await js.subscribe(run_filter(o.beamline, raw_uid), stream=docs_stream(o.beamline),
-                                 ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
-
-        async def next_doc(timeout: float):
-            try:
-                return decode((await sub.next_msg(timeout=timeout)).data)
-            except asyncio.TimeoutError:
-                return None
-
+        try:
+            _, announcement = decode(msg.data)
+            raw_uid = announcement["uid"]
+            if not isinstance(raw_uid, str) or not raw_uid:
+                raise ValueError(f"uid {raw_uid!r}")
+        except Exception as exc:
+            # Redelivered, it would fail every worker in turn: terminate it.
+            logger.error("%s: a message on the work queue is not a run announcement (%s: %s); "
+                         "dropped: %r", o.name, type(exc).__name__, exc, msg.data[:200])
+            with contextlib.suppress(Exception):
+                await msg.term()
+            return
+        delivery = msg.metadata.num_delivered
         heartbeat = asyncio.ensure_future(self._heartbeat(msg))
         try:
-            done = await self.run_once(raw_uid, next_doc, f"delivery {delivery}")
+            try:
+                sub = await js.subscribe(run_filter(o.beamline, raw_uid),
+                                         stream=docs_stream(o.beamline), ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.ALL)
+            except Exception as exc:
+                logger.warning("%s: cannot read run %s's documents from the bus (%s); put "
+                               "back", o.name, raw_uid, exc)
+                self._rebind = True  # the documents' stream may be gone with the bus store
+                await self._give_back(msg, raw_uid, delivery)
+                return
+
+            async def next_doc(timeout: float):
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        m = await sub.next_msg(timeout=max(deadline - time.monotonic(), 0.01))
+                    except asyncio.TimeoutError:
+                        return None
+                    try:
+                        return decode(m.data)
+                    except Exception as exc:  # stored for good: a retry would fail again
+                        logger.warning("%s: run %s: a document on the bus cannot be read "
+                                       "(%s); skipped", o.name, raw_uid, exc)
+
+            try:
+                done = await self.run_once(raw_uid, next_doc, f"delivery {delivery}")
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            if done:
+                await self._ack(msg, raw_uid)
+            else:
+                await self._give_back(msg, raw_uid, delivery)
         finally:
             heartbeat.cancel()
+
+    async def _ack(self, msg, raw_uid: str) -> None:
+        """Acknowledge a finished run, retrying while the bus is away (heartbeats go on)."""
+        delay, deadline = 0.2, time.monotonic() + self.ACK_RETRY_S
+        while True:
+            try:
+                await msg.ack_sync(timeout=2.0)
+                return
+            except Exception as exc:
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    logger.warning("%s: run %s is done but could not be acknowledged (%s); "
+                                   "if it is delivered again its derived run is kept",
+                                   self.options.name, raw_uid, exc)
+                    return
+                logger.info("%s: acknowledging run %s failed (%s); retrying in %.1f s",
+                            self.options.name, raw_uid, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _give_back(self, msg, raw_uid: str, delivery: int) -> None:
+        """Back to the queue, after a pause: another worker (or this one) redoes it whole;
+        on its last delivery the run is given up, loudly."""
+        if self._max_deliver is not None and delivery >= self._max_deliver:
+            logger.error("%s: run %s failed on its last delivery (%d of %d); given up",
+                         self.options.name, raw_uid, delivery, self._max_deliver)
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-        if done:
-            await msg.ack_sync()
-        else:
-            # Back to the queue, after a pause: another worker (or this one) redoes it whole.
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=min(5.0 * delivery, 60.0))
+                await msg.term()
+            return
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=self._retry_delay(delivery))
 
 
 def _probe_tiled(uri: str, timeout: float = 3.0) -> None:
