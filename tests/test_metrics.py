@@ -435,3 +435,53 @@ def test_registration_ignores_the_zero_border_of_a_stitched_reconstruction():
     scores = compare_objects(recon, truth, crop=40)
     assert np.allclose(scores["shift"], (-1, 2), atol=0.1)  # applied to recon
     assert scores["frc_auc_0.5_phase"] > 0.95
+
+
+# --- review of 2026-12-02: the absolute phase, zero pixels, constant parts -----------------
+
+
+def _textured(seed: int = 1, n: int = 128):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    phase = ndimage.gaussian_filter(rng.standard_normal((n, n)), 3) * 8  # ~ +-1 rad
+    amplitude = 1 + 0.2 * ndimage.gaussian_filter(rng.standard_normal((n, n)), 3)
+    noise = np.exp(1j * 0.05 * rng.standard_normal((n, n)))
+    return amplitude, phase, noise
+
+
+def test_scores_do_not_depend_on_the_truths_absolute_phase():
+    """The same error scores the same whether the truth's phase sits around 0 or around pi
+    (where np.angle wraps): the absolute phase of an object is arbitrary."""
+    amplitude, phase, noise = _textured()
+    scores = []
+    for offset in (0.0, np.pi, -2.0):
+        truth = amplitude * np.exp(1j * (phase + offset))
+        scores.append(compare_objects(truth * noise, truth, register=False, taper_px=8))
+    for key in ("frc_auc_0.5_phase", "psnr_phase", "ssim_phase", "resolution_phase"):
+        values = [s[key] for s in scores]
+        assert max(values) - min(values) < 1e-6 * max(1.0, abs(values[0])), (key, values)
+
+
+def test_unreconstructed_pixels_keep_phase_zero_through_the_alignment():
+    from bluesky_ptychopinn.metrics import align_global_phase, remove_phase_plane
+
+    amplitude, phase, _ = _textured(n=64)
+    truth = amplitude * np.exp(1j * phase)
+    yy, xx = np.mgrid[:64, :64]
+    recon = truth * np.exp(1j * (2.5 + 0.4 * yy + 0.3 * xx))
+    recon[20:30] = 0  # an unscanned band
+    for aligned in (remove_phase_plane(recon, truth), align_global_phase(recon, truth)):
+        assert (np.angle(aligned[20:30]) == 0).all()  # no signed zero (angle pi)
+
+
+def test_a_constant_part_scores_nan_whatever_the_dtype_and_registration():
+    from scipy.ndimage import fourier_shift
+
+    _, phase, _ = _textured(n=96)
+    truth = np.exp(1j * phase).astype(np.complex64)  # |truth| = 1 +- 1e-7: no amplitude
+    shifted = np.fft.ifft2(fourier_shift(np.fft.fft2(truth), (0.5, 0.3))).astype(np.complex64)
+    for recon, register in ((truth * 0.9, False), (shifted, True)):
+        scores = compare_objects(recon, truth, register=register, taper_px=8)
+        assert np.isnan(scores["frc_auc_0.5_amplitude"]) and np.isnan(scores["psnr_amplitude"])
+        assert np.isfinite(scores["frc_auc_0.5_phase"])

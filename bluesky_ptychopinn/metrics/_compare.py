@@ -91,6 +91,14 @@ def compare_objects(
         ``recon`` / ``truth`` (``truth`` moved when registered) and ``settings`` (the
         arguments, plus ``registered``, ``shift`` and ``crop_applied``).
 
+    Notes
+    -----
+    Both objects are turned by one global phase so that the truth's mean phase is 0 before
+    phases are taken: the scores do not depend on the truth's (arbitrary) absolute phase.
+    The FRC normalises each ring by its own power, so it measures correlation, not contrast:
+    a blurred copy of the truth scores near 1 in every ring. Read it with ``psnr_*`` /
+    ``ssim_*`` / ``nrmse``, which do see an over-smoothed image.
+
     Examples
     --------
     >>> import numpy as np
@@ -102,6 +110,9 @@ def compare_objects(
     (1.0, 1.0)
     """
     recon, truth = as_pair(recon, truth, ("recon", "truth"))
+    # Which parts the truth holds at all, decided once on the truth as given: registration
+    # (a sub-pixel shift) and cropping would put rounding ripple into a constant part.
+    defined = _defined_parts(truth)
     recon, truth = recon.astype(np.complex128), truth.astype(np.complex128)
     shift = (0.0, 0.0)
     crop_applied = crop
@@ -131,6 +142,11 @@ def compare_objects(
         crop_applied = max(crop, min(wrapped, min(recon.shape) // 4))
     recon, truth = crop_edges(recon, crop_applied), crop_edges(truth, crop_applied)
     recon = _align(recon, truth, remove_phase_plane)
+    # The absolute phase is arbitrary: turn both so that the truth's mean phase is 0, away
+    # from the +-pi cut of np.angle (a truth around pi would get 2 pi jumps, shared by the
+    # recon, which the FRC rewards as sharp edges and PSNR/SSIM punish).
+    turn = _phasor(np.sum(truth * np.abs(truth)))
+    recon, truth = recon * turn, truth * turn
     window = tukey_taper(recon.shape, taper_px)
     scores: dict[str, Any] = {}
     curves: dict[str, FRCResult] = {}
@@ -139,9 +155,9 @@ def compare_objects(
     for part, (r, t) in parts.items():
         # Taper around the mean so the window adds no strong low-frequency structure.
         curves[part] = frc((r - r.mean()) * window, (t - t.mean()) * window)
-        scores.update(_part_scores(part, r, t, curves[part], snr))
+        scores.update(_part_scores(part, r, t, curves[part], snr, defined[part]))
     scores["resolution_phase_half_bit"] = _if_defined(
-        parts["phase"][1], lambda: frc_resolution(curves["phase"], HALF_BIT))
+        defined["phase"], lambda: frc_resolution(curves["phase"], HALF_BIT))
     scores["nrmse"] = nrmse(recon, truth)
     scores.update(
         registered=bool(register),
@@ -164,23 +180,40 @@ def _align(recon: np.ndarray, truth: np.ndarray, plane: bool) -> np.ndarray:
     return _remove_phase_plane(recon, truth) if plane else recon
 
 
-def _if_defined(truth_part: np.ndarray, score) -> float:
-    """``score()``, or NaN where the truth part is constant (FRC, PSNR, SSIM undefined).
+def _phasor(value: complex) -> complex:
+    """exp(-1j * angle(value)), or 1 for 0."""
+    return np.conj(value) / abs(value) if abs(value) > 0 else 1.0
 
-    Constant to rounding: |exp(1j phi)| varies by 1e-16, which is no amplitude contrast.
+
+def _defined_parts(truth: np.ndarray) -> dict[str, bool]:
+    """Whether the truth's amplitude and phase vary beyond rounding of its own dtype.
+
+    A complex64 pure-phase object has |truth| = 1 +- 1e-7: no amplitude contrast, whose
+    scores would be noise. The tolerance is a thousand rounding steps of the input's precision.
     """
-    scale = max(float(np.abs(truth_part).max()), 1.0)
-    return float(score()) if np.ptp(truth_part) > 1e-9 * scale else float("nan")
+    truth = np.asarray(truth)
+    eps = np.finfo(truth.dtype).eps if truth.dtype.kind in "fc" else np.finfo(float).eps
+    amplitude = np.abs(truth)
+    scale = max(float(amplitude.max()), 1e-300)
+    phase = np.angle(truth * _phasor(np.sum(truth * amplitude)))
+    lit = amplitude > 1e3 * eps * scale  # the phase of a zero pixel is no content
+    return {"amplitude": bool(np.ptp(amplitude) > 1e3 * eps * scale),
+            "phase": bool(lit.any() and np.ptp(phase[lit]) > 1e3 * eps * np.pi)}
+
+
+def _if_defined(defined: bool, score) -> float:
+    """``score()``, or NaN where the truth part is constant (FRC, PSNR, SSIM undefined)."""
+    return float(score()) if defined else float("nan")
 
 
 def _part_scores(part: str, recon: np.ndarray, truth: np.ndarray, curve: FRCResult,
-                 snr: float) -> dict[str, float]:
-    scores = {frc_auc_key(c, part): _if_defined(truth, lambda c=c: frc_auc(curve, c))
+                 snr: float, defined: bool) -> dict[str, float]:
+    scores = {frc_auc_key(c, part): _if_defined(defined, lambda c=c: frc_auc(curve, c))
               for c in AUC_CUTOFFS}
-    scores[f"resolution_{part}"] = _if_defined(truth, lambda: frc_resolution(curve, snr))
-    scores[f"psnr_{part}"] = _if_defined(truth, lambda: psnr(recon, truth))
+    scores[f"resolution_{part}"] = _if_defined(defined, lambda: frc_resolution(curve, snr))
+    scores[f"psnr_{part}"] = _if_defined(defined, lambda: psnr(recon, truth))
     try:
-        scores[f"ssim_{part}"] = _if_defined(truth, lambda: ssim(recon, truth))
+        scores[f"ssim_{part}"] = _if_defined(defined, lambda: ssim(recon, truth))
     except InvalidInputError:  # image smaller than the SSIM window
         scores[f"ssim_{part}"] = float("nan")
     return scores

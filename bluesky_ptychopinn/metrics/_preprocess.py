@@ -48,7 +48,8 @@ def align_global_phase(recon: np.ndarray, reference: np.ndarray) -> np.ndarray:
         raise InvalidInputError(f"recon and reference must have one shape, got {recon.shape} "
                                 f"and {reference.shape}")
     c = np.vdot(recon, reference)
-    return recon * (c / abs(c)) if abs(c) > 0 else recon
+    # (``+ 0``: an exact zero times a phasor is a signed zero, whose np.angle is pi)
+    return recon * (c / abs(c)) + 0 if abs(c) > 0 else recon
 
 
 def _weights(recon: np.ndarray, reference: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
@@ -102,6 +103,8 @@ def fit_phase_plane(recon: np.ndarray, reference: np.ndarray,
     """
     recon, reference = as_pair(recon, reference, ("recon", "reference"))
     weights = _weights(recon, reference, weights)
+    if not weights.max() > 0:  # nothing in common (e.g. an all-zero recon): no plane to fit
+        return 0.0, 0.0, 0.0
     yy, xx = _centred_grid(recon.shape)
     product = reference * np.conj(recon) * (weights / weights.max())
     ky, kx = _ramp_frequency(product)
@@ -145,7 +148,8 @@ def remove_phase_plane(recon: np.ndarray, reference: np.ndarray,
     """
     a0, ay, ax = fit_phase_plane(recon, reference, weights)
     yy, xx = np.indices(np.shape(recon))
-    return np.asarray(recon, np.complex128) * np.exp(1j * (a0 + ay * yy + ax * xx))
+    # ``+ 0`` clears signed zeros: an unreconstructed pixel must keep phase 0, not pi.
+    return np.asarray(recon, np.complex128) * np.exp(1j * (a0 + ay * yy + ax * xx)) + 0
 
 
 def _ramp_frequency(field: np.ndarray, upsample: int = 50) -> tuple[float, float]:
