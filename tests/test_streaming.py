@@ -378,3 +378,40 @@ def test_a_frame_budget_bounds_memory_and_changes_nothing_on_a_scan_that_moves_o
     again, recon, most = run(np.concatenate(passes), counts.repeat(6, 1, 1), budget_frames=60)
     assert again.n_frames == 6 * len(pos) and most <= 60
     assert np.isfinite(again.object).all()
+
+
+# --- review of 2026-12-02: empty batches, bad settings, one far position -------------------
+
+
+def test_an_empty_batch_is_a_no_op_and_never_poisons_the_input_scale(model):
+    recon = StreamingReconstructor(model, object_shape=(128, 128), device="cpu",
+                                   origin_px=(0.0, 0.0))
+    n = recon.frame_size
+    assert recon.add(np.zeros((0, n, n), np.float32), np.zeros((0, 2))) == 0
+    assert recon.flush() == 0 and recon.input_scale is None
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(20.0, (20, n, n)).astype(np.float32)
+    recon.add(frames, np.full((20, 2), 64.0) + rng.uniform(-4, 4, (20, 2)))
+    recon.flush()
+    assert np.isfinite(recon.input_scale) and recon.input_scale > 0
+    snap = recon.snapshot()
+    assert np.isfinite(snap.object[snap.weight > 0]).all()
+
+
+@pytest.mark.parametrize("kwargs", [{"input_scale": float("nan")}, {"input_scale": 0.0},
+                                    {"input_scale": -0.5}, {"scale_frames": 0},
+                                    {"crop": 0}, {"crop": True}, {"crop": 1000}])
+def test_bad_settings_are_refused_up_front(model, kwargs):
+    with pytest.raises(InvalidInputError):
+        StreamingReconstructor(model, object_shape=(128, 128), device="cpu", **kwargs)
+
+
+def test_one_far_position_is_refused_not_allocated(model):
+    recon = StreamingReconstructor(model, object_shape=(128, 128), device="cpu",
+                                   max_canvas_px=1024, crop="auto")
+    n = recon.frame_size
+    frames = np.random.default_rng(1).poisson(20.0, (2, n, n)).astype(np.float32)
+    with pytest.raises(InvalidInputError, match="max_canvas_px=1024"):
+        recon.add(frames, [[64.0, 64.0], [64.0, 4064.0]])  # 4000 px away: a 4k x 4k canvas
+    assert recon.n_frames == 0 and recon.pending == 0  # nothing kept from the refused batch
+    assert all(c.shape == (128, 128) for c in recon._canvases.values())

@@ -292,7 +292,7 @@ class RunReconstruction(DocumentRouter):
         return StreamingReconstructor(
             self.model, object_shape=shape, origin_px=tuple(origin),
             batch_size=self.settings.batch_size, device=self.settings.device,
-            crop=self.settings.crop,
+            crop=self.settings.crop, max_canvas_px=self.settings.max_canvas_px,
         )
 
     def _start_refiner(self, origin: np.ndarray, shape: tuple[int, int]) -> None:

@@ -121,6 +121,9 @@ class StreamingReconstructor:
         Frames per network call.
     device : str or torch.device, optional
         ``"cuda"`` when available, else CPU.
+    max_canvas_px : int
+        Largest canvas side (pixels) positions may grow the canvas to (default 8192: each
+        crop candidate's canvas is then ~1 GiB); frames beyond are refused.
     frame_memory_bytes : int
         C = 4 models keep the frames later groups may draw on; beyond this many bytes of them
         (default 1 GiB: 131,072 frames of 64 x 64 in 16 bits) the oldest are dropped and no
@@ -151,7 +154,13 @@ class StreamingReconstructor:
         device: str | torch.device | None = None,
         scale_frames: int = 16,
         frame_memory_bytes: int = 1 << 30,
+        max_canvas_px: int = 8192,
     ) -> None:
+        if input_scale is not None and not (math.isfinite(input_scale) and input_scale > 0):
+            raise InvalidInputError(f"input_scale: a positive number (or None to estimate it "
+                                    f"from the first frames), got {input_scale!r}")
+        if not (isinstance(scale_frames, (int, np.integer)) and scale_frames >= 1):
+            raise InvalidInputError(f"scale_frames: at least 1, got {scale_frames!r}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -166,8 +175,9 @@ class StreamingReconstructor:
             candidates = crop_candidates or tuple(sorted({max(1, (k * n) // 16)
                                                            for k in (4, 5, 6, 8, 10)}))
             self.crop = default_crop(n) if default_crop(n) in candidates else candidates[0]
-        elif crop is None or isinstance(crop, (int, np.integer)):
-            self.crop = int(crop or default_crop(n))
+        elif crop is None or (isinstance(crop, (int, np.integer)) and not isinstance(crop, bool)
+                              and 1 <= crop <= n):
+            self.crop = int(default_crop(n) if crop is None else crop)
             candidates = (self.crop,)
         else:
             raise InvalidInputError(f"crop: an integer 1..{n} or 'auto', got {crop!r}")
@@ -177,6 +187,9 @@ class StreamingReconstructor:
         self.input_scale = input_scale
         self.origin = np.asarray(origin_px, dtype=np.float64)
         shape = object_shape or (self.frame_size * 2, self.frame_size * 2)
+        # One far position (an encoder glitch, positions in the wrong unit) would grow every
+        # candidate's canvas to the span of the scan: beyond this side, frames are refused.
+        self.max_canvas_px = max(int(max_canvas_px), *(int(v) for v in shape))
         self._allocate(shape)
         self.n_frames = 0
         self._busy_s = 0.0
@@ -206,6 +219,21 @@ class StreamingReconstructor:
     def window(self) -> torch.Tensor:
         """Stitching weights of the crop in use."""
         return self._canvases[self.crop].window
+
+    def _check_extent(self, positions: np.ndarray) -> None:
+        """Refuse positions that would grow the canvas past ``max_canvas_px`` on a side."""
+        shape = self._canvases[self.crop].shape
+        pads = growth_pads(positions - self.origin, shape, self.frame_size)
+        if pads is None:
+            return
+        grown = np.asarray(shape) + pads[0] + pads[1]
+        if (grown > self.max_canvas_px).any():
+            centre = self.origin + np.asarray(shape) / 2
+            far = int(np.argmax(np.abs(positions - centre).max(axis=1)))
+            raise InvalidInputError(
+                f"positions: frame {far} at {np.round(positions[far], 1).tolist()} px would "
+                f"grow the canvas to {grown.astype(int).tolist()} px, beyond max_canvas_px="
+                f"{self.max_canvas_px} (a far encoder reading, or positions in another unit?)")
 
     def _ensure_fits(self, positions: np.ndarray) -> np.ndarray:
         """Canvas coordinates of ``positions``, growing the canvas (by padding) if needed."""
@@ -270,11 +298,15 @@ class StreamingReconstructor:
         Raises
         ------
         InvalidInputError
-            Wrong frame size, NaN/inf, negative or all-zero frames, or mismatched positions.
-            Nothing is stitched from a rejected batch.
+            Wrong frame size, NaN/inf, negative or all-zero frames, mismatched positions, or
+            positions that would grow the canvas beyond ``max_canvas_px``. Nothing is stitched
+            from a rejected batch.
         """
         start = time.perf_counter()
         frames_t, pos = self._check(frames, positions)
+        if not len(pos):  # nothing to do (and no mean of zero frames for the input scale)
+            return self.n_frames
+        self._check_extent(pos)
         if self.input_scale is None:
             self._held.append((frames_t, pos))
             if sum(len(p) for _, p in self._held) < self.scale_frames:
