@@ -27,7 +27,7 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules bluesky_ptychopinn
 
 lint: venv
