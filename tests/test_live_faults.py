@@ -9,9 +9,11 @@ import shutil
 import threading
 
 import numpy as np
+import pytest
 from event_model import compose_run
 
 from bluesky_ptychopinn.callbacks import LiveReconstruction
+from bluesky_ptychopinn.errors import InvalidInputError
 from bluesky_ptychopinn.models._registry import packaged_models_dir
 
 MD = {"detector_key": "img", "positioner_keys": {"y": "sy", "x": "sx"}, "energy_ev": 8800.0,
@@ -132,3 +134,16 @@ def test_a_long_session_keeps_only_the_latest_finished_runs():
     # The new run's entry pushed out the oldest finished ones, never an open run.
     assert set(live.runs) == {uids[-2], uids[-1], last} or set(live.runs) == {uids[-1], last}
     assert live.latest(uids[0]) is None and live.latest(last) is not None
+
+
+def test_waiting_for_a_run_without_ptycho_metadata_says_why():
+    live, stops = _live()
+    try:
+        bundle = compose_run(metadata={"plan_name": "count"})
+        live("start", bundle.start_doc)
+        live("stop", bundle.compose_stop())
+        with pytest.raises(InvalidInputError, match="no ptycho metadata"):
+            live.wait(bundle.start_doc["uid"], timeout=5)
+    finally:
+        live.close()
+    assert not stops  # no derived run for a run that is not a ptycho scan

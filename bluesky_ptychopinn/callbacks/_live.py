@@ -383,7 +383,10 @@ class LiveReconstruction:
         """Block until a run's derived run is complete (for scripts and tests, not plans)."""
         state = self.latest(raw_uid)
         if state is None:
-            raise InvalidInputError("no run has been seen yet")
+            raise InvalidInputError(
+                f"run {raw_uid} was not reconstructed here (no ptycho metadata in its start "
+                f"document, or forgotten after {self.keep_finished_runs} later runs)"
+                if raw_uid else "no run has been seen yet")
         if not state.finished.wait(timeout):
             raise TimeoutError(f"reconstruction of {state.raw_uid} not finished in {timeout} s")
         return state
