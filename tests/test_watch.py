@@ -262,3 +262,19 @@ def test_an_unreachable_server_is_one_clear_line_and_a_non_zero_exit():
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach Tiled at "), lines
+
+
+def test_a_finished_run_keeps_no_scan_path_in_a_long_running_watcher(tiled):
+    """A watcher follows runs for days: once a run's stop is delivered, only its uid stays
+    (to be known as seen), not one stage reading per frame."""
+    from bluesky_ptychopinn.catalog._watch import DerivedRunWatcher, _Run
+
+    watcher = DerivedRunWatcher(tiled.client(), mode="polling")
+    run = watcher._runs["r1"] = _Run("r1", {"uid": "r1"})
+    run.positions.update({k: (1e-6 * k, 0.0) for k in range(10_000)})
+    run.last_row[("snapshots", "object_phase")] = 12
+    watcher._finish(run)
+    assert run.done and not run.positions and not run.last_row
+    assert "r1" in watcher._runs  # still known: never delivered twice
+    name, stop = watcher._out.get_nowait()
+    assert name == "stop" and stop["run_start"] == "r1"

@@ -387,6 +387,8 @@ class DerivedRunWatcher:
             return
         seqs = (table["seq_num"] if "seq_num" in table.columns else range(len(table)))
         with self._lock:
+            if run.done:
+                return
             for seq, y, x in zip(seqs, table[ykey], table[xkey], strict=True):
                 run.positions[int(seq)] = (float(y), float(x))
             self._scan_path(run)
@@ -409,6 +411,11 @@ class DerivedRunWatcher:
             if run.done:
                 return
             run.done = True
+            # A watcher follows runs for days: a finished run keeps only its uid (to be known
+            # as seen), not its scan path (one reading per frame) and row bookkeeping.
+            run.positions.clear()
+            run.last_row.clear()
+            run.reread.clear()
         stop = None
         try:
             stop = dict(self.client[run.uid].metadata.get("stop") or {})
