@@ -95,6 +95,15 @@ _ENERGY_RANGE_J = (1e-19, 1e-12)
 _DC_POSITIONS = ("center", "corner")
 
 
+def _resolves(f: h5py.File, key: str) -> bool:
+    """``key`` names a dataset that can be opened (a soft link whose target was deleted
+    is listed but does not resolve)."""
+    try:
+        return isinstance(f[key], h5py.Dataset)
+    except (KeyError, ValueError):
+        return False
+
+
 def _require_cxi(f: h5py.File, path: Path) -> None:
     if "entry_1" in f:
         return
@@ -359,7 +368,7 @@ def read_cxi(
     conversions: list[str] = []
     with open_hdf5(path) as f:
         _require_cxi(f, path)
-        data = DATA if has(f, DATA) or not has(f, DATA_LINK) else DATA_LINK
+        data = DATA if _resolves(f, DATA) or not _resolves(f, DATA_LINK) else DATA_LINK
         if data != DATA:
             conversions.append(f"frames read from {DATA_LINK} (no {DATA})")
         frames = require(f, data, path, ndim=3, kinds=REAL, what="(n, N, N) intensities")
