@@ -87,6 +87,7 @@ def calibrate(
     """
     import sys
 
+    from ._workflows import check_device
     from .calibration import (
         CALIBRATION_ENGINES,
         calibrate_probe,
@@ -108,12 +109,7 @@ def calibrate(
         if engine == "lsqml" and not ptychi_available():
             raise InvalidInputError("--engine lsqml needs pty-chi (the ptychi package), which is "
                                     "not installed: pip install ptychi, or use --engine rpie")
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise InvalidInputError(f"--device {device}: no CUDA device here; use --device "
-                                        "cpu or auto")
+        check_device(device)  # before minutes of work (shared with reconstruct and worker)
         is_file = _is_file_argument(source)
         if name is None:
             name = Path(source).stem if is_file else f"calib-{source[:8]}"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +16,84 @@ import numpy as np
 from .errors import InvalidInputError, OutputExistsError
 
 __all__ = ["run_reconstruction", "reconstruct_with_model", "refine_after_model",
-           "score_against"]
+           "score_against", "check_device", "prepare_output", "json_safe"]
+
+#: Engines the refinement after a network (``--model --refine``) can run.
+_ENGINE_NAMES = {"rpie": "rPIE", "epie": "ePIE"}
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a device torch cannot use on this machine, before any work.
+
+    Without this, ``cuda`` on a machine without CUDA fails deep inside the first tensor move
+    (torch's ``AssertionError: Torch not compiled with CUDA enabled``), after the data is read.
+    ``None`` and ``"auto"`` always pass (they pick CUDA only when there is one).
+    """
+    if device is None or device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"{flag} {device}: expected cpu, cuda, cuda:N or auto")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"{flag} {device}: no CUDA device here; use {flag} cpu "
+                                    "or auto")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise InvalidInputError(f"{flag} {device}: this machine has {count} CUDA "
+                                    f"device(s), cuda:0 to cuda:{count - 1}")
+
+
+def prepare_output(output: Path, flag: str = "--output",
+                   sidecars: tuple[str, ...] = ()) -> None:
+    """Make sure ``output`` can be written, before the work whose result it holds.
+
+    Refused with an :class:`InvalidInputError` naming ``flag``: ``output`` (or a sidecar,
+    ``output`` with one of the ``sidecars`` suffixes) is a directory, a component of its
+    directory is a file, or the directory cannot be created or written. The directory is
+    created. Checked by creating and removing a file there, as the writer will: permission
+    bits alone miss read-only mounts and ACLs, and root ignores them.
+    """
+    for path in (output, *(output.with_suffix(suffix) for suffix in sidecars)):
+        if path.is_dir():
+            example = path / f"result{output.suffix or '.npz'}"
+            raise InvalidInputError(f"{flag} {path}: is a directory; give a file name, e.g. "
+                                    f"{flag} {example}")
+    parent = output.parent
+    blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()),
+                    None)
+    if blocking is not None:
+        raise InvalidInputError(f"{flag} {output}: {blocking} is a file, not a directory; "
+                                f"choose another {flag}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{output.name}.",
+                                         suffix=".check"):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"{flag} {output}: cannot write in {parent} "
+                                f"({exc.strerror or exc}); choose another {flag}") from None
+
+
+def json_safe(value):
+    """``value`` (dicts, lists, numbers, strings) with every non-finite float as ``None``.
+
+    JSON has no NaN or Infinity: Python's ``json`` writes bare ``NaN``, which strict readers
+    (jq, JavaScript) reject. A score is NaN legitimately (a part constant in the reference),
+    so it is written as ``null``.
+    """
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 class ModelInputs(NamedTuple):
@@ -48,11 +128,13 @@ def model_inputs(ds, n: int) -> ModelInputs:
 def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | None = None,
                        device: str | None = None, seed: int = 0, probe_update: bool = True,
                        batch_size: int | None = None, alpha_object: float | None = None,
-                       position_correction: bool = False, inputs: ModelInputs | None = None):
-    """The hybrid on a file: rPIE from the start the data prefers (flat, the network's object
-    or its high-pass), on the network's canvas, with the dataset's probe at the model's
-    sampling. Returns the final :class:`~bluesky_ptychopinn.recon.RefinedSnapshot` (with the
-    residuals of both estimates). ``inputs``: :func:`model_inputs` when already made."""
+                       position_correction: bool = False, inputs: ModelInputs | None = None,
+                       engine: str = "rpie"):
+    """The hybrid on a file: ``engine`` (rPIE by default, or ePIE) from the start the data
+    prefers (flat, the network's object or its high-pass), on the network's canvas, with the
+    dataset's probe at the model's sampling. Returns the final
+    :class:`~bluesky_ptychopinn.recon.RefinedSnapshot` (with the residuals of both estimates).
+    ``inputs``: :func:`model_inputs` when already made."""
     from .recon import PIEOptions, RefinerThread, StreamingRefiner
 
     frames, positions, probe = inputs or model_inputs(ds, n)
@@ -60,8 +142,9 @@ def refine_after_model(ds, snap, n: int, *, epochs: int = 20, seconds: float | N
               "position_correction": position_correction or None}
     tuning = {key: value for key, value in tuning.items() if value is not None}
     refiner = StreamingRefiner(probe, object_shape=snap.object.shape, origin_px=snap.origin_px,
-                               options=PIEOptions(device=device, seed=seed, progress=False,
-                                                  probe_update=probe_update, **tuning))
+                               options=PIEOptions(engine=engine, device=device, seed=seed,
+                                                  progress=False, probe_update=probe_update,
+                                                  **tuning))
     refiner.offer_seed(snap.object, snap.weight, snap.origin_px)
     refiner.add(frames, positions)
     thread = RefinerThread(refiner, duty=1.0)
@@ -80,7 +163,9 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
     Frames larger than the model's N are centre-cropped and positions re-expressed at the
     model's coarser pixel (the same boundary code as training). Returns the final
     :class:`~bluesky_ptychopinn.recon.Snapshot` on the dataset's object grid when the sizes
-    agree. ``crop``: the stitched central square of each predicted patch (default: the
+    agree; with cropped frames, on the same field of view at the model's coarser pixel
+    (:func:`reference_on_grid` samples the reference there). ``crop``: the stitched central
+    square of each predicted patch (default: the
     :class:`~bluesky_ptychopinn.recon.StreamingReconstructor` default); ``"auto"``: the
     candidate whose stitched object best explains a sample of the frames (Fourier-magnitude
     residual with the dataset's probe), as the live engine chooses before it has a refined
@@ -92,9 +177,9 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
 
     n = model.config.frame_size
     frames, positions, probe = inputs or model_inputs(ds, n)
-    shape = ds.object.shape if ds.object is not None and frames.shape[-1] == n else None
-    recon = StreamingReconstructor(model, object_shape=shape, batch_size=batch_size,
-                                   device=device, crop=crop)
+    shape, origin = _model_canvas(ds, positions, n)
+    recon = StreamingReconstructor(model, object_shape=shape, origin_px=origin,
+                                   batch_size=batch_size, device=device, crop=crop)
     recon.add(frames, positions)
     if crop == "auto":
         # As live: the crop whose stitched object best explains a sample of the frames.
@@ -104,6 +189,29 @@ def reconstruct_with_model(ds, model, *, batch_size: int = 256, device: str | No
     snap = recon.finish()
     snap.stats["crop"] = int(recon.crop)
     return snap
+
+
+def _model_canvas(ds, positions: np.ndarray, n: int
+                  ) -> tuple[tuple[int, int] | None, tuple[float, float]]:
+    """(shape, origin) of a network's canvas for ``ds`` at positions on the model's grid.
+
+    Uncropped frames: the dataset's object grid. Cropped frames (``ds.frame_size`` > ``n``):
+    the test is on the dataset's own frame size, as the frames are cropped by now. The pixel is
+    frame_size / n times larger, so the canvas is the dataset's field of view at that pixel,
+    widened to every patch (n/2 around its position, plus the canvas's 1-2 px margin of
+    :func:`~bluesky_ptychopinn.recon._canvas.growth_pads`): fitted up front, it never grows
+    by a whole frame per side as a stream does. No reference object: the canvas grows as the
+    stream does.
+    """
+    if ds.object is None:
+        return None, (0.0, 0.0)
+    if ds.frame_size == n:
+        return tuple(ds.object.shape), (0.0, 0.0)
+    field = np.ceil(np.asarray(ds.object.shape) * n / ds.frame_size)
+    low = np.minimum(np.floor(positions.min(axis=0) - n / 2 - 1), 0)
+    high = np.maximum(np.ceil(positions.max(axis=0) + n / 2 + 2), field)
+    shape = high - low
+    return (int(shape[0]), int(shape[1])), (float(low[0]), float(low[1]))
 
 
 def score_against(recon: np.ndarray, truth: np.ndarray, weight: np.ndarray | None = None,
@@ -188,7 +296,7 @@ def use_probe(ds, reference: str) -> None:
 def run_reconstruction(
     file: Path,
     *,
-    engine: str = "rpie",
+    engine: str | None = None,
     epochs: int = 50,
     probe_update: bool = True,
     output: Path | None = None,
@@ -207,14 +315,19 @@ def run_reconstruction(
     probe: str | None = None,
     correct_positions: bool = False,
 ) -> dict:
-    """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG; returns a summary.
+    """Reconstruct ``file`` and write ``<stem>_recon.{cxi,npz}`` + a PNG and a JSON summary;
+    returns the summary (non-finite scores as ``None``: JSON has no NaN).
 
-    An existing output is never replaced unless ``overwrite`` (checked before any work, so a
-    long reconstruction is not lost at the end); the output's directory is created.
+    An existing output (or its PNG or JSON) is never replaced unless ``overwrite``; the
+    output's directory is created and must be writable. Both are checked before any work, so
+    a long reconstruction is not lost at the end.
 
-    With ``model`` and ``refine``, the network's image is refined by ``engine`` for ``epochs``
-    passes (or ``refine_seconds``) from the start the data prefers, and the estimate with the
-    lower Fourier-magnitude residual is written; the summary scores both.
+    ``engine`` (``"rpie"`` when None, or ``"epie"``): the iterative engine. With ``model`` and
+    ``refine``, the network's image is refined by ``engine`` for ``epochs`` passes (or
+    ``refine_seconds``) from the start the data prefers, and the estimate with the lower
+    Fourier-magnitude residual is written; the summary scores both. Options that would be
+    ignored are refused: ``refine``, ``refine_seconds`` or ``crop`` without ``model``;
+    ``engine`` or ``refine_seconds`` with ``model`` but without ``refine``.
 
     The written file is self-consistent: the object, the positions *on the object's grid*
     (``canvas = positions - origin``), the object pixel size, the probe at that sampling (the
@@ -231,6 +344,10 @@ def run_reconstruction(
     from .io import read_dataset
 
     output = Path(output) if output else file.with_name(f"{file.stem}_recon.cxi")
+    _check_options(model=model, refine=refine, refine_seconds=refine_seconds, crop=crop,
+                   engine=engine)
+    engine = engine or "rpie"
+    check_device(device)
     if correct_positions:  # checked before any work
         if model and not refine:
             raise InvalidInputError("--correct-positions corrects positions in the iterative "
@@ -241,13 +358,15 @@ def run_reconstruction(
         if epochs <= start_epoch and not (model and refine_seconds):
             raise InvalidInputError(f"--correct-positions starts after {start_epoch} passes: "
                                     f"give --epochs > {start_epoch}")
-    existing = [p for p in (output, output.with_suffix(".png")) if p.exists()]
+    if output.suffix.lower() not in (".npz", ".cxi", ".h5", ".hdf5", ".nxs"):
+        raise InvalidInputError(f"--output {output}: expected a .cxi, .h5 or .npz file")
+    sidecars = (".png", ".json")  # all three are written: all three are guarded
+    # A directory in the way is refused first: --overwrite would not help there.
+    prepare_output(output, sidecars=sidecars)
+    existing = [p for p in (output, *(output.with_suffix(x) for x in sidecars)) if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} exists; choose another output with --output "
                                 "or replace it with --overwrite")
-    if output.suffix.lower() not in (".npz", ".cxi", ".h5", ".hdf5", ".nxs"):
-        raise InvalidInputError(f"--output {output}: expected a .cxi, .h5 or .npz file")
-    output.parent.mkdir(parents=True, exist_ok=True)
     ds = apply_geometry(read_dataset(file), energy_ev=energy_ev, pixel_m=pixel_m)
     if probe is not None:
         use_probe(ds, probe)
@@ -267,7 +386,7 @@ def run_reconstruction(
     start = time.perf_counter()
     if model:
         result = _network_result(ds, model, crop=crop, refine=refine, epochs=epochs,
-                                 refine_seconds=refine_seconds, pie=pie)
+                                 refine_seconds=refine_seconds, pie=pie, engine=engine)
     else:
         result = _iterative_result(ds, engine=engine, epochs=epochs, pie=pie)
     summary = {"input": str(file), "method": result.label,
@@ -288,19 +407,43 @@ def run_reconstruction(
         frc_curves = {"phase": (scores["frc_phase"].freq, scores["frc_phase"].frc),
                       "amplitude": (scores["frc_amplitude"].freq, scores["frc_amplitude"].frc)}
         threshold = (scores["frc_phase"].freq, scores["threshold"])
+    summary = json_safe(summary)  # a NaN score (constant reference part) is written as null
     _write_result(ds, result, output, summary, include_frames=include_frames)
     png = output.with_suffix(".png")
     title = f"{file.name}: {result.label}" + (
         f", FRC-AUC(0-0.5) phase {summary['frc_auc_0.5_phase']:.3f}"
-        if "frc_auc_0.5_phase" in summary else "")
+        if summary.get("frc_auc_0.5_phase") is not None else "")
     from .figures import reconstruction_figure
 
     reconstruction_figure(png, result.object, probe=result.probe, truth=result.truth,
                           frc=frc_curves, threshold=threshold, title=title, extra=result.extra,
                           weight=result.weight, pixel_size_m=result.pixel_m)
     summary["figure"] = str(png)
-    output.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    output.with_suffix(".json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
+
+
+def _check_options(*, model: str | None, refine: bool, refine_seconds: float | None, crop,
+                   engine: str | None) -> None:
+    """Refuse options the chosen path would silently ignore (before any work)."""
+    if not model:
+        given = [flag for flag, value in (("--refine", refine or None),
+                                          ("--refine-seconds", refine_seconds),
+                                          ("--crop", crop)) if value is not None]
+        if given:
+            raise InvalidInputError(f"{given[0]} applies to a network: add --model NAME, or "
+                                    f"leave {given[0]} out")
+        return
+    if not refine:
+        given = [flag for flag, value in (("--engine", engine),
+                                          ("--refine-seconds", refine_seconds))
+                 if value is not None]
+        if given:
+            raise InvalidInputError(f"{given[0]} applies to the refinement after --model: add "
+                                    f"--refine, or leave {given[0]} out")
+    elif engine is not None and engine not in _ENGINE_NAMES:
+        raise InvalidInputError(f"--engine {engine}: expected one of "
+                                f"{', '.join(_ENGINE_NAMES)}")
 
 
 @dataclass
@@ -324,7 +467,7 @@ class _Result:
 
 
 def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
-                    refine_seconds: float | None, pie: dict) -> _Result:
+                    refine_seconds: float | None, pie: dict, engine: str = "rpie") -> _Result:
     from .models import ModelRegistry
     from .physics import crop_frames
 
@@ -352,9 +495,10 @@ def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
     if refine:
         options = {k: v for k, v in pie.items() if k != "probe_update"}
         refined = refine_after_model(ds, snap, n, epochs=epochs, seconds=refine_seconds,
-                                     probe_update=pie["probe_update"], inputs=inputs, **options)
+                                     probe_update=pie["probe_update"], inputs=inputs,
+                                     engine=engine, **options)
         result.summary["refinement"] = {
-            "engine": "rpie", "epochs": round(refined.epochs, 2), "start": refined.start,
+            "engine": engine, "epochs": round(refined.epochs, 2), "start": refined.start,
             "residual": refined.residual, "network_residual": refined.network_residual,
             "best": refined.best, "seconds": round(refined.busy_s, 2)}
         result.network_object = snap.object
@@ -369,12 +513,12 @@ def _network_result(ds, model: str, *, crop, refine: bool, epochs: int,
                     refined.position_correction_rms_px, 4)
             if pie["probe_update"]:
                 result.probe = refined.probe
-                result.probe_source = f"refined by rPIE from {file_probe}"
+                result.probe_source = f"refined by {_ENGINE_NAMES[engine]} from {file_probe}"
                 # The refined probe was kept centred by whole-pixel rolls; its positions
                 # moved the other way (the object did not).
                 positions -= np.asarray(refined.probe_roll_px)
             result.positions_px = positions
-        result.label = (f"model {model} + rpie ({refined.epochs:.0f} epochs, shown: "
+        result.label = (f"model {model} + {engine} ({refined.epochs:.0f} epochs, shown: "
                         f"{refined.best})")
     return result
 
@@ -385,6 +529,9 @@ def _iterative_result(ds, *, engine: str, epochs: int, pie: dict) -> _Result:
     from .physics import scatter_patches
     from .recon import PIEOptions, pie_reconstruct
 
+    # The progress bar is drawn on stdout: only for a terminal, so that piped stdout is the
+    # summary's JSON alone.
+    pie = {"progress": sys.stdout.isatty(), **pie}
     res = pie_reconstruct(
         ds.diffraction, ds.positions_px, ds.probe,
         object_shape=ds.object.shape if ds.object is not None else None, mask=ds.mask,

@@ -261,6 +261,8 @@ def scan_from_file(path: str | Path) -> CalibrationScan:
     from .io import read_dataset
 
     path = Path(path)
+    if path.is_dir():
+        raise FileFormatError(path, "", "a directory, not a CXI or NPZ file")
     if not path.is_file():
         raise FileFormatError(path, "", "no such file")
     options: dict = {}
@@ -410,18 +412,42 @@ def _working_frame(positions: np.ndarray, size: int) -> tuple[np.ndarray, tuple[
     return offset, (shape[0], shape[1])
 
 
-def _overlap(positions: np.ndarray, guess: np.ndarray) -> dict:
-    """Median nearest-neighbour step, the guess's 90 %-power diameter and 1 - step/diameter."""
+#: Positions closer than this (object pixels) are one setpoint visited again (a repeated
+#: pass, two exposures stored as two events, encoder read-back jitter): they add no overlap.
+_SAME_SETPOINT_PX = 0.5
+
+
+def _nearest_other_setpoint(positions: np.ndarray) -> np.ndarray:
+    """Per position, the distance to the nearest position of *another* setpoint (more than
+    ``_SAME_SETPOINT_PX`` away); ``inf`` when there is none."""
     from scipy.spatial import cKDTree
 
+    tree = cKDTree(positions)
+    n = len(positions)
+    k = min(n, 8)
+    while True:
+        distances, _ = tree.query(positions, k=k)
+        distances = np.where(distances > _SAME_SETPOINT_PX, distances, np.inf)
+        nearest = distances.min(axis=1)
+        # Done when every position found another setpoint, or all n were looked at (a
+        # position visited more than k - 1 times needs a deeper query).
+        if k == n or np.isfinite(nearest).all():
+            return nearest
+        k = min(n, 4 * k)
+
+
+def _overlap(positions: np.ndarray, guess: np.ndarray) -> dict:
+    """Median step to the nearest other setpoint, the guess's 90 %-power diameter and
+    1 - step/diameter. Repeated positions are one setpoint: a twin at distance 0 would read
+    as a step of 0 and an overlap of 100 %, however sparse the scan."""
     from .physics import probe_diameter_px
 
     diameter = float(probe_diameter_px(guess))
-    if len(positions) < 2:
-        step = math.inf
-    else:
-        distances, _ = cKDTree(positions).query(positions, k=2)
-        step = float(np.median(distances[:, 1]))
+    nearest = (_nearest_other_setpoint(np.asarray(positions, np.float64))
+               if len(positions) >= 2 else np.full(1, np.inf))
+    nearest = nearest[np.isfinite(nearest)]
+    # a single setpoint (however many frames) has no neighbour: no overlap at all
+    step = float(np.median(nearest)) if nearest.size else math.inf
     overlap = 1 - step / diameter if diameter > 0 and math.isfinite(step) else 0.0
     return {"median_step_px": round(step, 3), "probe_diameter_px": round(diameter, 3),
             "linear_overlap": round(overlap, 3)}

@@ -58,6 +58,14 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _os_error(exc: OSError) -> InvalidInputError:
+    """A file-system failure (full disk, permissions, a path that vanished) as one line: the
+    path and the system's reason, not a traceback. The commands check their outputs first;
+    this is for what can still fail while writing."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return InvalidInputError(f"{where}{exc.strerror or exc}")
+
+
 @app.command("import")
 def import_(
     src: Path = typer.Argument(..., exists=True, dir_okay=False, help="HDF5 or NPZ file."),
@@ -104,6 +112,8 @@ def import_(
         write_dataset(ds, dst)
     except PtychoError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
     for line in ds.metadata["conversions"]:
         console.print(f"- {line}", highlight=False)
     console.print(f"wrote {dst} ({len(ds.positions_px)} frames of {ds.frame_size} px)")
@@ -127,12 +137,17 @@ def simulate(
     pixel_m: float = typer.Option(75e-6, help="Detector pixel size (m)."),
     seed: int = typer.Option(0, help="Random seed."),
 ) -> None:
-    """Simulate a ptychography experiment with known truth and write it to a file."""
+    """Simulate a ptychography experiment with known truth and write it to a file (its
+    directory is created)."""
+    from ._workflows import prepare_output
     from .io import ProbeLibrary, write_dataset
     from .physics import PROBE_MODELS, ExperimentGeometry
     from .synthetic import simulate_experiment
 
     try:
+        if output.suffix.lower() not in (".npz", ".cxi", ".h5", ".hdf5", ".nxs"):
+            raise InvalidInputError(f"OUTPUT {output}: expected a .cxi, .h5 or .npz file")
+        prepare_output(output, flag="OUTPUT")  # as reconstruct: parents made, checked first
         geometry = ExperimentGeometry(energy_ev, distance_m, pixel_m, frame_size)
         probe_arg = probe
         if probe not in PROBE_MODELS:
@@ -144,6 +159,8 @@ def simulate(
         write_dataset(ds, output)
     except PtychoError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
     console.print(
         f"wrote {output}: {ds.diffraction.shape[0]} frames of {frame_size}x{frame_size}, "
         f"object {ds.object.shape}, pixel {ds.object_pixel_size_m * 1e9:.1f} nm"
@@ -153,7 +170,8 @@ def simulate(
 @app.command()
 def reconstruct(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="CXI or NPZ dataset."),
-    engine: str = typer.Option("rpie", help="Iterative engine: epie or rpie."),
+    engine: str = typer.Option(None, help="Iterative engine: epie or rpie (default rpie); "
+                               "with --model, the engine of --refine."),
     epochs: int = typer.Option(50, help="Epochs of the iterative engine."),
     probe_update: bool = typer.Option(True, help="Refine the probe too."),
     output: Path = typer.Option(None, "--output", "-o", help="Result file (.cxi or .npz); "
@@ -163,15 +181,15 @@ def reconstruct(
     model: str = typer.Option(None, help="Reconstruct with a trained network (name or "
                               "directory) instead of an iterative engine."),
     refine: bool = typer.Option(False, help="With --model: refine the network's image with "
-                                "rPIE for --epochs (or --refine-seconds) and keep the estimate "
-                                "that explains the frames better."),
+                                "--engine (rPIE by default) for --epochs (or --refine-seconds) "
+                                "and keep the estimate that explains the frames better."),
     refine_seconds: float = typer.Option(None, "--refine-seconds",
                                          help="With --refine: stop refining after this long."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace an existing output (and its PNG)."),
-    crop: str = typer.Option("auto", help="With --model: side (px) of the central region of "
-                             "each predicted patch that is stitched, or 'auto': the size whose "
-                             "stitched object best explains the frames."),
+                                   help="Replace an existing output (and its PNG and JSON)."),
+    crop: str = typer.Option(None, help="With --model: side (px) of the central region of "
+                             "each predicted patch that is stitched, or 'auto' (the default): "
+                             "the size whose stitched object best explains the frames."),
     batch_size: int = typer.Option(None, "--batch-size", min=1,
                                    help="Positions per rPIE/ePIE update (default 16)."),
     alpha: float = typer.Option(None, help="Object alpha: rPIE's regularisation weight in "
@@ -199,19 +217,24 @@ def reconstruct(
     object's grid, with its pixel size and canvas origin (a model of a smaller N works on
     centre-cropped frames, hence a coarser pixel).
     """
-    from ._workflows import run_reconstruction
+    from ._workflows import json_safe, run_reconstruction
 
+    # --crop defaults to "auto" only with --model: given without it, it is refused, not ignored
+    crop_value = _crop_option(crop) if crop is not None else ("auto" if model else None)
     try:
         summary = run_reconstruction(
             file, engine=engine, epochs=epochs, probe_update=probe_update, output=output,
             device=device, seed=seed, model=model, refine=refine,
-            refine_seconds=refine_seconds, overwrite=overwrite, crop=_crop_option(crop),
+            refine_seconds=refine_seconds, overwrite=overwrite, crop=crop_value,
             batch_size=batch_size, alpha=alpha, energy_ev=energy_ev, pixel_m=pixel_m,
             include_frames=include_frames, probe=probe, correct_positions=correct_positions,
         )
     except PtychoError as exc:
         _fail(exc)
-    print(json.dumps(summary, indent=2))
+    except OSError as exc:
+        _fail(_os_error(exc))
+    # strict JSON on stdout (jq and friends reject a bare NaN)
+    print(json.dumps(json_safe(summary), indent=2, allow_nan=False))
 
 
 def _crop_option(value: str | None) -> int | str | None:
@@ -571,7 +594,12 @@ def evaluate(
     png: Path = typer.Option(None, help="Figure with FRC curves of every method."),
 ) -> None:
     """FRC-AUC table of models (and optionally an iterative engine) against ground truth."""
-    from ._workflows import reconstruct_with_model, reference_on_grid, score_against
+    from ._workflows import (
+        _iterative_result,
+        reconstruct_with_model,
+        reference_on_grid,
+        score_against,
+    )
     from .io import read_dataset
     from .models import ModelRegistry
 
@@ -594,12 +622,11 @@ def evaluate(
                                           net.config.frame_size)
                 results[name] = score_against(snap.object, truth, snap.weight)
             if engine:
-                from .recon import PIEOptions, pie_reconstruct
-
-                res = pie_reconstruct(ds.diffraction, ds.positions_px, ds.probe,
-                                      object_shape=ds.object.shape, mask=ds.mask,
-                                      options=PIEOptions(engine=engine, n_epochs=epochs))
-                results[engine] = score_against(res.object, ds.object)
+                # As `reconstruct` runs and scores it: inside the scan's covered box, as the
+                # models above, not on the unilluminated border of the canvas.
+                res = _iterative_result(ds, engine=engine, epochs=epochs,
+                                        pie={"seed": 0, "probe_update": True, "device": None})
+                results[engine] = score_against(res.object, res.truth, res.weight)
             for method, scores in results.items():
                 table.add_row(path.name, method, f"{scores['frc_auc_0.5_phase']:.3f}",
                               f"{scores['frc_auc_0.5_amplitude']:.3f}",
@@ -608,11 +635,16 @@ def evaluate(
                                                     scores["frc_phase"].frc)
     except PtychoError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
     Console().print(table)
     if png is not None:
         from .figures import frc_figure
 
-        frc_figure(png, curves)
+        try:
+            frc_figure(png, curves)
+        except OSError as exc:
+            _fail(_os_error(exc))
         console.print(f"wrote {png}")
 
 
@@ -792,6 +824,9 @@ def worker(
                             batch_size=batch_size, torch_threads=torch_threads,
                             connect_options=connect_options)
     try:
+        from ._workflows import check_device
+
+        check_device(device)  # before connecting: torch would fail at the first run
         run_worker(options, max_runs=max_runs)
     except (PtychoError, ValueError) as exc:
         _fail(exc)

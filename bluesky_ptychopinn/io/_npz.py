@@ -43,8 +43,35 @@ _IGNORED = ("Y", "xcoords_start", "ycoords_start")
 FORMAT = "ptychopinn-npz"
 
 
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes of a file read as UTF-8 text (the head may cut a character)."""
+    for cut in range(4):
+        try:
+            text = head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        return all(char.isprintable() or char in "\r\n\t" for char in text)
+    return False
+
+
 def open_npz(path: Path) -> np.lib.npyio.NpzFile:
     """``np.load`` without pickle; anything but an NPZ archive is a :class:`FileFormatError`."""
+    # np.load takes any file that is neither ZIP nor .npy for a pickle, so a text file named
+    # .npz would be refused as "pickled (object) data": name what the file is instead.
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(512)
+    except FileNotFoundError as exc:
+        raise FileFormatError(path, "", "no such file") from exc
+    except IsADirectoryError as exc:
+        raise FileFormatError(path, "", "a directory, not an NPZ file") from exc
+    except OSError as exc:
+        raise FileFormatError(path, "", f"cannot be read ({exc.strerror or exc})") from exc
+    if not magic.startswith((b"PK", b"\x93NUMPY")):
+        what = ("nothing (an empty file)" if not magic else
+                "text" if _looks_like_text(magic) else "binary data of another kind")
+        raise FileFormatError(path, "", f"not a readable NPZ file: it holds {what}, not a ZIP "
+                              "archive of .npy arrays")
     try:
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
