@@ -70,3 +70,17 @@ class TiledProcess:
         from tiled.client import from_uri
 
         return from_uri(self.uri, api_key=self.api_key)
+
+
+def module_server(label: str):
+    """A module-scoped fixture: one killable :class:`TiledProcess` for the tests of a module
+    (``server = module_server("outage")`` at module level)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        proc = TiledProcess(tmp_path_factory.mktemp(label)).start()
+        yield proc
+        proc.kill()
+
+    return server

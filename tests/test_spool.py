@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import tiled.client.utils as tiled_utils
-from _tiled_process import TiledProcess
+from _tiled_process import module_server
 from bluesky import RunEngine
 from bluesky_tiled_plugins import TiledWriter
 from event_model import unpack_event_page
@@ -32,11 +32,7 @@ from bluesky_ptychopinn.plans import ptycho_scan
 ANY_DISK = {"min_free_bytes": 0}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = TiledProcess(tmp_path_factory.mktemp("outage")).start()
-    yield proc
-    proc.kill()
+server = module_server("outage")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import time
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import pytest
-from _tiled_process import TiledProcess
+from _tiled_process import module_server
 from bluesky import RunEngine
 from bluesky.utils import RunEngineInterrupted
 from bluesky_tiled_plugins import TiledWriter
@@ -30,11 +30,7 @@ from bluesky_ptychopinn.catalog._journal import JournalWriter, encode_document, 
 ANY_DISK = {"min_free_bytes": 0}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    proc = TiledProcess(tmp_path_factory.mktemp("spool-faults")).start()
-    yield proc
-    proc.kill()
+server = module_server("spool-faults")
 
 
 @pytest.fixture(scope="module")
