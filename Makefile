@@ -27,7 +27,9 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check bluesky_ptychopinn tests bench
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
+	@# Two workers, one test file each at a time (module-scoped servers stay in one process):
+	@# most of the suite waits on servers, subprocesses and timeouts, so 2 cores halve it.
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=30 tests
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules bluesky_ptychopinn
 
 lint: venv
