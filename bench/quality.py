@@ -30,8 +30,11 @@ b+. **rPIE, flat start, position correction**: (b) with ``PIEOptions(position_co
    (each frame's probe centre refined from its own update from pass 2 on; opt-in in the
    library), on the same given positions: what a user gets by turning it on.
 c. **hybrid, one core**: both engines in one thread. The refiner (``start="auto"``) starts
-   flat at t = 0; between its slices the network takes a chunk of 128 frames until the scan
-   has been through it, and each network image is offered; the first is weighed against the
+   flat at t = 0; after each of its slices the network takes a chunk of frames (32, then 128)
+   until the scan has been through it or the network *retires*: when the refined object
+   explains the frames the network has been through better than the network's image (both
+   Fourier residuals on those frames), the core is left to the refiner. Each network image
+   is offered; the first is weighed against the
    refined state as it stands (one trial pass each over a fixed 256-frame sample; the refiner
    restarts from a network candidate only if it explains the frames better). At each time
    point the estimate *shown* is the one of network and refined with the lower
@@ -347,13 +350,21 @@ def run_rpie_flat(model, scan: Scan, budget_s: float, correct_positions: bool = 
     return {"points": points, "seconds": clock.total}
 
 
-def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128) -> dict:
-    """(c): both engines in one thread, on one core. The refiner starts flat at t = 0; between
-    its slices the network takes one chunk of ``chunk`` frames until the scan has been through
-    it (each engine gets about half the core while both run), and each new network image is
-    offered (``offer_seed``): the first is weighed against the refined state at the next slice
+def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128,
+               first_chunk: int = 32) -> dict:
+    """(c): both engines in one thread, on one core. The refiner starts flat at t = 0; after
+    each of its slices the image shown is recorded, then the network takes one chunk of frames
+    (``first_chunk``, then ``chunk``) and each new network image is offered (``offer_seed``):
+    the first is weighed against the refined state at the next slice
     (``StreamingRefiner.reconsider``). At each time point the estimate shown is the one with the
-    lower Fourier-magnitude residual (the live engine's ``best``); those evaluations count."""
+    lower Fourier-magnitude residual (the live engine's ``best``); those evaluations count.
+
+    The network *retires* once the refined object explains the frames the network has been
+    through better than the network's image does (both residuals on those frames, no truth):
+    the refiner takes the frames in arrival order too, so from then on the network is behind
+    on every frame it could still add, and the one core is the refiner's. Where the network
+    is ahead (sparse or dim scans) it goes on, chunk by chunk, with the same check after each.
+    """
     clock = Clock()
     with clock:
         refiner = StreamingRefiner(scan.probe_start, object_shape=scan.truth.shape,
@@ -362,18 +373,13 @@ def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128) -> dict:
         recon = StreamingReconstructor(model, object_shape=scan.truth.shape,
                                        batch_size=chunk, device="cpu")
     points, net, net_score, done = [], None, None, 0
+    retired: dict | None = None
     n = len(scan.frames)
-    for piece in slices():
-        with clock:
-            refiner.step(piece)
-            if done < n:
-                recon.add(scan.frames[done : done + chunk], scan.positions[done : done + chunk])
-                done += chunk
-                net = recon.finish() if done >= n else recon.snapshot()
-                refiner.offer_seed(net.object, net.weight, net.origin_px)
-            own = refiner.own_residual()
-            other = refiner.residual_of(net.object, net.origin_px) if net is not None \
-                else math.inf
+
+    def show(own: float, other: float) -> None:
+        """Record what is shown now: the estimate with the lower residual (``own``: the
+        refined object's, ``other``: the network image's, both on the same frames)."""
+        nonlocal net_score
         if net is not None and not other > own:  # the live engine's RefinedSnapshot.best
             if net_score is None or net_score[0] is not net:
                 net_score = (net, score(on_truth_grid(net.object, net.origin_px,
@@ -388,11 +394,37 @@ def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128) -> dict:
                            "network_residual": other, "epochs": snap.epochs,
                            "network_frames": net.n_frames if net is not None else 0,
                            **score(obj, scan)})
+
+    for piece in slices():
+        with clock:
+            refiner.step(piece)
+            own = refiner.own_residual()
+            other = refiner.residual_of(net.object, net.origin_px) if net is not None \
+                else math.inf
+        show(own, other)  # the refined image as it stands, before the network's next chunk
         if clock.total >= budget_s:
             break
+        if done < n and retired is None:
+            with clock:
+                size = first_chunk if done == 0 else chunk
+                recon.add(scan.frames[done : done + size], scan.positions[done : done + size])
+                done += size
+                net = recon.finish() if done >= n else recon.snapshot()
+                refiner.offer_seed(net.object, net.weight, net.origin_px)
+                other = refiner.residual_of(net.object, net.origin_px)  # own is unchanged
+                if done < n:  # both estimates on the frames the network has been through
+                    own_k = refiner.own_residual(max_frames=64, first=done)
+                    net_k = refiner.residual_of(net.object, net.origin_px, max_frames=64,
+                                                first=done)
+                    if own_k < net_k:
+                        retired = {"frames": done, "t": clock.total, "refined_residual": own_k,
+                                   "network_residual": net_k, "epochs": refiner.epochs}
+            show(own, other)
     return {"points": points, "seconds": clock.total, "start": refiner.start,
             "start_residuals": dict(refiner.start_residuals),
-            "reconsiderations": refiner.reconsiderations, "chunk": chunk}
+            "reconsiderations": refiner.reconsiderations, "chunk": chunk,
+            "first_chunk": first_chunk, "network_retired": retired,
+            "network_frames": done}
 
 
 def run_hybrid_concurrent(model, scan: Scan, budget_s: float, chunk: int = 128,

@@ -183,6 +183,18 @@ def _weighings(run: dict) -> str:
         + ", ".join(f"{k} {v:.3g}" for k, v in w["residuals"].items()) + ")" for w in done)
 
 
+def _retirement(run: dict) -> str:
+    """(c) only: when the network left the core to the refiner, if it did."""
+    if "network_retired" not in run:
+        return ""
+    gone = run["network_retired"]
+    if gone is None:
+        return f"; the network went through {run.get('network_frames', '?')} frames"
+    return (f"; the network retired after {gone['frames']} frames at {gone['t']:.2f} s "
+            f"(refined residual {gone['refined_residual']:.3g}, network "
+            f"{gone['network_residual']:.3g} on those frames)")
+
+
 def quality_section() -> str:
     q = json.loads((ROOT / "bench/results/quality.json").read_text())
     metric, level = q["metric"], q["target_auc"]
@@ -235,9 +247,12 @@ def quality_section() -> str:
         "unknown (the step shrinks once the fit error settles, `PIEOptions.anneal`, the "
         "default); (b+) the same with `position_correction=True` (opt-in: each frame's probe "
         "centre refined from its own update from pass 2 on); (c) the hybrid on **one core**: "
-        "the same refiner with `start=\"auto\"` starts flat at t = 0 and, between its slices, "
-        "the network takes a chunk of 128 frames until "
-        "the scan has been through it; the first network image is weighed against the refined "
+        "the same refiner with `start=\"auto\"` starts flat at t = 0 and, after each of its "
+        "slices, the network takes a chunk of frames (32, then 128) until the scan has been "
+        "through it or the network retires (the refined object explains the frames the network "
+        "has been through better than the network's image: both Fourier residuals on those "
+        "frames, no truth; the core is then the refiner's); the first network image is "
+        "weighed against the refined "
         "state as it stands (one trial pass each of continuing, the network and its high-pass "
         "on copies, over a fixed 256-frame sample with the run's updates, probe included; a "
         "restart from a network candidate only where it has the lower Fourier residual); at "
@@ -294,7 +309,7 @@ def quality_section() -> str:
                 refined = next((p["t"] for p in pts if p.get("shown") == "refined"), None)
                 parts.append((f"repeat {k + 1}: " if len(runs) > 1 else "")
                              + f"network shown from {_secs(net)}, refined from "
-                             f"{_secs(refined)}, " + _weighings(run))
+                             f"{_secs(refined)}, " + _weighings(run) + _retirement(run))
             if parts:
                 lines.append(f"- {scan['name']} {tag}: " + "; ".join(parts) + ".")
     targets = q["targets"]

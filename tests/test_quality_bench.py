@@ -47,7 +47,16 @@ def test_quick_run_writes_curves_and_target_checks(tmp_path):
                     for key in (METRIC, "frc_auc_0.5_phase"):
                         assert _finite(p[key]) and -1 <= p[key] <= 1, (scan["name"], name, p)
         assert len(methods["rpie_flat"]["runs"][0]["points"]) >= 2
-        assert methods["hybrid"]["runs"][0]["start"] in ("flat", "network", "network_highpass")
+        hybrid = methods["hybrid"]["runs"][0]
+        assert hybrid["start"] in ("flat", "network", "network_highpass")
+        # The network in (c) either went through the scan or retired, on the residuals' word.
+        gone = hybrid["network_retired"]
+        if gone is None:
+            assert hybrid["network_frames"] >= scan["info"]["frames"] or \
+                hybrid["points"][-1]["t"] >= 0.8
+        else:
+            assert gone["refined_residual"] < gone["network_residual"]
+            assert hybrid["network_frames"] == gone["frames"] < scan["info"]["frames"]
         concurrent = methods["hybrid_concurrent"]["runs"][0]
         assert concurrent["failed"] is None
         assert {p["shown"] for p in concurrent["points"]} <= {"network", "refined"}

@@ -99,6 +99,35 @@ def test_residual_is_lower_for_the_truth_and_blind_to_the_scale(scan):
     assert unfitted > 10 * truth
 
 
+def test_residual_of_the_first_frames_judges_an_estimate_where_it_has_data(scan):
+    # An estimate made from the first k frames (the truth there, flat elsewhere): on those
+    # frames it explains the data as the truth does; over all frames it does not. The same
+    # numbers from amplitude_residual directly, on the frames residual_of samples.
+    obj, probe, pos, counts = scan
+    k = len(pos) // 3
+    partial = np.ones_like(obj)
+    for y, x in np.round(pos[:k]).astype(int):
+        lo_y, lo_x = y - SIZE // 2, x - SIZE // 2
+        partial[lo_y : lo_y + SIZE, lo_x : lo_x + SIZE] = obj[lo_y : lo_y + SIZE,
+                                                              lo_x : lo_x + SIZE]
+    refiner = StreamingRefiner(probe, object_shape=obj.shape, start="flat",
+                               options=PIEOptions(device="cpu", progress=False,
+                                                  probe_update=False))
+    refiner.add(counts, pos)
+    refiner.step(0.0, max_updates=1)  # ingest the frames (and one update of the object)
+    on_first = refiner.residual_of(partial, (0.0, 0.0), max_frames=32, first=k)
+    on_all = refiner.residual_of(partial, (0.0, 0.0), max_frames=32)
+    index = np.linspace(0, k - 1, 32).astype(np.int64)
+    direct = amplitude_residual(partial, torch.as_tensor(probe),
+                                torch.from_numpy(np.sqrt(counts[index])),
+                                torch.as_tensor(pos[index], dtype=torch.float32))
+    assert on_first == pytest.approx(direct, rel=1e-3)
+    flat = refiner.residual_of(np.ones_like(obj), (0.0, 0.0), max_frames=32, first=k)
+    assert on_first < 0.01 and flat > 10 * on_first
+    assert on_all > 1.5 * on_first  # the frames it was not made from count against it
+    assert np.isnan(refiner.residual_of(partial, (0.0, 0.0), first=0))
+
+
 def test_auto_start_rejects_a_seed_with_low_frequency_errors(scan):
     obj, probe, pos, counts = scan
     yy, xx = np.mgrid[: obj.shape[0], : obj.shape[1]]

@@ -776,24 +776,27 @@ class StreamingRefiner:
         return self._corrector.moves[: self._store.n].cpu().numpy().copy()
 
     def residual_of(self, obj: np.ndarray, origin_px: tuple[float, float],
-                    max_frames: int = 128) -> float:
+                    max_frames: int = 128, first: int | None = None) -> float:
         """Residual of another estimate (e.g. the network's stitched object) against the frames
         held, with this refiner's current probe and a fitted scale; ``nan`` before any frame.
 
         Uses at most ``max_frames`` evenly spaced frames, so it costs the same late in a scan.
+        ``first``: only among the first ``first`` frames held (e.g. those a network image was
+        made from, to compare two estimates where both have data).
         """
-        if self._store.n == 0:
+        held = self._store.n if first is None else min(int(first), self._store.n)
+        if held <= 0:
             return math.nan
-        index = torch.linspace(0, self._store.n - 1, min(max_frames, self._store.n)).long()
+        index = torch.linspace(0, held - 1, min(max_frames, held)).long()
         index = index.to(self.device)
         placed = place_on_canvas(obj, origin_px, tuple(self.obj.shape), tuple(self.origin))
         return amplitude_residual(placed, self.probe, self._store.gather(index),
                                   self._pos_t[index], fft_order=True)
 
-    def own_residual(self, max_frames: int = 128) -> float:
+    def own_residual(self, max_frames: int = 128, first: int | None = None) -> float:
         """:meth:`residual_of` the refined object itself, on the same frames (comparable)."""
         snap_obj = self.obj.cpu().numpy()
-        return self.residual_of(snap_obj, tuple(self.origin), max_frames)
+        return self.residual_of(snap_obj, tuple(self.origin), max_frames, first)
 
     @property
     def nbytes(self) -> int:
