@@ -23,6 +23,15 @@ How a run reaches Tiled exactly once:
   descriptor for) is left out and counted (``rejected``), as the RunEngine does with a
   subscriber that raises; the rest of the run still goes. A refused start or stop fails the
   pass, since the run could not be whole.
+* An event value that cannot go into its column in Tiled is made to fit before it is handed
+  over, since the writer only finds out when it flushes a batch (at the stop document at the
+  latest) and then loses the whole run: a scalar whose type changes mid-run is converted to
+  its column's type (the declared dtype, or the first value's type if that does not fit it)
+  where that loses nothing (``3`` into a float column), and is otherwise left out of that
+  event (a null in its column); an array of another shape than the column's first is replaced
+  by a fill of the column's shape (NaN, or zero for a dtype without NaN), so that rows stay
+  aligned with events. Each kind of change is logged once and listed in the run's ``notes``
+  metadata in Tiled; values lost so are counted (``values_dropped``).
 * Documents are routed to their run by ``run_start``, descriptor or resource; one of no open
   run (an event of an unknown descriptor, a late document of a stopped run) is dropped and
   counted, never put into another run. A document seen before in its run (a redelivered start
@@ -53,6 +62,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ._journal import JournalWriter, encode_document, read_headers, read_record_at
 
@@ -155,6 +166,10 @@ class SpoolStats:
         ``TiledWriter`` would leave them; each is logged once.
     max_backlog : int
         Most documents waiting for delivery at one time.
+    values_dropped : int
+        Event values that did not fit their column in Tiled (a string in a number column, an
+        array of another shape) and were left out or replaced by a fill; each kind is logged
+        once and listed in the run's ``notes`` metadata.
     """
 
     received: int = 0
@@ -169,6 +184,7 @@ class SpoolStats:
     duplicates: int = 0
     rejected: int = 0
     max_backlog: int = 0
+    values_dropped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -202,6 +218,7 @@ class _Run:
     seen: set = field(default_factory=set)  # keys of the journaled documents (duplicates)
     start_record: bytes = b""  # the journaled start, to tell a redelivery from a conflict
     rejected: int = 0  # documents the writer refused in the current pass
+    columns: _Columns = field(default_factory=lambda: _Columns())  # of the current pass
 
     @property
     def written(self) -> int:
@@ -243,6 +260,198 @@ def _doc_key(name: str, doc: dict) -> Any:
     if isinstance(key, list) and key:  # a page: its uids together
         return name, tuple(key)
     return None
+
+
+# -- event values that fit their column in Tiled ------------------------------------------
+#: The one Python type a scalar column's values are handed over as, by numpy dtype kind: a
+#: batch of ``3`` and ``3.0`` (or ``np.float32``) must give pyarrow the schema of the first.
+_PY_TYPES = {"f": float, "i": int, "u": int, "b": bool, "U": str, "S": str}
+_JSON_KINDS = {"number": "f", "integer": "i", "boolean": "b", "string": "U"}
+_KIND_NAMES = {"f": "float", "i": "integer", "u": "integer", "b": "boolean", "U": "string",
+               "S": "string"}
+#: ``fit`` returns this for a value left out of its event.
+_LEFT_OUT = object()
+
+
+def _declared_kind(spec: dict) -> str | None:
+    """The numpy dtype kind a descriptor's data key declares (None: none usable)."""
+    dtype = spec.get("dtype_numpy") or spec.get("dtype_str")
+    if isinstance(dtype, str) and dtype:
+        try:
+            kind = np.dtype(dtype).kind
+        except TypeError:
+            kind = None
+        if kind in _PY_TYPES:
+            return kind
+    return _JSON_KINDS.get(spec.get("dtype"))
+
+
+def _kind_of(value: Any) -> str | None:
+    """The kind of a scalar value as pyarrow would type it (None: not a plain scalar)."""
+    if isinstance(value, (bool, np.bool_)):
+        return "b"
+    if isinstance(value, (int, np.integer)):
+        return "i"
+    if isinstance(value, (float, np.floating)):
+        return "f"
+    if isinstance(value, (str, np.str_)):
+        return "U"
+    return None
+
+
+def _convert(value: Any, kind: str) -> Any:
+    """``value`` as the Python type of ``kind`` if no information is lost, else ``_LEFT_OUT``."""
+    have = _kind_of(value)
+    if have is None:
+        return _LEFT_OUT
+    if kind in ("U", "S"):
+        return str(value) if have == "U" else _LEFT_OUT
+    if have == "U":
+        return _LEFT_OUT  # a number parsed from text would be a guess
+    if kind == "f":
+        out = float(value)
+        # an integer above 2**53 has no exact double
+        return out if have != "i" or int(out) == int(value) else _LEFT_OUT
+    if kind in ("i", "u"):
+        if have == "f" and not (math.isfinite(value) and float(value).is_integer()):
+            return _LEFT_OUT
+        out = int(value)
+        return out if kind == "i" or out >= 0 else _LEFT_OUT
+    # kind "b": only 0 and 1 are booleans
+    return bool(value) if have == "b" or value in (0, 1) else _LEFT_OUT
+
+
+class _Columns:
+    """Makes event values fit their column in Tiled, for one pass of a run through a writer.
+
+    ``TiledWriter`` types each column by the first batch it writes (pyarrow for the table, the
+    first array for a zarr node); a later value of another type or shape fails a whole batch,
+    and the writer keeps that batch and fails again at the stop document: the run is lost. A
+    column's type is its declared dtype, or the type of its first value when that value does
+    not convert to the declared one (a mis-declared key keeps being written as before); its
+    shape is that of its first array.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, dict[str, tuple[str, str | None, bool]]] = {}
+        self.columns: dict[tuple[str, str], Any] = {}  # (stream, key) -> kind, or (shape, dtype)
+        # (stream, key, what, lossy) -> [count, first seq_num]; ``what``: what became of them
+        self.changes: dict[tuple[str, str, str, bool], list] = {}
+
+    def descriptor(self, doc: dict) -> None:
+        """Note the internal data keys of a descriptor (external ones go by reference)."""
+        keys = {}
+        for key, spec in (doc.get("data_keys") or {}).items():
+            if not isinstance(spec, dict) or "external" in spec:
+                continue
+            shape = spec.get("shape") or []
+            if None in shape:
+                continue  # ragged: the writer takes any length
+            keys[key] = (doc.get("name"), _declared_kind(spec),
+                         spec.get("dtype") == "array" or bool(shape))
+        self.keys[doc.get("uid")] = keys
+
+    def fit(self, name: str, doc: dict) -> tuple[dict, list[str]]:
+        """The event (or page) to hand over, and what changed in it that was not seen before.
+
+        Returns
+        -------
+        doc : dict
+            ``doc`` itself when every value fits; otherwise a copy with new ``data``.
+        new : list of str
+            Descriptions of the kinds of change first made in this document (to log once).
+        """
+        keys = self.keys.get(doc.get("descriptor"))
+        data = doc.get("data")
+        if not keys or not isinstance(data, dict):
+            return doc, []
+        seqs = _seq_nums(name, doc)
+        new_data, new = None, []
+        for key, (stream, declared, is_array) in keys.items():
+            if key not in data:
+                continue
+            rows = [data[key]] if name == "event" else list(data[key])
+            out = [self._fit_one(stream, key, declared, is_array, value, seq, new)
+                   for value, seq in zip(rows, seqs, strict=False)]
+            if all(a is b for a, b in zip(out, rows, strict=False)):
+                continue
+            # A value left out is a null, not a missing key: pyarrow takes a batch's columns
+            # from its first row, so a batch that starts with an event lacking the key
+            # would have no such column (and Tiled would refuse the batch).
+            out = [None if v is _LEFT_OUT else v for v in out]
+            new_data = new_data if new_data is not None else dict(data)
+            new_data[key] = out[0] if name == "event" else out
+        if new_data is None:
+            return doc, new
+        return {**doc, "data": new_data}, new
+
+    def _fit_one(self, stream: str, key: str, declared: str | None, is_array: bool,
+                 value: Any, seq: int, new: list[str]) -> Any:
+        column = self.columns.get((stream, key))
+        if is_array:
+            array = np.asarray(value)
+            if column is None:
+                if array.dtype.hasobject:
+                    return value  # nothing to hold it to
+                self.columns[(stream, key)] = column = (array.shape, array.dtype)
+            shape, dtype = column
+            if array.shape == shape:
+                return value
+            # NaN says "no value"; a dtype without NaN gets zeros (the note says where)
+            nan = dtype.kind in "fc"
+            self._note(stream, key, f"of shape {array.shape} replaced by "
+                       f"{'NaN' if nan else 'zeros'} of the column's shape {shape}", seq, new)
+            return np.full(shape, np.nan, dtype=dtype) if nan else np.zeros(shape, dtype)
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value[()]  # the same number; pyarrow refuses a 0-d array
+        if value is None:
+            if (column[0] if column else declared) == "f":
+                return math.nan  # a null first batch would make pyarrow type it as text
+            return value
+        have = _kind_of(value)
+        if column is None:
+            if have is None:
+                return value  # not a scalar pyarrow types by itself: as the writer would
+            kind = declared
+            if kind is None or _convert(value, kind) is _LEFT_OUT:
+                kind = have
+            # the first value's own type if it is of the column's kind (np.float32 stays a
+            # float32 column), else the Python type of the kind
+            self.columns[(stream, key)] = column = \
+                (kind, type(value) if _KIND_NAMES[have] == _KIND_NAMES[kind] else None)
+        kind, like = column
+        if have is not None and _KIND_NAMES[have] == _KIND_NAMES[kind]:
+            return value  # of the column's kind: handed over as it came, as before
+        out = _convert(value, kind)
+        if out is not _LEFT_OUT and like is not None:
+            out = like(out)  # the width of the column's first value (pyarrow's schema)
+            if _convert(out, kind) != _convert(value, kind):
+                out = _LEFT_OUT
+        if out is _LEFT_OUT:
+            self._note(stream, key, f"of type {type(value).__name__} left out of their events "
+                       f"(the column holds {_KIND_NAMES[kind]} values)", seq, new, lossy=True)
+        else:
+            self._note(stream, key, f"converted from {type(value).__name__} to the column's "
+                       f"{_KIND_NAMES[kind]} type", seq, new, lossy=False)
+        return out
+
+    def _note(self, stream: str, key: str, what: str, seq: int, new: list[str], *,
+              lossy: bool = True) -> None:
+        entry = self.changes.setdefault((stream, key, what, lossy), [0, seq])
+        if entry[0] == 0:
+            new.append(f"stream {stream!r}: values of {key!r} {what} (first at seq_num {seq})")
+        entry[0] += 1
+
+    @property
+    def lost(self) -> int:
+        """Values left out or replaced by a fill (not those converted without loss)."""
+        return sum(n for (*_, lossy), (n, _) in self.changes.items() if lossy)
+
+    def notes(self) -> list[str]:
+        """One line per kind of change, for the run's ``notes`` metadata in Tiled."""
+        return [f"spool: stream {stream!r}: {n} value(s) of {key!r} {what} (first at "
+                f"seq_num {seq})"
+                for (stream, key, what, _), (n, seq) in self.changes.items()]
 
 
 def _open_orphan(path: Path) -> _Run | None:
@@ -322,6 +531,7 @@ class _Delivery:
         run.writer, run.cursor, run.dirty = self.new_writer(), 0, False
         run.seqs.clear()
         run.rejected = 0
+        run.columns = _Columns()  # a fresh writer types its columns anew
         self.stats.replays += 1
 
     def deliver(self, run: _Run, upto: int, take: Callable = _nothing,
@@ -349,9 +559,14 @@ class _Delivery:
             name, doc = self.document(run, run.cursor, take)
             if name == "descriptor":  # (also when refused: its events are then left out)
                 run.streams[doc["uid"]] = doc["name"]
+                run.columns.descriptor(doc)
+            elif name in ("event", "event_page"):
+                doc = self._fit(run, name, doc)
             busy[0] = time.monotonic()
             try:
                 run.writer(name, doc)
+                if name == "stop" and run.columns.changes:
+                    self._add_notes(run)
             except Exception as exc:
                 if _transient(exc) or name in ("start", "stop"):
                     raise
@@ -368,6 +583,24 @@ class _Delivery:
                 self.stats.delivered += 1
             run.cursor += 1
             run.attempted = max(run.attempted, run.cursor)
+
+    def _fit(self, run: _Run, name: str, doc: dict) -> dict:
+        """The event (page) with its values made to fit their columns; news logged once."""
+        lost = run.columns.lost
+        doc, new = run.columns.fit(name, doc)
+        if run.cursor >= run.attempted:  # the first pass only: a replay does the same again
+            self.stats.values_dropped += run.columns.lost - lost
+            for line in new:
+                logger.warning("run %s: %s; the rest of the run goes on (listed in its notes "
+                               "in Tiled)", run.uid, line)
+        return doc
+
+    def _add_notes(self, run: _Run) -> None:
+        """List what :class:`_Columns` changed in the run's ``notes`` metadata in Tiled,
+        after the writer's own (it writes them with the stop document)."""
+        node = self.client[run.uid]
+        notes = list(node.metadata.get("notes") or []) + run.columns.notes()
+        node.update_metadata(metadata={"notes": notes}, drop_revision=True)
 
     def _reject(self, run: _Run, name: str, exc: Exception) -> None:
         run.rejected += 1
