@@ -26,6 +26,13 @@ and tables a ``TiledWriter`` appends to, and re-delivered as event-model style d
 :class:`~bluesky_ptychopinn.callbacks.LiveReconstructionPlot` consumes exactly these, so
 ``watch_derived_runs(client, LiveReconstructionPlot())`` shows each reconstruction live.
 
+The documents wait for the consumer in a bounded outbox: an event waiting to be delivered is
+replaced by a newer one of the same stream and keys (and a scan path by the run's newer one),
+so a slow consumer (a figure redrawn, a PNG written) is shown the latest state, not a backlog,
+and the watcher's memory does not grow with the length of a run. Past :data:`MAX_PENDING`
+documents the oldest waiting events and scan paths go (counted, logged once); ``start``,
+``descriptor`` and ``stop`` documents are never dropped.
+
 The server needs a streaming cache (tiled's ``streaming_cache`` setting: an in-process
 ``memory`` datastore, or Redis for several server processes). The embedded server
 (:class:`EmbeddedTiled`) has the in-process one. When a server has none, the websocket is
@@ -39,6 +46,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +79,82 @@ RAW_STREAM = "primary"
 #: Seconds a run may wait, after its run node closed, for its data nodes' last updates.
 STOP_GRACE_S = 5.0
 
+#: Documents that may wait for the consumer; beyond, the oldest events and scan paths go.
+MAX_PENDING = 256
+
 Document = tuple[str, dict]
+
+
+class _Outbox:
+    """The documents waiting for the consumer, in order, bounded (see the module docstring).
+
+    ``queue.Queue``-like (``put``, ``get``, ``get_nowait``; ``queue.Empty`` when empty) for
+    any number of producing threads and one consumer.
+
+    Parameters
+    ----------
+    max_pending : int
+        Most documents waiting; past it the oldest event or scan path is dropped.
+    """
+
+    def __init__(self, max_pending: int = MAX_PENDING) -> None:
+        if max_pending < 1:
+            raise PtychoError(f"max_pending: expected >= 1, got {max_pending!r}")
+        self.max_pending = int(max_pending)
+        self.coalesced = 0  # documents replaced by a newer one of the same key
+        self.dropped = 0  # progress documents dropped past max_pending
+        self._items: OrderedDict[Any, Document] = OrderedDict()
+        self._progress: OrderedDict[Any, None] = OrderedDict()  # keys of events, scan paths
+        self._count = 0  # unique keys of the documents that are never replaced
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def _progress_key(name: str, doc: dict) -> tuple | None:
+        """What a newer document replaces an older one by (None: never replaced)."""
+        if name == "event":
+            return name, doc.get("descriptor"), tuple(sorted(doc.get("data") or ()))
+        if name == "scan_path":
+            return name, doc.get("run_start")
+        return None
+
+    def put(self, item: Document) -> None:
+        name, doc = item
+        key = self._progress_key(name, doc)
+        with self._cond:
+            if key is not None and key in self._items:
+                self._items[key] = item  # in its place: still after its descriptor
+                self.coalesced += 1
+                return
+            if key is None:
+                self._count += 1
+                key = ("document", self._count)
+            else:
+                self._progress[key] = None
+            self._items[key] = item
+            while len(self._items) > self.max_pending and self._progress:
+                oldest, _ = self._progress.popitem(last=False)
+                del self._items[oldest]
+                self.dropped += 1
+                if self.dropped == 1:
+                    logger.warning("watch: the consumer is behind; more than %d documents "
+                                   "wait: the oldest events are dropped (start, descriptor "
+                                   "and stop documents never)", self.max_pending)
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> Document:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            key, item = self._items.popitem(last=False)
+            self._progress.pop(key, None)
+            return item
+
+    def get_nowait(self) -> Document:
+        return self.get(timeout=0)
+
+    def qsize(self) -> int:
+        with self._cond:
+            return len(self._items)
 
 
 @dataclass
@@ -198,6 +281,9 @@ class DerivedRunWatcher:
         Period of the polling mode.
     max_size : int
         Largest websocket message accepted, bytes (a batch of snapshot rows is one message).
+    max_pending : int
+        Documents that may wait for a slow consumer (:data:`MAX_PENDING`); waiting events
+        are replaced by newer ones of the same stream and keys whatever this is.
 
     Examples
     --------
@@ -208,7 +294,8 @@ class DerivedRunWatcher:
 
     def __init__(self, client, *, keys: Mapping[str, Iterable[str]] | None = None,
                  include_running: bool = True, mode: str = "auto",
-                 poll_interval_s: float = 1.0, max_size: int = 256 * 2**20) -> None:
+                 poll_interval_s: float = 1.0, max_size: int = 256 * 2**20,
+                 max_pending: int = MAX_PENDING) -> None:
         if mode not in ("auto", "websocket", "polling"):
             raise PtychoError(f"mode: expected 'auto', 'websocket' or 'polling', got {mode!r}")
         self.client = client
@@ -217,7 +304,7 @@ class DerivedRunWatcher:
         self.requested_mode, self.mode = mode, mode
         self.poll_interval_s = float(poll_interval_s)
         self.max_size = int(max_size)
-        self._out: queue.Queue[Document] = queue.Queue()
+        self._out = _Outbox(max_pending)  # bounded: a slow consumer sees the latest
         self._lock = threading.RLock()
         self._runs: dict[str, _Run] = {}
         self._subscriptions: dict[str, Any] = {}
@@ -721,7 +808,7 @@ def watch_derived_runs(client, on_document: Callable[[str, dict], Any], *, once:
         Set once subscribed (documents after that are delivered).
     **options
         Passed to :class:`DerivedRunWatcher` (``keys``, ``include_running``, ``mode``,
-        ``poll_interval_s``, ``max_size``).
+        ``poll_interval_s``, ``max_size``, ``max_pending``).
 
     Returns
     -------
