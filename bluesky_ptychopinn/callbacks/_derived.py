@@ -72,24 +72,51 @@ class RunState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _skipped_too_many(summary: dict) -> str:
+def _account_missing(summary: dict) -> None:
+    """Net the reconstruction's ``frames_missing`` of the frames this side skipped.
+
+    The reconstruction counts as ``not_received`` every event the raw stop counts and it never
+    got; those this side dropped for back-pressure are among them, and are reported as
+    ``frames_skipped``: the rest never came at all (a bus that lost them).
+    """
+    causes = dict(summary.get("frames_missing_by_cause") or {})
+    if not causes:
+        return
+    skipped = int(summary.get("frames_skipped") or 0)
+    if causes.get("not_received"):
+        causes["not_received"] = max(0, int(causes["not_received"]) - skipped)
+    causes = {k: int(v) for k, v in causes.items() if v}
+    summary["frames_missing_by_cause"] = causes
+    summary["frames_missing"] = sum(causes.values())
+
+
+def _not_done_here(summary: dict) -> str:
     """Why a run the reconstruction called a success is not one, or "".
 
-    The reconstruction's own rule (most frames reconstructed) cannot see the frames this side
-    dropped for back-pressure (``backpressure="skip"``): they never reached it. Counted with
-    them, a run of which most frames were skipped is no success.
+    The reconstruction's own rule (most frames reconstructed) cannot see the frames that never
+    reached it: those this side dropped for back-pressure (``backpressure="skip"``) and those
+    that never arrived (``frames_missing_by_cause["not_received"]``, after
+    :func:`_account_missing`). Counted with them, a run of which most frames were not
+    reconstructed is no success.
     """
     skipped = int(summary.get("frames_skipped") or 0)
-    if not skipped:
+    lost = int((summary.get("frames_missing_by_cause") or {}).get("not_received") or 0)
+    if not skipped and not lost:
         return ""
     done = int(summary.get("frames_done") or 0)
-    total = done + skipped + int(summary.get("frames_rejected") or 0) + int(
-        summary.get("frames_unpaired") or 0)
+    total = done + skipped + lost + int(summary.get("frames_rejected") or 0) + int(
+        summary.get("frames_unpaired") or 0) + int(
+        (summary.get("frames_missing_by_cause") or {}).get("no_frame") or 0)
     if done >= 0.5 * total:
         return ""
-    return (f"only {done} of {total} frames reconstructed ({skipped} skipped for back-pressure: "
-            "the reconstruction could not keep up; use backpressure='block', a larger "
-            "max_queue or a GPU)")
+    causes = []
+    if skipped:
+        causes.append(f"{skipped} skipped for back-pressure: the reconstruction could not keep "
+                      "up; use backpressure='block', a larger max_queue or a GPU")
+    if lost:
+        causes.append(f"{lost} never received: the raw run's stop counts them, they never "
+                      "reached the reconstruction")
+    return f"only {done} of {total} frames reconstructed ({'; '.join(causes)})"
 
 
 def derived_start_metadata(start: dict, md: PtychoMetadata | dict | None,
@@ -240,13 +267,14 @@ class DerivedRun:
     def _on_finished(self, payload: dict) -> None:
         self._flush()
         summary = {"frames_skipped": self.state.frames_skipped, **payload.get("summary", {})}
+        _account_missing(summary)
         with self.state.lock:
             self.state.frames_done = int(summary.get("frames_done", self.state.frames_done))
             self.state.frames_rejected = int(summary.get("frames_rejected",
                                                          self.state.frames_rejected))
         exit_status, reason = payload["exit_status"], payload.get("reason", "")
         if exit_status == "success":
-            reason = _skipped_too_many(summary)
+            reason = _not_done_here(summary)
             exit_status = "fail" if reason else exit_status
         self._close(exit_status, reason, summary)
 

@@ -91,6 +91,11 @@ class RunReconstruction(DocumentRouter):
         self.failed: str | None = None
         self.finished = False
         self.frames_done = self.frames_rejected = 0
+        # Frames that never reached this side, for the stop (see missing_by_cause): the
+        # image streams' seq_nums seen, against the raw stop's num_events.
+        self._image_streams: dict[str, str] = {}  # descriptor uid -> stream name
+        self._seen: dict[str, set[int]] = {}  # stream name -> seq_nums of its events here
+        self.missing_by_cause: dict[str, int] = {}
         self.since_snapshot = 0  # frames since the last snapshot message
         self.snapshot: Snapshot | None = None
         self.sent_refined: RefinedSnapshot | None = None
@@ -131,7 +136,8 @@ class RunReconstruction(DocumentRouter):
         self.send("opened", {"metadata": metadata})
 
     def descriptor(self, doc: dict) -> None:
-        self.pairer.descriptor(doc)
+        if self.pairer.descriptor(doc):
+            self._image_streams[doc["uid"]] = doc.get("name", "primary")
 
     def resource(self, doc: dict) -> None:
         self.pairer.resource(doc)
@@ -148,6 +154,9 @@ class RunReconstruction(DocumentRouter):
         self._drain(final=False)
 
     def event(self, doc: dict) -> None:
+        stream = self._image_streams.get(doc["descriptor"])
+        if stream is not None:
+            self._seen.setdefault(stream, set()).add(int(doc["seq_num"]))
         self.pairer.event(doc)
         self._drain(final=False)
 
@@ -201,6 +210,10 @@ class RunReconstruction(DocumentRouter):
             logger.warning("run %s: %d frame(s) referenced but never in their file",
                            self.raw_uid, missing)
         self.pairer.close()
+        self.missing_by_cause = self._missing(doc)
+        if self.missing_by_cause:
+            logger.warning("run %s: frames that never came: %s", self.raw_uid,
+                           self.missing_by_cause)
         unpaired = self.pairer.unpaired
         if unpaired:
             logger.warning("run %s: %d frame(s) without a position or image at stop",
@@ -217,6 +230,27 @@ class RunReconstruction(DocumentRouter):
                                "summary": self.summary()})
         self.finished = True
 
+    def _missing(self, stop: dict) -> dict[str, int]:
+        """Frames of the raw run that never came here, by cause.
+
+        ``not_received``: events the raw stop's ``num_events`` counts in the image streams
+        that never arrived (a bus that lost or expired them; on the RunEngine side, those
+        dropped for back-pressure, which :class:`~._derived.DerivedRun` reports as skipped
+        instead). ``no_frame``: events that came without their frame, which never followed
+        (a worker's Tiled never served it, a legacy Datum never came). Unknown (not counted)
+        where the stop has no ``num_events`` for a stream.
+        """
+        counts = stop.get("num_events") or {}
+        not_received = 0
+        for stream in set(self._image_streams.values()):
+            expected = counts.get(stream)
+            if isinstance(expected, (int, float)):
+                not_received += max(0, int(expected) - len(self._seen.get(stream, ())))
+        pairer = self.pairer
+        no_frame = len(set(pairer.positions) - set(pairer.frames) - set(pairer.pending_refs))
+        causes = {"not_received": not_received, "no_frame": no_frame}
+        return {k: v for k, v in causes.items() if v}
+
     @property
     def rejected(self) -> dict[str, int]:
         """Frames not reconstructed, by cause (pairing, frame content, positions)."""
@@ -226,10 +260,15 @@ class RunReconstruction(DocumentRouter):
         return {k: v for k, v in causes.items() if v}
 
     def _not_done(self) -> str:
-        """Why the run must not be called a success, or "" (most frames reconstructed)."""
+        """Why the run must not be called a success, or "" (most frames reconstructed).
+
+        Events that never came (``missing_by_cause["not_received"]``) are not counted here:
+        only the RunEngine side can tell them from those it skipped for back-pressure."""
         rejected = self.rejected
         total = self.frames_done + sum(rejected.values()) + self.pairer.unpaired
-        causes = ", ".join(f"{v} {k}" for k, v in sorted(rejected.items()))
+        no_frame = self.missing_by_cause.get("no_frame", 0)
+        causes = ", ".join([f"{v} {k}" for k, v in sorted(rejected.items())]
+                           + ([f"{no_frame} whose frame never came"] if no_frame else []))
         if self.frames_done == 0:
             pairer = self.pairer
             if not pairer.descriptors and pairer.other_rows:
@@ -498,7 +537,10 @@ class RunReconstruction(DocumentRouter):
             "frames_rejected_by_cause": self.rejected,
             "masked_detector_pixels": self.sanitizer.summary()["masked_detector_pixels"],
             "negative_pixels_clipped": self.sanitizer.clipped_pixels,
-            "frames_unpaired": self.pairer.unpaired,
+            # events whose frame never came are frames_missing, not unpaired
+            "frames_unpaired": self.pairer.unpaired - self.missing_by_cause.get("no_frame", 0),
+            "frames_missing": sum(self.missing_by_cause.values()),
+            "frames_missing_by_cause": dict(self.missing_by_cause),
             "frames_repeated": self.pairer.repeated,
             "seconds": time.time() - self.started_at,
         }

@@ -123,7 +123,9 @@ class TiledFrames:
         The catalog the beamline writes raw runs to.
     timeout_s : float
         After the stop document, how long to wait for frames to appear in Tiled; events still
-        without a frame then go on without one (their points are not reconstructed; logged).
+        without a frame then go on without one (their points are not reconstructed; logged,
+        counted in :attr:`frames_missing`, and the reconstruction reports them in the derived
+        run's stop as ``frames_missing``, cause ``no_frame``).
     poll_s : float
         Tiled is asked how many frames it serves at most this often (a look costs one HTTP
         request; the beamline's writer adds frames in batches).
