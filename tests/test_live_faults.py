@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -147,3 +148,24 @@ def test_waiting_for_a_run_without_ptycho_metadata_says_why():
     finally:
         live.close()
     assert not stops  # no derived run for a run that is not a ptycho scan
+
+
+def test_close_says_whether_the_derived_documents_were_delivered():
+    """close() within its one timeout, and True only when the subscribers have everything."""
+    live, stops = _live()
+    uid, docs = _run(8)
+    for doc in docs:
+        live(*doc)
+    live.wait(uid, timeout=60)
+    assert live.close(timeout=30) is True
+    assert stops[-1]["exit_status"] == "success", stops[-1]
+
+    stuck, release = _live()[0], threading.Event()
+    stuck.subscribe(lambda name, doc: release.wait(20) if name == "stop" else None)
+    uid, docs = _run(8)
+    for doc in docs:
+        stuck(*doc)
+    t0 = time.monotonic()
+    assert stuck.close(timeout=2) is False  # the stop is stuck with a subscriber: said so
+    assert time.monotonic() - t0 < 6  # one timeout for all of it, not one per stage
+    release.set()

@@ -268,3 +268,60 @@ def test_a_journaled_document_the_writer_refuses_costs_only_that_document(client
     assert _stop(client, _uid(b))["uid"] == b[-1][1]["uid"]
     assert writer.stats.rejected == 1 and writer.stats.runs_done == 1
     writer.close()
+
+
+# -- 8: a server error that is no outage --------------------------------------------------
+class _ServerRefuses(TiledWriter):
+    """A TiledWriter whose server answers ``status`` to the 5th event of a run, every time: what a
+    document Tiled cannot store looks like from the client (the rest goes to the real server)."""
+
+    status = 500
+
+    def __call__(self, name, doc):
+        if name == "event" and doc["seq_num"] == 5:  # only the 5-event run has one
+            import httpx
+
+            request = httpx.Request("PUT", str(self.client.context.api_uri))
+            response = httpx.Response(self.status, request=request)
+            raise httpx.HTTPStatusError(f"{self.status} from the server", request=request,
+                                        response=response)
+        return super().__call__(name, doc)
+
+
+def test_a_server_error_from_a_healthy_server_fails_the_run_instead_of_looping(
+        client, tmp_path):
+    """A 500 while ``/healthz`` answers is this run's fault, not an outage: the run fails
+    after its tries (journal kept), ``flush`` returns instead of waiting for ever, and the
+    next run is delivered. Before, it was retried as an outage with no end."""
+    writer = SpooledWriter(_ServerRefuses(client, batch_size=1), spool_dir=tmp_path,
+                           label="raw", probe_interval_s=0.2, **ANY_DISK)
+    bad, good = _count(5), _count(3)
+    for name, doc in bad:
+        writer(name, doc)
+    assert writer.flush(60) is False  # done trying, and says it failed
+    runs = {r["uid"]: r for r in writer.status()["runs"]}
+    assert runs[_uid(bad)]["failed"] and writer.stats.outages == 0
+    assert list((tmp_path / "raw").glob(f"{_uid(bad)}*"))  # its journal stays
+    for name, doc in good:
+        writer(name, doc)
+    deadline = time.monotonic() + 30
+    while _stop(client, _uid(good)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _seq(client, _uid(good)) == [1, 2, 3]
+    writer.close()
+
+
+def test_a_503_is_still_an_outage(client, tmp_path):
+    """An overloaded or restarting server (503) is waited out, not counted against the run."""
+    class _Busy(_ServerRefuses):
+        status = 503
+
+    writer = SpooledWriter(_Busy(client, batch_size=1), spool_dir=tmp_path, label="raw",
+                           probe_interval_s=0.2, **ANY_DISK)
+    bad = _count(5)
+    for name, doc in bad:
+        writer(name, doc)
+    assert writer.flush(2) is False  # still waiting, not failed
+    assert writer.stats.outages >= 1
+    assert not any(r["failed"] for r in writer.status()["runs"])
+    assert writer.close(timeout=0) is False  # its journal stays for a later flush

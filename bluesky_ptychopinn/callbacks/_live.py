@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -397,15 +398,29 @@ class LiveReconstruction:
         """Process id of the reconstruction process (``None`` with ``isolation="thread"``)."""
         return self._transport.pid
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self, timeout: float = 10.0) -> bool:
         """Stop the reconstruction after it has finished the runs whose stop document it
-        holds; runs still open then (no stop document yet, or not finished within
-        ``timeout`` seconds) are closed with ``"fail"``. Derived documents already emitted are
-        delivered to the subscribers before this returns."""
+        holds; runs still open then (no stop document yet, or not finished in time) are
+        closed with ``"fail"``.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds for all of it: finishing the runs, then delivering the derived documents
+            to the subscribers (which get at least 0.5 s of it).
+
+        Returns
+        -------
+        bool
+            True when every derived document was delivered before this returned; False when
+            a slow or stuck subscriber made the time run out: the rest are still delivered, in
+            order, by the emitter's thread (and said in the log).
+        """
+        deadline = time.monotonic() + timeout
         self._transport.close(timeout)
         self._lost(list(self._derived), "the live reconstruction was closed before the run "
                                         "finished")
-        self._emitter.close(timeout)
+        return self._emitter.close(max(0.5, deadline - time.monotonic()))
 
     def __enter__(self) -> LiveReconstruction:
         return self

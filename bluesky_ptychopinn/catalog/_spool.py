@@ -1029,7 +1029,7 @@ class SpooledWriter:
             return True
         except Exception as exc:
             run.dirty = True
-            if not _transient(exc):
+            if not _transient(exc) or self._refused_by_healthy_server(exc):
                 run.failures += 1
                 logger.exception("spool %s: run %s failed in Tiled (%d of %d tries)",
                                  self.label, run.uid, run.failures,
@@ -1041,6 +1041,20 @@ class SpooledWriter:
                                "%s until it answers", self.label, exc, self.directory)
             self._down = True
             return False
+
+    def _refused_by_healthy_server(self, exc: BaseException) -> bool:
+        """A 500 from a server whose ``/healthz`` answers: this run, not an outage.
+
+        A deterministic server error (a document the server cannot store) would otherwise be
+        retried as an outage for ever: the run never counted as failed and ``flush`` never
+        done. 502-504 and 429 stay outages (a proxy, an overloaded or restarting server).
+        """
+        import httpx
+
+        if not (isinstance(exc, httpx.HTTPStatusError)
+                and exc.response.status_code in (500, 501, 505)):
+            return False
+        return tiled_answers(self._delivery.client)
 
     def _delivered(self, run: _Run) -> None:
         with self._cond:
