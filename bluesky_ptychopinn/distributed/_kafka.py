@@ -283,6 +283,10 @@ class KafkaPublisher(PublisherHandle):
         self._runs = _RunSubjects()
         self._lock = threading.Lock()
         self._stats = PublisherStats()
+        # Documents librdkafka took and has not yet reported on. Counted here because
+        # ``len(producer)`` also counts protocol requests (the idempotent producer's
+        # InitProducerId while no broker answers), which are not documents.
+        self._unreported = 0
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._serve_reports, name="kafka-publisher",
                                         daemon=True)
@@ -298,11 +302,15 @@ class KafkaPublisher(PublisherHandle):
         payload = encode(name, doc)
         if name == "stop":
             self._runs.forget(run)
+        with self._lock:  # before produce: the report may come first, from the poll thread
+            self._unreported += 1
         try:
             self._producer.produce(self.topic, value=payload, key=run.encode(),
                                    headers=[("name", name.encode())],
                                    on_delivery=self._delivered)
         except BufferError:
+            with self._lock:
+                self._unreported -= 1
             self._count_dropped()
             dropped = self._stats.dropped
             if dropped == 1 or dropped % 1000 == 0:
@@ -311,6 +319,7 @@ class KafkaPublisher(PublisherHandle):
 
     def _delivered(self, err, msg) -> None:
         with self._lock:
+            self._unreported -= 1
             if err is None:
                 self._stats.published += 1
             else:  # a permanent error (too large, not authorised): lost to the bus
@@ -332,7 +341,7 @@ class KafkaPublisher(PublisherHandle):
         retries are recognised by the brokers without telling)."""
         with self._lock:
             stats = PublisherStats(**self._stats.__dict__)
-        stats.buffered = len(self._producer)
+            stats.buffered = self._unreported
         stats.connected, stats.reconnects = self._state.connected, self._state.reconnects
         return stats
 
