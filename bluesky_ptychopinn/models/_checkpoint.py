@@ -154,7 +154,15 @@ def _parse_card(path: Path, directory: str | Path, text: str | None = None) -> d
         if not path.is_file():
             raise CheckpointError(f"{directory}: no {CONFIG_NAME}; not a bluesky-ptychopinn "
                                   "model")
-        text = path.read_text()
+        # Read bytes and decode here: a card damaged on disk (not UTF-8) or unreadable is a
+        # corrupt checkpoint like any other, not a UnicodeDecodeError or OSError for callers.
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason} at byte "
+                                  f"{exc.start}); the card is corrupt") from exc
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
     try:
         card = json.loads(text)
     except json.JSONDecodeError as exc:

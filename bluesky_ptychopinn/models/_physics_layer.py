@@ -30,7 +30,10 @@ def merge_overlapping_patches(patches: torch.Tensor, offsets: torch.Tensor) -> t
     """Make the C patches of each group agree where their illuminations overlap.
 
     Each group's patches are placed on a shared canvas at their sub-pixel offsets (relative to
-    the group centroid), averaged with :func:`merge_window` weights, then cut out again.
+    the group centroid, the whole group shifted by under a pixel so that its first member sits
+    on whole canvas pixels), averaged with :func:`merge_window` weights, then cut out again.
+    Patches cut from one object at positions a whole number of pixels apart come back
+    unchanged; other members are interpolated (bilinearly) once in and once out.
 
     Parameters
     ----------
@@ -51,11 +54,22 @@ def merge_overlapping_patches(patches: torch.Tensor, offsets: torch.Tensor) -> t
     side = n + 2 * reach + 4
     # All groups share one tall canvas, group k occupying rows [k * side, (k + 1) * side): one
     # scatter and one gather for the whole batch.
+    dtype = patches.real.dtype
     base = torch.stack(
-        [torch.arange(b, device=patches.device) * side + side / 2,
-         torch.full((b,), side / 2, device=patches.device)], dim=1,
+        [torch.arange(b, device=patches.device, dtype=dtype) * side + side // 2,
+         torch.full((b,), side // 2, device=patches.device, dtype=dtype)], dim=1,
     )
-    positions = (base[:, None, :] + offsets.to(base.dtype)).reshape(b * c, 2)
+    # Shift each group by a constant under a pixel so that its first member's patch starts on a
+    # whole canvas pixel (base is whole, so the fraction is that of the offset alone, computed
+    # on small numbers). Relative offsets are kept, and members a whole number of pixels from
+    # the first one (every whole-pixel raster) are scattered and cut out again without
+    # interpolation: the merge of consistent patches is then the identity. Centring the
+    # centroid instead puts them at its fraction (.5 for an odd step), where the bilinear
+    # scatter and re-extraction blur them.
+    offsets = offsets.to(dtype)
+    first = offsets[:, :1, :] - n / 2
+    offsets = offsets - (first - torch.floor(first))
+    positions = (base[:, None, :] + offsets).reshape(b * c, 2)
     window = merge_window(n, device=patches.device).to(patches.real.dtype)
     flat = patches.reshape(b * c, n, n)
     numerator = scatter_patches(flat * window, positions, (b * side, side))
@@ -72,14 +86,24 @@ def poisson_nll(
     ``mean(lambda - k log lambda - (k - k log k))`` over valid pixels, divided by the batch's mean
     count so the loss is comparable across photon levels. The subtracted term depends on the
     data only, so the gradient is the Poisson NLL's.
+
+    Masked pixels (``mask`` False) never enter the loss, whatever they hold: they are replaced
+    by 0 before any arithmetic (a product with the mask would turn a masked NaN into a NaN loss,
+    and a NaN gradient), and they count as 0 in the mean count, whose divisor is the number of
+    pixels, masked or not, so the scale is that of data whose masked pixels were zeroed.
     """
     rate = predicted.clamp_min(1e-8)
+    if mask is not None:
+        valid = mask.bool()
+        zero = torch.zeros((), dtype=counts.dtype, device=counts.device)
+        counts = torch.where(valid, counts, zero)
+        # The rate too: a masked rate's gradient must be 0, not 0 * NaN.
+        rate = torch.where(valid, rate, torch.ones((), dtype=rate.dtype, device=rate.device))
     saturated = counts - torch.xlogy(counts, counts)
     nll = rate - counts * torch.log(rate) - saturated
     if mask is not None:
-        valid = mask.to(nll.dtype)
-        nll = nll * valid
-        denominator = valid.sum() * (nll.numel() / mask.numel())
+        nll = torch.where(valid, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
+        denominator = valid.sum() * (nll.numel() / valid.numel())
     else:
         denominator = torch.tensor(float(nll.numel()), device=nll.device)
     mean_count = counts.mean().clamp_min(1e-8)

@@ -62,7 +62,8 @@ class ModelRegistry:
                     continue
                 try:
                     card = read_model_card(directory)
-                except CheckpointError as exc:
+                except (CheckpointError, OSError) as exc:
+                    # One corrupt or unreadable card must not hide every other model.
                     card = {"error": str(exc)}
                 seen[directory.name] = {"name": directory.name, "path": str(directory), **card}
         return list(seen.values())

@@ -95,9 +95,10 @@ def resample_probe(probe, size: int):
     if tensor.shape[-1] != tensor.shape[-2] or size < 2:
         raise InvalidInputError(f"probe: cannot resample shape {tuple(tensor.shape)} to {size}")
     # far_field assumes the array origin at index 0; the probe is centred at N//2, so shift it
-    # there first to keep the spectrum free of a linear phase, then shift back.
-    n = tensor.shape[-1]
-    centred = torch.fft.ifftshift(tensor, dim=(-2, -1)) if n % 2 == 0 else tensor
+    # there first to keep the spectrum free of a linear phase, then shift back. ifftshift moves
+    # index N//2 to 0 for odd N as well as even (it is the inverse of the final fftshift, which
+    # puts index 0 at size//2), so it is applied for both parities.
+    centred = torch.fft.ifftshift(tensor, dim=(-2, -1))
     spectrum = far_field(centred)
     spectrum = _center_crop_or_pad(spectrum, size)
     out = back_propagate(spectrum)

@@ -36,6 +36,20 @@ def _check_step(step: float) -> float:
     return float(step)
 
 
+#: Most points a scan pattern makes. Far above any real scan; what exceeds it is extent and step
+#: in different units (pixels and metres), refused before it allocates gigabytes.
+MAX_SCAN_POINTS = 10**7
+
+
+def _check_count(n_points: float, extent, step: float) -> None:
+    """Refuse a scan of more than :data:`MAX_SCAN_POINTS` points before making it."""
+    if not n_points <= MAX_SCAN_POINTS:  # also catches an infinite count
+        raise InvalidInputError(
+            f"extent {tuple(float(v) for v in np.broadcast_to(extent, (2,)))} with step "
+            f"{step!r} gives about {n_points:.3g} scan points (at most {MAX_SCAN_POINTS:.0e}); "
+            "are extent and step in the same units (both metres or both pixels)?")
+
+
 def step_from_overlap(probe_diameter: float, overlap: float) -> float:
     """Step giving a linear overlap ratio between neighbouring probes: d (1 - overlap).
 
@@ -55,6 +69,7 @@ def raster_scan(extent, step: float) -> np.ndarray:
     """Rectangular grid covering ``extent`` = (height, width), row by row (snake-free)."""
     height, width = _extent(extent)
     step = _check_step(step)
+    _check_count((height / step + 1) * (width / step + 1), extent, step)
     ny = int(math.floor(height / step + 1e-9)) + 1
     nx = int(math.floor(width / step + 1e-9)) + 1
     ys = (np.arange(ny) - (ny - 1) / 2) * step
@@ -85,6 +100,7 @@ def fermat_spiral_scan(extent, step: float) -> np.ndarray:
     step = _check_step(step)
     radius = max(height, width) / 2
     c = step / math.sqrt(math.pi)
+    _check_count((radius / c) ** 2 + 1, extent, step)
     n = int(math.floor((radius / c) ** 2)) + 1
     k = np.arange(n)
     r = c * np.sqrt(k)
@@ -103,7 +119,10 @@ def concentric_circles_scan(extent, step: float, *, n_first: int = 6) -> np.ndar
     step = _check_step(step)
     radius = max(height, width) / 2
     points = [np.zeros((1, 2))]
-    n_rings = int(math.floor(radius / step + 1e-9))
+    rings = radius / step
+    # Ring k holds max(n_first k, 2 pi k) points (rounded): about that times R (R + 1) / 2.
+    _check_count(1 + max(n_first, 2 * math.pi) * rings * (rings + 1) / 2, extent, step)
+    n_rings = int(math.floor(rings + 1e-9))
     for ring in range(1, n_rings + 1):
         r = ring * step
         n = max(n_first * ring, int(round(2 * math.pi * r / step)))

@@ -17,6 +17,7 @@ from ..physics import (
     resample_probe,
     rescale_positions,
 )
+from ..physics._tensors import as_probe_modes
 from ._grouping import group_offsets, group_quadrants, group_random
 
 __all__ = ["TrainingExperiment", "GroupedSamples", "photon_scale", "GROUPINGS"]
@@ -46,17 +47,27 @@ class TrainingExperiment:
     Attributes
     ----------
     counts : torch.Tensor
-        (n, N, N) float32 photon counts.
+        (n, N, N) float32 photon counts, n >= 1 (a numpy array is converted). Masked pixels
+        are set to 0 here, so whatever they held (NaN, a detector flag value) never reaches the
+        network input, the input scale or a loss; valid pixels must be finite and >= 0.
     positions : numpy.ndarray
-        (n, 2) probe centres in object pixels.
+        (n, 2) finite probe centres in object pixels.
     probe : torch.Tensor
-        (M, N, N) complex64, sum |P|^2 = 1.
+        (M, N, N) complex64, sum |P|^2 = 1. A bare (N, N) probe is one mode and is stored as
+        (1, N, N).
     mask : torch.Tensor or None
         (N, N) bool valid pixels.
     name, probe_name : str
         Labels (the probe name routes samples of several experiments to the right probe).
     truth : numpy.ndarray or None
         True object (for supervised training and evaluation).
+
+    Raises
+    ------
+    InvalidInputError
+        On construction, for wrongly shaped inputs, no frames, a mask without valid pixels,
+        negative or non-finite counts on valid pixels, non-finite positions, or frames that
+        are all zero on the valid pixels.
     """
 
     counts: torch.Tensor
@@ -70,20 +81,84 @@ class TrainingExperiment:
     input_scale: float = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.counts.ndim != 3 or self.counts.shape[-1] != self.counts.shape[-2]:
-            raise InvalidInputError(f"counts: expected (n, N, N), got {tuple(self.counts.shape)}")
-        if self.probe.shape[-1] != self.counts.shape[-1]:
+        # Readers return numpy arrays; the rest of training works on tensors.
+        counts = torch.as_tensor(self.counts)
+        if counts.ndim != 3 or counts.shape[-1] != counts.shape[-2]:
+            raise InvalidInputError(f"counts: expected (n, N, N), got {tuple(counts.shape)}")
+        if counts.shape[0] == 0:
+            raise InvalidInputError("counts: the experiment has no frames (n = 0)")
+        if counts.is_complex() or counts.dtype == torch.bool:
+            raise InvalidInputError(f"counts: expected real photon counts, got {counts.dtype}")
+        counts = counts.to(torch.float32)
+        n_frames, n = counts.shape[0], counts.shape[-1]
+        self.probe = self._checked_probe(self.probe, n)
+        self.positions = self._checked_positions(self.positions, n_frames)
+        if self.mask is None:
+            valid = torch.ones(n, n, dtype=torch.bool)
+        else:
+            self.mask = torch.as_tensor(self.mask).bool()
+            if tuple(self.mask.shape) != (n, n):
+                raise InvalidInputError(
+                    f"mask: expected ({n}, {n}) like the frames, got {tuple(self.mask.shape)}")
+            valid = self.mask
+        if not bool(valid.any()):
+            raise InvalidInputError("mask: no valid pixel (True = valid)")
+        on_valid = counts.flatten(1) if self.mask is None else counts[:, valid]
+        bad = ~torch.isfinite(on_valid) | (on_valid < 0)
+        if bool(bad.any()):
+            frames = torch.nonzero(bad.any(dim=1)).flatten()
             raise InvalidInputError(
-                f"probe: {tuple(self.probe.shape)} does not match frames "
-                f"{tuple(self.counts.shape[-2:])}; resample it (physics.resample_probe)"
-            )
-        if len(self.positions) != len(self.counts):
+                f"counts: {int(bad.sum())} valid pixels in {len(frames)} frames (first: frame "
+                f"{int(frames[0])}) are negative or not finite; mask them (mask False) or "
+                "repair the frames")
+        # Masked pixels hold anything (NaN, a detector's 2**32 - 1 flag): zero them once here so
+        # they never reach the network input, the input scale or a loss. torch.where, not a
+        # product, because NaN * 0 is NaN.
+        if not bool(valid.all()):
+            counts = torch.where(valid, counts, torch.zeros((), dtype=counts.dtype))
+        self.counts = counts
+        mean_total = float(self.counts.flatten(1).sum(1).mean())
+        if not mean_total > 0:
             raise InvalidInputError(
-                f"positions: {len(self.positions)} for {len(self.counts)} frames"
-            )
+                "counts: every frame is zero on the valid pixels (a closed shutter or a dark "
+                "run?); nothing to train on")
         self.photons = photon_scale(self.counts, self.probe, self.mask)
-        n_pixels = self.counts.shape[-1] ** 2
-        self.input_scale = math.sqrt(n_pixels / float(self.counts.flatten(1).sum(1).mean()))
+        self.input_scale = math.sqrt(n * n / mean_total)
+
+    @staticmethod
+    def _checked_probe(probe, n: int) -> torch.Tensor:
+        """The probe as complex (M, N, N): a bare (N, N) is one mode (CONVENTIONS.md)."""
+        probe = torch.as_tensor(probe)
+        if not (probe.is_complex() or probe.is_floating_point()):
+            raise InvalidInputError(f"probe: expected a complex array, got {probe.dtype}")
+        probe = as_probe_modes(probe.to(torch.complex64))
+        if probe.ndim != 3:
+            raise InvalidInputError(
+                f"probe: expected (N, N) or (M, N, N), got {tuple(probe.shape)}")
+        if probe.shape[-1] != n:
+            raise InvalidInputError(
+                f"probe: {tuple(probe.shape)} does not match frames ({n}, {n}); resample it "
+                "(physics.resample_probe)"
+            )
+        return probe
+
+    @staticmethod
+    def _checked_positions(positions, n_frames: int) -> np.ndarray:
+        """Finite (n, 2) float64 probe centres, one per frame."""
+        try:
+            array = np.asarray(positions, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"positions: not an (n, 2) array of numbers ({exc})") from None
+        if array.ndim != 2 or array.shape[1] != 2:
+            raise InvalidInputError(f"positions: expected (n, 2) (y, x), got {array.shape}")
+        if len(array) != n_frames:
+            raise InvalidInputError(f"positions: {len(array)} for {n_frames} frames")
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            raise InvalidInputError(
+                f"positions: {int((~finite).sum())} not finite (first: frame "
+                f"{int(np.flatnonzero(~finite)[0])})")
+        return array
 
     @classmethod
     def from_dataset(cls, ds, frame_size: int | None = None, *, name: str | None = None,
@@ -189,7 +264,8 @@ class GroupedSamples(torch.utils.data.Dataset):
         # Probes padded with zero modes to a common M: a zero mode adds no intensity.
         self.probes = torch.zeros(len(self.experiments), max_modes, n, n, dtype=torch.complex64)
         for e, exp in enumerate(self.experiments):
-            self.probes[e, : exp.probe.shape[0]] = exp.probe.to(torch.complex64)
+            modes = exp.probe.reshape(-1, n, n)  # (M, N, N) since TrainingExperiment's check
+            self.probes[e, : modes.shape[0]] = modes.to(torch.complex64)
         self.masks = torch.stack([
             exp.mask.bool() if exp.mask is not None else torch.ones(n, n, dtype=torch.bool)
             for exp in self.experiments

@@ -114,9 +114,22 @@ def _lr_factor(epoch: int, config: TrainConfig, total: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _save_state(path: Path, model, optimizer, epoch: int, history, best_val) -> None:
-    """Resumable state in safetensors (tensors) + JSON (scalars): no pickle."""
+BEST_WEIGHTS = "best.safetensors"
+
+
+def _save_state(path: Path, model, optimizer, epoch: int, history, best_val,
+                best_state: dict | None = None) -> None:
+    """Resumable state in safetensors (tensors) + JSON (scalars): no pickle.
+
+    ``epoch`` is the next epoch to run. The best validation weights go to their own file so
+    that a resumed run can still return them; every file is replaced atomically (written to a
+    temporary file, then ``os.replace``), the JSON last, so a crash leaves the previous JSON.
+    """
     path.mkdir(parents=True, exist_ok=True)
+    if best_state is not None:
+        tmp = path / (BEST_WEIGHTS + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in best_state.items()}, str(tmp))
+        os.replace(tmp, path / BEST_WEIGHTS)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for pid, state in opt["state"].items():
@@ -127,10 +140,12 @@ def _save_state(path: Path, model, optimizer, epoch: int, history, best_val) -> 
     os.replace(tmp, path / "trainer_state.safetensors")
     meta = {"epoch": epoch, "history": history, "best_val": best_val,
             "param_groups": opt["param_groups"]}
-    (path / "trainer_state.json").write_text(json.dumps(meta, default=float))
+    tmp = path / "trainer_state.json.tmp"
+    tmp.write_text(json.dumps(meta, default=float))
+    os.replace(tmp, path / "trainer_state.json")
 
 
-def _load_state(path: Path, model, optimizer) -> tuple[int, list, float]:
+def _load_state(path: Path, model, optimizer) -> tuple[int, list, float, dict | None]:
     tensors = load_file(str(path / "trainer_state.safetensors"))
     meta = json.loads((path / "trainer_state.json").read_text())
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -140,7 +155,12 @@ def _load_state(path: Path, model, optimizer) -> tuple[int, list, float]:
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["epoch"]), list(meta["history"]), float(meta["best_val"])
+    best = path / BEST_WEIGHTS
+    best_state = load_file(str(best)) if best.is_file() else None
+    if best_state is None and math.isfinite(float(meta["best_val"])):
+        logger.warning("%s: no %s (saved by an older version); a resumed run returns its "
+                       "own best or last weights", path, BEST_WEIGHTS)
+    return int(meta["epoch"]), list(meta["history"]), float(meta["best_val"]), best_state
 
 
 def train(
@@ -204,7 +224,7 @@ def train(
     start_epoch, history, best_val = 0, [], math.inf
     best_state = None
     if ckpt is not None and (ckpt / "trainer_state.json").is_file():
-        start_epoch, history, best_val = _load_state(ckpt, model, optimizer)
+        start_epoch, history, best_val, best_state = _load_state(ckpt, model, optimizer)
         logger.info("resumed from %s at epoch %d", ckpt, start_epoch)
 
     total_epochs = config.epochs + config.finetune_epochs
@@ -234,7 +254,8 @@ def train(
     patterns, busy = 0, 0.0
     bad_epochs = 0
     with progress:
-        for epoch in range(start_epoch, total_epochs):
+        epoch = start_epoch
+        while epoch < total_epochs:
             finetune = epoch >= config.epochs
             for p in model.encoder.parameters():
                 p.requires_grad_(not finetune)
@@ -284,17 +305,26 @@ def train(
                       f"{record['patterns_per_s']:.0f} patt/s")
             progress.epoch(epoch + 1, total_epochs, status)
             monitored = val if n_val else record["loss"]
-            if monitored < best_val:
+            improved = monitored < best_val
+            if improved:
                 best_val, bad_epochs = monitored, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad_epochs += 1
-            if ckpt is not None and rank == 0:
-                _save_state(ckpt, model, optimizer, epoch + 1, history, best_val)
+            next_epoch = epoch + 1
             if config.patience and bad_epochs >= config.patience and not finetune:
+                # Early stopping ends the main phase only: fine-tuning (if any) still runs, from
+                # the best weights. The checkpoint records the jump, so a resume does not train
+                # the skipped main epochs.
                 logger.info("early stopping at epoch %d", epoch + 1)
-                if config.finetune_epochs == 0:
-                    break
+                next_epoch = config.epochs
+                if config.finetune_epochs and best_state is not None and n_val:
+                    model.load_state_dict(best_state)
+            if ckpt is not None and rank == 0:
+                # The best weights are written only when they change (a file per improvement).
+                _save_state(ckpt, model, optimizer, next_epoch, history, best_val,
+                            best_state if improved else None)
+            epoch = next_epoch
     if best_state is not None and n_val:
         model.load_state_dict(best_state)
     if writer is not None:
