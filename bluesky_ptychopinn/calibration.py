@@ -403,12 +403,63 @@ def _initial_probe(frames: np.ndarray, probe_guess: Any, n_modes: int) -> np.nda
     return (guess / np.sqrt(power)).astype(np.complex64)
 
 
+def _valid_frames(frames: np.ndarray, mask: Any) -> np.ndarray:
+    """The frames with masked pixels set to 0, once valid pixels are known to be finite.
+
+    Masked pixels may hold detector flags (NaN, 2**32 - 1): they must neither block the default
+    probe guess (the mean pattern) nor enter it, and the reconstruction ignores them anyway.
+
+    Raises
+    ------
+    InvalidInputError
+        A mask of the wrong shape, non-finite values on valid pixels, or no photons at all.
+    """
+    size = frames.shape[-1]
+    if mask is not None:
+        valid = np.asarray(mask, dtype=bool)
+        if valid.shape != (size, size):
+            raise InvalidInputError(f"mask: expected shape {(size, size)} like the frames, got "
+                                    f"{valid.shape}")
+        frames = np.where(valid, frames, np.zeros((), frames.dtype))
+    finite = np.isfinite(frames)
+    if not finite.all():
+        first = np.argwhere(~finite)[0]
+        raise InvalidInputError(
+            f"frames: {int((~finite).sum())} non-finite value(s) (NaN or inf) on valid pixels "
+            f"(first: frame {first[0]}, pixel ({first[1]}, {first[2]})); mask those pixels "
+            "(mask=, False = invalid) or fix the data")
+    if not float(frames.sum(dtype=np.float64)) > 0:
+        raise InvalidInputError("frames: no photons on valid pixels (all zero)")
+    return frames
+
+
+#: Largest object canvas :func:`calibrate_probe` accepts, in units of the frames' own area
+#: (frames x N^2). A scan whose frames overlap, or even just touch (a step of N), needs a
+#: canvas of a few times that at most (one frame: (N + 2 margins)^2 = 1.6 N^2 at N = 32); one
+#: this much larger has positions in the wrong units (metres or nanometres read as pixels), and
+#: would allocate gigabytes and run rPIE on an empty canvas for minutes.
+_MAX_CANVAS_FRAME_AREAS = 16
+
+
 def _working_frame(positions: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(offset, object shape): positions + offset leave ``_MARGIN_PX`` free on every side."""
+    """(offset, object shape): positions + offset leave ``_MARGIN_PX`` free on every side.
+
+    Raises
+    ------
+    InvalidInputError
+        The canvas would exceed :data:`_MAX_CANVAS_FRAME_AREAS` times the frames' total area.
+    """
     low = positions.min(axis=0)
     offset = np.floor(size / 2 + _MARGIN_PX - low)
     high = positions.max(axis=0) + offset
     shape = tuple(int(math.ceil(h + size / 2 + _MARGIN_PX)) for h in high)
+    n_frames = len(positions)
+    if shape[0] * shape[1] > _MAX_CANVAS_FRAME_AREAS * n_frames * size**2:
+        span = positions.max(axis=0) - low
+        raise InvalidInputError(
+            f"positions span {span[0]:.0f} x {span[1]:.0f} px (a {shape[0]} x {shape[1]} px "
+            f"object canvas) for {n_frames} frames of {size} px: are they object pixels? "
+            "(positions in nm or m must be converted to object pixels first)")
     return offset, (shape[0], shape[1])
 
 
@@ -514,7 +565,10 @@ def calibrate_probe(
     Raises
     ------
     InvalidInputError
-        Bad shapes or values, an unknown engine, or ``"lsqml"`` without ``ptychi``.
+        Bad shapes or values (non-finite counts on valid pixels; masked pixels may hold
+        anything), positions whose span needs an object canvas of more than 16 times the
+        frames' area (positions not in object pixels), an unknown engine, or ``"lsqml"``
+        without ``ptychi``.
     """
     if engine not in CALIBRATION_ENGINES:
         raise InvalidInputError(f"engine: expected one of {CALIBRATION_ENGINES}, got "
@@ -537,10 +591,11 @@ def calibrate_probe(
         raise InvalidInputError("engine lsqml needs pty-chi (the ptychi package), which is not "
                                 "installed: pip install ptychi, or use --engine rpie")
     size = frames.shape[-1]
+    frames = _valid_frames(frames, mask)
+    offset, shape = _working_frame(positions, size)  # before any work: refuse a wrong-unit scan
     guess = _initial_probe(frames, probe_guess, int(n_modes))
     source = probe_guess_source or ("estimated from the mean diffraction pattern"
                                     if probe_guess is None else "given")
-    offset, shape = _working_frame(positions, size)
     work = positions + offset
     start = time.perf_counter()
     if engine == "rpie":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from .errors import InvalidInputError
 
@@ -76,9 +76,11 @@ class PtychoMetadata(BaseModel):
 
     detector_key: str = Field(min_length=1)
     positioner_keys: PositionerKeys
-    energy_ev: PositiveFloat
-    detector_distance_m: PositiveFloat
-    detector_pixel_size_m: PositiveFloat
+    # Finite as well as positive: an infinite energy or distance passed PositiveFloat and
+    # failed only later, in the geometry, not at the start document.
+    energy_ev: float = Field(gt=0, allow_inf_nan=False)
+    detector_distance_m: float = Field(gt=0, allow_inf_nan=False)
+    detector_pixel_size_m: float = Field(gt=0, allow_inf_nan=False)
     position_units: Literal["m", "mm", "um", "nm"] = "m"
     position_sign: Literal[1, -1] = 1
     dc_position: Literal["center", "corner"] = "center"

@@ -395,8 +395,9 @@ def sign_model(directory: str | Path, *, accept_weights: bool = False) -> ModelI
     Raises
     ------
     CheckpointError
-        Weights that differ from the recorded hash (without ``accept_weights``), or weights
-        that do not fit the card's architecture (such a card is not signed).
+        Weights that differ from the recorded hash (without ``accept_weights``), weights
+        that do not fit the card's architecture, or weights holding NaN or infinity (such a
+        card is not signed).
     """
     directory = Path(directory)
     card, weights_bytes = _read_files(directory)
@@ -406,7 +407,16 @@ def sign_model(directory: str | Path, *, accept_weights: bool = False) -> ModelI
             f"{directory / WEIGHTS_NAME}: sha256 {identity.weights_sha256[:16]}... differs "
             f"from the card's ({str(card['sha256'])[:16]}...); if the weights were replaced on "
             "purpose, sign with --accept-weights")
-    _build(*_checked(directory, card, weights_bytes))  # never sign a card that cannot load
+    config, state = _checked(directory, card, weights_bytes)
+    # A network with a NaN weight loads and outputs NaN everywhere: signing it would make a
+    # later verified load trust it. The check reads each tensor once (cheap next to _build).
+    bad = [name for name, tensor in state.items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME}: {len(bad)} tensor(s) hold NaN or infinity (first: "
+            f"{bad[0]!r}); the model would output NaN, so the card is not signed")
+    _build(config, state)  # never sign a card that cannot load
     signed = _signed({**card, "sha256": identity.weights_sha256})
     _write_card(directory, signed)
     return _identity(signed, weights_bytes)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
+
+from ..errors import InvalidInputError
 
 __all__ = ["PtychoPINNConfig", "PtychoPINN", "ptychopinn", "input_scale"]
 
@@ -31,7 +33,7 @@ class PtychoPINNConfig(BaseModel):
         Channels of the first encoder block (64 in the paper); the widths double per block.
     depth : int
         Encoder blocks (each halves the spatial size); 3 for N = 64, 4 for N = 128 keeps an
-        8 x 8 bottleneck.
+        8 x 8 bottleneck. At most log2(N): the bottleneck must keep at least one pixel.
     attention : bool
         CBAM attention after each encoder block.
     border_fraction : float
@@ -70,6 +72,18 @@ class PtychoPINNConfig(BaseModel):
         if value not in ("silu", "sigmoid", "softplus"):
             raise ValueError(f"amplitude_activation must be silu, sigmoid or softplus, not {value}")
         return value
+
+    @model_validator(mode="after")
+    def _depth_fits(self) -> PtychoPINNConfig:
+        # Each encoder block max-pools by 2: after depth blocks the bottleneck is
+        # frame_size / 2**depth pixels, and a 0-pixel one fails only at the first forward
+        # ("Output size is too small"). 2**depth == frame_size (a 1-pixel bottleneck) builds
+        # and runs, with or without attention (tests/test_review_leftovers.py tries every pair).
+        if self.frame_size < 2**self.depth:
+            raise ValueError(
+                f"depth {self.depth} needs frame_size >= {2**self.depth} (2**depth: each "
+                f"encoder block halves the frame), got frame_size {self.frame_size}")
+        return self
 
 
 def input_scale(counts: torch.Tensor) -> torch.Tensor:
@@ -225,6 +239,11 @@ class PtychoPINN(nn.Module):
         -------
         torch.Tensor
             (B, C, N, N) complex64 patches amplitude * exp(i phase).
+
+        Raises
+        ------
+        InvalidInputError
+            ``counts`` is not (B, C, N, N) with the configured C and N.
         """
         amplitude, phase = self.forward_parts(counts, scale)
         if return_parts:
@@ -232,7 +251,20 @@ class PtychoPINN(nn.Module):
         return torch.polar(amplitude.float(), phase.float())
 
     def forward_parts(self, counts: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
-        """Amplitude and phase (radians) of the predicted patches, each (B, C, N, N)."""
+        """Amplitude and phase (radians) of the predicted patches, each (B, C, N, N).
+
+        Raises
+        ------
+        InvalidInputError
+            ``counts`` is not (B, C, N, N) with the configured C and N.
+        """
+        c, n = self.config.channels, self.config.frame_size
+        # No weight's shape depends on N, so frames of another size would run and silently
+        # come back as (B, C, N, N) patches of the configured N (the decoder pads or crops).
+        if counts.ndim != 4 or tuple(counts.shape[-3:]) != (c, n, n):
+            raise InvalidInputError(
+                f"counts: expected (B, {c}, {n}, {n}) photon counts for this model "
+                f"(channels={c}, frame_size={n}), got {tuple(counts.shape)}")
         scale = torch.as_tensor(scale, dtype=counts.dtype, device=counts.device)
         if scale.ndim == 1:
             scale = scale.view(-1, 1, 1, 1)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from ..geometry import (
     HC_EV_M,
     object_pixel_size_m,
@@ -88,7 +89,15 @@ def rescale_positions(positions_px: np.ndarray, old_pixel_size: float, new_pixel
     """Re-express positions when the object pixel size changes (e.g. frames cropped N -> N/2).
 
     With the origin at the centre of pixel (0, 0) this is a pure scaling.
+
+    Raises
+    ------
+    InvalidInputError
+        A pixel size that is not finite and > 0.
     """
+    for name, value in (("old_pixel_size", old_pixel_size), ("new_pixel_size", new_pixel_size)):
+        if not (np.isfinite(value) and value > 0):
+            raise InvalidInputError(f"{name}: expected a finite pixel size > 0, got {value!r}")
     return np.asarray(positions_px, dtype=np.float64) * (old_pixel_size / new_pixel_size)
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InvalidInputError
-from ._tensors import check_positions
+from ._tensors import check_positions, check_size
 
 __all__ = ["extract_patches", "scatter_patches", "patch_geometry", "PatchGeometry",
            "patch_origins", "required_object_shape"]
@@ -29,8 +29,18 @@ def required_object_shape(positions, patch_size: int, margin: int = 1) -> tuple[
     """Smallest object (H, W) holding every patch of ``positions``, with ``margin`` pixels spare.
 
     Positions must be non-negative after shifting; see :func:`extract_patches`.
+
+    Raises
+    ------
+    InvalidInputError
+        No positions, positions that are not a finite (n, 2) array, or a ``patch_size`` that
+        is not an integer >= 1.
     """
+    check_size(patch_size, "patch_size")
     pos = torch.as_tensor(positions, dtype=torch.float64)
+    check_positions(pos)
+    if pos.shape[0] == 0:
+        raise InvalidInputError("positions: expected at least one (y, x) probe centre, got none")
     top = pos.max(dim=0).values - patch_size / 2 + patch_size + 1 + margin
     return int(math.ceil(float(top[0]))), int(math.ceil(float(top[1])))
 
@@ -40,6 +50,8 @@ def _bilinear_indices(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Flat indices of the (N+1)^2 support of each patch and its fractional offsets (y, x)."""
     height, width = shape
+    # patch_size 0 would return empty patches and a negative one a torch RuntimeError.
+    check_size(patch_size, "patch_size")
     check_positions(positions)
     origin = patch_origins(positions.to(torch.float64), patch_size)
     lo = torch.floor(origin)

@@ -223,8 +223,9 @@ def mixed_state_probe(
         complex64 (n_modes, N, N); modes are orthogonal: sum(P_i conj(P_j)) = 0 for i != j.
     """
     base = normalize_probe(probe)[0].astype(np.complex128)
-    if n_modes < 1:
-        raise InvalidInputError(f"n_modes: expected >= 1, got {n_modes}")
+    if isinstance(n_modes, bool) or not (isinstance(n_modes, (int, np.integer)) and n_modes >= 1):
+        raise InvalidInputError(f"n_modes: expected an integer >= 1, got {n_modes!r}")
+    n_modes = int(n_modes)
     if not 0 < decay <= 1:
         raise InvalidInputError(f"decay: expected in (0, 1], got {decay}")
     n = base.shape[-1]
@@ -250,7 +251,16 @@ def mixed_state_probe(
 
 def probe_diameter_px(probe: np.ndarray, fraction: float = 0.9) -> float:
     """Diameter (pixels) of the disc around the probe's centre of mass holding ``fraction`` of
-    its intensity: the natural length to set scan steps from overlap ratios."""
+    its intensity: the natural length to set scan steps from overlap ratios.
+
+    Raises
+    ------
+    InvalidInputError
+        ``fraction`` outside (0, 1], or a probe that is not (N, N) / (M, N, N) with power.
+    """
+    if not 0 < fraction <= 1:  # also refuses NaN
+        raise InvalidInputError(f"fraction: expected a fraction of the intensity in (0, 1], "
+                                f"got {fraction!r}")
     intensity = (np.abs(normalize_probe(probe)) ** 2).sum(axis=0).astype(np.float64)
     n = intensity.shape[-1]
     c = np.arange(n)
@@ -259,7 +269,10 @@ def probe_diameter_px(probe: np.ndarray, fraction: float = 0.9) -> float:
     r = np.hypot(yy - cy, xx - cx).ravel()
     order = np.argsort(r)
     cumulative = np.cumsum(intensity.ravel()[order])
-    return float(2 * r[order][np.searchsorted(cumulative, fraction)])
+    # The sum of a unit-norm probe's intensity rounds to just below 1 as often as above it, so
+    # fraction = 1 could search past the end: the last pixel holds the rest of the beam.
+    index = min(int(np.searchsorted(cumulative, fraction)), len(cumulative) - 1)
+    return float(2 * r[order][index])
 
 
 #: Names understood by :func:`make_probe`.
@@ -315,6 +328,10 @@ def make_probe(
     (1, 64, 64)
     """
     footprint = n / 3 if footprint_px is None else float(footprint_px)
+    # A footprint of 0 (or below) gives no defocus: a focused spot, not the beam asked for.
+    if not (math.isfinite(footprint) and footprint > 0):
+        raise InvalidInputError(f"footprint_px: expected a finite beam diameter > 0 pixels, "
+                                f"got {footprint_px!r}")
     wavelength = wavelength_m(energy_ev)
     # Pupils fill half the detector radius, so the far field leaves room for object scattering.
     dr = 2 * pixel_size_m

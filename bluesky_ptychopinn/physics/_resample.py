@@ -8,6 +8,16 @@ size stays and the field of view shrinks: the probe is cropped in real space.
 Fourier cropping with orthonormal FFTs conserves sum |P|^2 whenever the probe's far field fits in
 the kept window, so photon counts are unchanged (tested: simulating at 128 and cropping equals
 simulating at 64 with the resampled probe).
+
+Binning by an even factor b and a plain real-space crop of the probe are *not* an exact pair.
+The DC pixel N//2 is the first pixel of its bin, not its centre, so binned pixel j holds the
+frequencies around (j - n//2) + (b - 1) / (2 b) binned pixels: a quarter pixel off for b = 2
+(the binned pattern's centre of mass sits at 31.62, not 32, for n = 64). The forward model at
+the binned size puts DC at the centre of pixel n//2, so the matching probe is the crop times
+the ramp exp(-2 pi i (b - 1) / (2 b) (x + y) / n). Measured on 20 noiseless 128-px frames (a
+14-px Airy probe, a simplex object) binned by 2 against the 64-px model: relative L1 error 0.066
+with :func:`crop_probe_real_space` alone, 0.044 with the ramp; the rest is the pixel integration
+of binning. Odd factors have DC at the centre of its bin and no offset; cropping frames has none.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ._propagation import back_propagate, far_field
+from ._tensors import check_size
 
 __all__ = ["crop_frames", "bin_frames", "resample_probe", "crop_probe_real_space",
            "resample_object", "probe_at_sampling"]
@@ -40,9 +51,10 @@ def crop_frames(frames, size: int):
 
     Works on numpy arrays and tensors alike and returns the same kind.
     """
+    size = check_size(size, "size")
     is_numpy = isinstance(frames, np.ndarray)
     tensor = torch.from_numpy(frames) if is_numpy else frames
-    if tensor.shape[-1] != tensor.shape[-2] or size > tensor.shape[-1] or size < 1:
+    if tensor.shape[-1] != tensor.shape[-2] or size > tensor.shape[-1]:
         raise InvalidInputError(
             f"frames: cannot crop frames of shape {tuple(tensor.shape)} to {size} x {size}"
         )
@@ -54,11 +66,25 @@ def bin_frames(frames, factor: int):
     """Sum ``factor`` x ``factor`` detector pixels (photon counts add).
 
     The DC pixel (N//2) lands on N//(2 factor) when N is a multiple of 2 * factor.
+
+    Notes
+    -----
+    For an even ``factor`` b the DC pixel is the *first* pixel of its bin, so the binned frames'
+    zero frequency lies (b - 1) / (2 b) binned pixels before the centre of pixel n//2 in each
+    axis: a quarter pixel for b = 2 (the centre of mass of a binned 128 -> 64 pattern is at
+    31.62, not 32). The project's forward model puts DC at the centre of pixel n//2, so
+    :func:`crop_probe_real_space` alone is not the exact probe for binned frames: multiply it by
+    exp(-2 pi i (b - 1) / (2 b) (x + y) / n), x and y the pixel index minus n//2. Measured on a
+    128-px simulation binned by 2 against the 64-px model: relative L1 error 0.066 without the
+    ramp, 0.044 with it (the remainder is pixel integration). Odd factors centre their bins on
+    DC and have no offset. Binning itself is left as it is: the counts are what the binned
+    detector would have recorded.
     """
+    factor = check_size(factor, "factor")
     is_numpy = isinstance(frames, np.ndarray)
     tensor = torch.from_numpy(frames) if is_numpy else frames
     n = tensor.shape[-1]
-    if factor < 1 or n % factor or tensor.shape[-2] != n:
+    if n % factor or tensor.shape[-2] != n:
         raise InvalidInputError(f"frames: cannot bin shape {tuple(tensor.shape)} by {factor}")
     m = n // factor
     out = tensor.reshape(*tensor.shape[:-2], m, factor, m, factor).sum(dim=(-3, -1))
@@ -90,9 +116,10 @@ def resample_probe(probe, size: int):
     >>> q.shape, round(float((abs(q) ** 2).sum()), 4)
     ((1, 64, 64), 1.0)
     """
+    size = check_size(size, "size", 2)
     is_numpy = isinstance(probe, np.ndarray)
     tensor = torch.from_numpy(np.asarray(probe, dtype=np.complex64)) if is_numpy else probe
-    if tensor.shape[-1] != tensor.shape[-2] or size < 2:
+    if tensor.shape[-1] != tensor.shape[-2]:
         raise InvalidInputError(f"probe: cannot resample shape {tuple(tensor.shape)} to {size}")
     # far_field assumes the array origin at index 0; the probe is centred at N//2, so shift it
     # there first to keep the spectrum free of a linear phase, then shift back. ifftshift moves
@@ -155,9 +182,12 @@ def resample_object(obj: np.ndarray, factor: float, shape: tuple[int, int],
     from scipy import ndimage
 
     obj = np.asarray(obj)
-    if obj.ndim != 2 or not factor >= 1:
+    if obj.ndim != 2 or not (np.isfinite(factor) and factor >= 1):
         raise InvalidInputError(
             f"object: cannot resample shape {obj.shape} by a pixel factor {factor!r} (>= 1)")
+    if len(shape) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in shape):
+        raise InvalidInputError(f"shape: expected two integers >= 0 (the coarse canvas), got "
+                                f"{tuple(shape)!r}")
     obj = obj.astype(np.complex128)
     if factor > 1:
         # The square window of a cropped detector, applied as an ideal low-pass.
@@ -222,10 +252,15 @@ def probe_at_sampling(probe, pixel_m: float | None, size: int,
     >>> probe_at_sampling(p, 22e-9, 160, 22e-9).shape       # a larger field of view
     (1, 160, 160)
     """
+    size = check_size(size, "size", 2)
+    for name, value in (("pixel_m", pixel_m), ("target_pixel_m", target_pixel_m)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise InvalidInputError(f"{name}: expected a finite pixel size > 0 metres (or None: "
+                                    f"unknown), got {value!r}")
     array = np.asarray(probe, dtype=np.complex64)
     array = array[None] if array.ndim == 2 else array
     n = array.shape[-1]
-    if array.ndim != 3 or array.shape[-2] != n or size < 2:
+    if array.ndim != 3 or array.shape[-2] != n:
         raise InvalidInputError(f"probe: cannot resample shape {array.shape} to {size} px")
     if pixel_m is None or target_pixel_m is None:
         if n == size:

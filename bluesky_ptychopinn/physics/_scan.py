@@ -84,7 +84,16 @@ def jittered_raster_scan(
     """Raster grid with uniform random jitter of +-``jitter``/2 steps (the paper's training scans).
 
     Jitter breaks the grid's periodicity, which otherwise leaves raster-grid artefacts.
+
+    Raises
+    ------
+    InvalidInputError
+        A ``jitter`` that is not a finite number >= 0 (NaN would make every position NaN), or a
+        bad extent / step.
     """
+    if not (np.isfinite(jitter) and jitter >= 0):
+        raise InvalidInputError(f"jitter: expected a finite fraction of a step >= 0, got "
+                                f"{jitter!r}")
     rng = np.random.default_rng(seed)
     grid = raster_scan(extent, step)
     return grid + rng.uniform(-0.5, 0.5, size=grid.shape) * jitter * step

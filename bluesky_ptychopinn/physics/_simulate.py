@@ -10,7 +10,7 @@ import torch
 from ..errors import InvalidInputError
 from ._patches import extract_patches
 from ._propagation import diffraction_intensity
-from ._tensors import as_probe_modes, as_tensor, check_finite, check_positions
+from ._tensors import as_probe_modes, as_tensor, check_finite, check_positions, check_size
 
 __all__ = ["SimulatedFrames", "simulate_diffraction", "beamstop_mask"]
 
@@ -44,12 +44,25 @@ def beamstop_mask(
     size: int, radius_px: float = 0.0, *, bad_pixels: np.ndarray | None = None
 ) -> torch.Tensor:
     """Valid-pixel mask (True = valid) with a round beamstop of ``radius_px`` over the DC pixel
-    and optional extra bad pixels (an (k, 2) array of row, column indices)."""
+    and optional extra bad pixels (an (k, 2) array of row, column indices).
+
+    Raises
+    ------
+    InvalidInputError
+        ``size`` not an integer >= 1, or a bad pixel outside [0, size) (a negative index would
+        silently mask a pixel counted from the far edge).
+    """
+    size = check_size(size, "size")
     c = torch.arange(size, dtype=torch.float64) - size // 2
     yy, xx = torch.meshgrid(c, c, indexing="ij")
     mask = torch.hypot(yy, xx) >= radius_px if radius_px > 0 else torch.ones(size, size).bool()
     if bad_pixels is not None:
         bad = np.asarray(bad_pixels, dtype=np.int64).reshape(-1, 2)
+        outside = ((bad < 0) | (bad >= size)).any(axis=1)
+        if outside.any():
+            raise InvalidInputError(
+                f"bad_pixels: {int(outside.sum())} (row, column) index pair(s) outside [0, {size})"
+                f" (first: {tuple(int(v) for v in bad[outside][0])})")
         mask[bad[:, 0], bad[:, 1]] = False
     return mask
 
@@ -130,6 +143,7 @@ def simulate_diffraction(
     pos = as_tensor(positions, name="positions", dtype=torch.float64, device=obj_t.device)
     check_positions(pos)
     n_frames, size = pos.shape[0], probe_t.shape[-1]
+    batch_size = check_size(batch_size, "batch_size")
 
     generator = torch.Generator(device="cpu")
     # seed=None draws from the global generator (torch.seed() would re-seed it with fresh
@@ -137,13 +151,18 @@ def simulate_diffraction(
     generator.manual_seed(int(seed) if seed is not None
                           else int(torch.randint(2**62, (1,), dtype=torch.int64)))
     if np.ndim(photons) == 0:
-        if not photons > 0:
-            raise InvalidInputError(f"photons: expected > 0, got {photons!r}")
+        # inf would reach torch.poisson as an "invalid Poisson rate"
+        if not (np.isfinite(photons) and photons > 0):
+            raise InvalidInputError(f"photons: expected a finite number > 0, got {photons!r}")
         scale = torch.full((n_frames,), float(photons), dtype=torch.float64)
     else:
+        if np.shape(photons) != (2,):
+            raise InvalidInputError(f"photons: expected a number or a (low, high) range, got "
+                                    f"{photons!r}")
         low, high = (float(v) for v in photons)
-        if not 0 < low <= high:
-            raise InvalidInputError(f"photons: expected a range 0 < low <= high, got {photons!r}")
+        if not (0 < low <= high and np.isfinite(high)):
+            raise InvalidInputError(f"photons: expected a finite range 0 < low <= high, got "
+                                    f"{photons!r}")
         scale = low + (high - low) * torch.rand(n_frames, generator=generator, dtype=torch.float64)
 
     if mask is None:

@@ -69,3 +69,14 @@ def as_probe_modes(probe: torch.Tensor, name: str = "probe") -> torch.Tensor:
         f"{name}: expected (N, N), (M, N, N) or (B, M, N, N) with square frames, "
         f"got {tuple(probe.shape)}"
     )
+
+
+def check_size(value: object, name: str, minimum: int = 1) -> int:
+    """An integer size (a patch or frame side, a count) of at least ``minimum``, as an int.
+
+    Floats are refused even when whole (32.0): a size computed by division has gone through
+    float arithmetic somewhere it should not, and slicing with it fails deep inside anyway.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidInputError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -99,7 +99,16 @@ def group_random(
     of its ``n_candidates`` nearest neighbours within ``max_distance``, in random order.
 
     ``channels = 1`` returns every point on its own.
+
+    Raises
+    ------
+    InvalidInputError
+        ``channels`` not an integer >= 1, bad positions, or no anchor with enough neighbours.
     """
+    if isinstance(channels, bool) or not (isinstance(channels, (int, np.integer))
+                                          and channels >= 1):
+        raise InvalidInputError(f"channels: expected an integer >= 1 (frames per group), got "
+                                f"{channels!r}")
     pos = _check(positions)
     rng = np.random.default_rng(seed)
     if channels == 1:
@@ -135,18 +144,36 @@ def quadrant_groups_for_inference(
     in each quadrant (TL, TR, BL, BR) among ``history`` (the frames seen so far).
 
     With ``anchor_index`` (each anchor's own index in ``history``) only frames up to the
-    anchor's own are used: groups are then causal and do not depend on how a live stream was
-    cut into batches, so a replay reproduces the live result exactly. Where a quadrant is empty
-    (scan edge, first frames), the nearest unused earlier point, or the anchor itself, fills the
-    slot: groups are never padded with empty frames.
+    anchor's own are used: groups are then causal. They still depend on how a live stream was
+    cut into batches: the 64 nearest candidates are taken from the whole ``history`` (up to the
+    end of the batch) *before* frames after the anchor are dropped, so frames later in the same
+    batch can push an earlier neighbour out, and a replay cut into other batches does not
+    reproduce the live groups. Measured on a coarse raster revisited by a dense one: 120 of the
+    121 first-pass groups differed between a stream cut after the first pass and a replay in
+    one batch; one anchor had three earlier neighbours live and only itself (four copies) on
+    replay. The streaming engine does not use this function: its
+    :class:`~bluesky_ptychopinn.recon._neighbours.QuadrantIndex` counts the 64 nearest among
+    frames up to the anchor only, which gives this function's groups with the stream cut into
+    batches of one frame, whichever way it was cut (``recon/_neighbours.py`` says where else the
+    two differ). Where a quadrant is empty (scan edge, first frames), the nearest unused
+    earlier point, or the anchor itself, fills the slot: groups are never padded with empty
+    frames.
 
     Returns
     -------
     numpy.ndarray
         (len(anchors), 4) int64 indices into ``history``.
+
+    Raises
+    ------
+    InvalidInputError
+        Positions that are not finite (n, 2) arrays, or an empty ``history``.
     """
     anchors = _check(anchors)
     history = _check(history)
+    if len(history) == 0:
+        raise InvalidInputError("history: expected at least one (y, x) position to group "
+                                "with, got none")
     k = min(len(history), 64)
     dist, idx = cKDTree(history).query(anchors, k=k)
     dist, idx = dist.reshape(len(anchors), -1), idx.reshape(len(anchors), -1)
