@@ -231,10 +231,18 @@ def reconstruct(
         )
     except PtychoError as exc:
         _fail(exc)
+    except FloatingPointError as exc:  # rPIE/ePIE diverged: one line, as `calibrate` says it
+        _fail(_diverged(exc))
     except OSError as exc:
         _fail(_os_error(exc))
     # strict JSON on stdout (jq and friends reject a bare NaN)
     print(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+
+
+def _diverged(exc: FloatingPointError) -> InvalidInputError:
+    """The one-line error of an iterative engine that diverged, with the options that steady
+    it (the engines name their own parameters, alpha_object / alpha_probe)."""
+    return InvalidInputError(f"{exc}; on the command line: a smaller --alpha or --batch-size")
 
 
 def _crop_option(value: str | None) -> int | str | None:
@@ -635,6 +643,8 @@ def evaluate(
                                                     scores["frc_phase"].frc)
     except PtychoError as exc:
         _fail(exc)
+    except FloatingPointError as exc:  # --engine diverged
+        _fail(_diverged(exc))
     except OSError as exc:
         _fail(_os_error(exc))
     Console().print(table)

@@ -151,21 +151,31 @@ class ProcessTransport:
 
     # -- RunEngine thread ----------------------------------------------------------------------
     def _current(self) -> _Child | None:
-        with self._lock:
-            if self.closed:
-                return None
-            if self._child is None or self._child.dead:
-                logger.warning("starting a new reconstruction process")
-                self._start_child()
-            return self._child
+        """The live child (a new one if the last has died); ``None`` once closed. The caller
+        holds ``self._lock``."""
+        if self.closed:
+            return None
+        if self._child is None or self._child.dead:
+            logger.warning("starting a new reconstruction process")
+            self._start_child()
+        return self._child
 
     def open(self, raw_uid: str, md: PtychoMetadata, model_path: str | None = None,
              model_info: dict | None = None) -> None:
-        child = self._current()
+        # The run joins the child's runs under the lock that _ended takes to mark the child
+        # dead and take its runs: either the child is still alive here and _ended will fail
+        # this run, or it is already dead and a new child is started. Without it, a child that
+        # died between the check and the add kept the uid, never failed, and its derived run
+        # was never stopped.
+        with self._lock:
+            child = self._current()
+            if child is not None:
+                child.runs.add(raw_uid)
         if child is None:
             self._lost([raw_uid], "the live reconstruction was closed")
             return
-        child.runs.add(raw_uid)
+        # False means the child is gone; the uid is in the runs that _ended fails (it has run,
+        # or runs when the receiver sees the end of the pipe), so there is nothing to do here.
         child.put(("open", raw_uid, md, model_path, model_info))
 
     def put(self, item) -> None:
@@ -206,7 +216,10 @@ class ProcessTransport:
         return msg
 
     def _ended(self, child: _Child) -> tuple:
-        child.dead = True
+        with self._lock:  # against open() adding a run to a child that is dying (see there)
+            child.dead = True
+            runs = list(child.runs)
+            child.runs.clear()
         child.process.join(5)
         code = child.process.exitcode
         if child.closing:
@@ -221,8 +234,7 @@ class ProcessTransport:
                 reason += _bootstrap_hint()
         child.reason = reason
         child.ready.set()
-        self._lost(list(child.runs), reason)
-        child.runs.clear()
+        self._lost(runs, reason)
         child.conn.close()
         child.inbox.close()
         return (_ENDED, reason)

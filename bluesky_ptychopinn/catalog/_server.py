@@ -296,6 +296,11 @@ class EmbeddedTiled:
         self._server: _ThreadedServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = _DataDirLock(self.data_dir)
+        # The server thread's state against stop(): a thread that outlives stop()'s wait
+        # still has DuckDB open, so it, not stop(), releases the data directory when it ends.
+        self._exit_guard = threading.Lock()
+        self._serving = False
+        self._release_on_exit = False
         self._failure: BaseException | None = None
         self.base_url: str | None = None
 
@@ -364,6 +369,8 @@ class EmbeddedTiled:
         self._failure = None
         self._thread = threading.Thread(target=self._serve, args=(self._server, sock),
                                         name="tiled-server", daemon=True)
+        with self._exit_guard:
+            self._serving = True
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -393,15 +400,35 @@ class EmbeddedTiled:
             self._failure = exc
         finally:
             sock.close()
+            with self._exit_guard:
+                self._serving = False
+                if self._release_on_exit:  # stop() gave up waiting: the directory is free now
+                    self._release_on_exit = False
+                    self._lock.release()
 
-    def stop(self) -> None:
-        """Stop serving and release the data directory."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and release the data directory.
+
+        Parameters
+        ----------
+        timeout : float
+            How long to wait for the server thread to end. A thread still running then (a
+            request that does not finish) keeps the data directory locked until it ends:
+            a second server must not open the DuckDB file it still writes to.
+        """
         if self._server is not None:
             self._server.should_exit = True
             if self._thread is not None:
-                self._thread.join(timeout=10)
+                self._thread.join(timeout=timeout)
             self._server = None
-        self._lock.release()
+        with self._exit_guard:
+            if self._serving:
+                if not self._release_on_exit:
+                    logger.error("Tiled server thread still running %.0f s after stop(); "
+                                 "%s stays locked until it ends", timeout, self.data_dir)
+                self._release_on_exit = True
+            elif not self._release_on_exit:
+                self._lock.release()
 
     def __enter__(self) -> EmbeddedTiled:
         return self.start()

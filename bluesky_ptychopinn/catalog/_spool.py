@@ -82,6 +82,8 @@ _DUPLICATE = "duplicate"
 #: A delivery call running longer than this means Tiled is not answering: count as spooled.
 #: (Healthy requests take well under a second, a loaded machine's first writes up to ~2 s.)
 _STALLED_S = 5.0
+#: close(): how long past its timeout it waits for an idle delivery thread to notice
+_EXIT_GRACE_S = 1.0
 
 
 def default_spool_dir() -> Path:
@@ -219,6 +221,7 @@ class _Run:
     start_record: bytes = b""  # the journaled start, to tell a redelivery from a conflict
     rejected: int = 0  # documents the writer refused in the current pass
     columns: _Columns = field(default_factory=lambda: _Columns())  # of the current pass
+    closed: bool = False  # its journal closed by SpooledWriter.close()
 
     @property
     def written(self) -> int:
@@ -233,6 +236,7 @@ class _Run:
             self.seqs.setdefault(stream, Counter()).update(_seq_nums(name, doc))
 
     def close(self) -> None:
+        self.closed = True  # no reading after this (the delivery thread may still be in a call)
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -513,6 +517,8 @@ class _Delivery:
         cached = take((run.uid, index))
         if cached is not None:
             return cached
+        if run.closed:  # the writer was closed during a call to Tiled: not reopened (a leak)
+            raise JournalError(f"journal {run.path}: closed")
         try:
             if run.reader is None:
                 run.reader = open(run.path, "rb")  # noqa: SIM115 (kept open across calls)
@@ -994,7 +1000,7 @@ class SpooledWriter:
                 work = [(run, run.written) for run in self._pending()]
             if self._down:
                 if not tiled_answers(self._delivery.client):
-                    time.sleep(self._probe_interval)
+                    self._pause(self._probe_interval)
                     continue
                 logger.warning("spool %s: Tiled answers again, delivering the backlog",
                                self.label)
@@ -1008,6 +1014,14 @@ class SpooledWriter:
                     self._cond.notify_all()  # flush() waits on progress
                 if not ok:
                     break
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep between probes of an unreachable Tiled, but not past close(): it waits for
+        this thread only about a second beyond its timeout."""
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not self._closing and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(timeout=left)  # (woken by every document too: wait on)
 
     def _step(self, run: _Run, upto: int) -> bool:
         """Advance one run; False when Tiled failed (the loop then probes before going on)."""
@@ -1112,18 +1126,32 @@ class SpooledWriter:
         """Deliver what is left (up to ``timeout`` s), then stop; undelivered journals stay
         for ``bluesky-ptychopinn spool flush`` or the next writer of this label.
 
+        Returns within ``timeout`` plus about a second, the journals closed (and their
+        locks released), also while the delivery thread is stuck in a call to a Tiled
+        server that does not answer.
+
         Returns
         -------
         bool
             True when everything was delivered.
         """
+        deadline = time.monotonic() + max(timeout, 0.0)
         done = self.flush(timeout) if timeout > 0 else not self._runs_left()
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout=60)
-        for run in list(self._runs.values()):
-            run.close()
+        # An idle thread wakes at once; one inside a writer call (a server that does not
+        # answer, a client retrying) is not waited for: it stops when the call returns, and
+        # reads no journal after this (_Run.closed).
+        self._thread.join(timeout=max(deadline - time.monotonic(), _EXIT_GRACE_S))
+        if self._thread.is_alive():
+            logger.warning("spool %s: delivery is still in a call to Tiled; closing without "
+                           "it (the journals stay for a later flush)", self.label)
+        # Under the lock _receive appends under: a journal closed while a document is
+        # appended to it is an EBADF, or a write into the file that reused its descriptor.
+        with self._cond:
+            for run in list(self._runs.values()):
+                run.close()
         return done
 
 

@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 #: The plan name of derived runs (as in :mod:`bluesky_ptychopinn.callbacks._settings`; not
 #: imported from there so that watching does not load torch).
 RECONSTRUCTION_PLAN_NAME = "ptychopinn_reconstruction"
+#: How many of the newest runs a watch that begins looks through for derived runs under way
+#: (one paged listing; a busy beamline adds raw runs between a derived run's start and stop)
+RUNNING_LOOKBACK = 200
 
 #: Streams of a derived run and the keys (arrays or table columns) the watcher delivers.
 DEFAULT_KEYS: dict[str, tuple[str, ...]] = {
@@ -531,11 +534,34 @@ class DerivedRunWatcher:
             logger.debug("listing runs failed: %s", exc)
             return []
 
+    def _new_keys(self) -> list[str]:
+        """The keys added since the newest key already looked at, oldest first.
+
+        Looks at the newest keys in windows that grow (10, 40, 160, ...) until one holds a
+        key already known: keys come in the order they were added, so all the new ones are
+        after it, however many came since the last poll.
+        """
+        n = 10
+        while True:
+            keys = self._recent_keys(n)
+            known = [i for i, key in enumerate(keys)
+                     if key in self._known_at_start or key in self._runs]
+            if known:
+                return keys[known[-1] + 1:]
+            if len(keys) < n:  # the whole catalog, none known (or the listing failed: [])
+                return keys
+            n *= 4
+
     def _attach_running(self) -> None:
-        """Derived runs already under way when the watch began."""
-        for key in self._recent_keys():
+        """Derived runs already under way when the watch began (among the newest
+        ``RUNNING_LOOKBACK`` runs, listed with their metadata in one paged request)."""
+        try:
+            items = list(self.client.items().tail(RUNNING_LOOKBACK))
+        except Exception as exc:
+            logger.debug("listing runs failed: %s", exc)
+            return
+        for key, node in items:
             try:
-                node = self.client[key]
                 metadata = node.metadata
             except Exception:
                 continue
@@ -702,7 +728,7 @@ class DerivedRunWatcher:
             self._safely(self._poll_once)
 
     def _poll_once(self) -> None:
-        for key in self._recent_keys():
+        for key in self._new_keys():
             if key in self._known_at_start or key in self._runs:
                 continue
             node = self.client[key]

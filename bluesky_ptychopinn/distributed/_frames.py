@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlparse
@@ -146,7 +147,9 @@ class TiledFrames:
     counts: dict[str, int] = field(default_factory=dict)
     #: (descriptor uid, seq_num) -> index in Tiled's array of that stream's image
     index: dict[tuple[str, int], int] = field(default_factory=dict)
-    waiting: list[dict] = field(default_factory=list)
+    # a deque: events leave from the front, one by one (a list's pop(0) made a backlog of n
+    # events cost O(n^2))
+    waiting: deque[dict] = field(default_factory=deque)
     frames_missing: int = 0
     _nodes: dict = field(default_factory=dict)  # stream -> Tiled array client of the image
     _shape: dict = field(default_factory=dict)  # stream -> frames it served at the last look
@@ -261,7 +264,7 @@ class TiledFrames:
             if block.ndim == 4:  # several exposures per point: photon counts add up
                 block = block.sum(axis=1)
             for k in range(stop - start):
-                event = self.waiting.pop(0)
+                event = self.waiting.popleft()
                 out.append(("event", {
                     **event, "data": {**event["data"], self.image_key: block[k]},
                     "filled": {**event.get("filled", {}), self.image_key: True}}))
@@ -288,5 +291,5 @@ class TiledFrames:
             logger.warning("run %s: %d frames never appeared in Tiled within %.0f s; their "
                            "points are not reconstructed", self.raw_uid, self.frames_missing,
                            self.timeout_s)
-            waiting, self.waiting = self.waiting, []
+            waiting, self.waiting = self.waiting, deque()
             yield [("event", event) for event in waiting]

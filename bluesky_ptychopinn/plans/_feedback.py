@@ -8,6 +8,7 @@ import time
 import numpy as np
 from bluesky import plan_stubs as bps
 from bluesky import preprocessors as bpp
+from bluesky.utils import RunEngineControlException
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
@@ -180,17 +181,28 @@ def ptycho_scan_with_feedback(
     summary = {"frames": 0, "decisions": 0, "stop_reason": ""}
 
     @bpp.stage_decorator([detector, stage])
-    @bpp.run_decorator(md=_md)
-    def inner():
-        uid = None
+    def run():
+        # bpp.run_wrapper, keeping the uid open_run returns: the plan steers from the state of
+        # its own run only, never from whatever run the callback saw last.
+        uid = yield from bps.open_run(md=_md)
+
+        def except_plan(exc):
+            if isinstance(exc, RunEngineControlException):
+                yield from bps.close_run(exit_status=exc.exit_status)
+            else:
+                yield from bps.close_run(exit_status="fail", reason=str(exc))
+
+        yield from bpp.contingency_wrapper(inner(uid), except_plan=except_plan,
+                                           else_plan=bps.close_run)
+        return uid
+
+    def inner(uid: str):
         visited = [p for p in overview]
         yield from _acquire(detector, stage, feedback, to_stage_units(overview, ptycho))
         summary["frames"] = len(overview)
         previous = None
         for decision in range(1, max_decisions + 1):
-            if uid is None:
-                uid = _current_uid(recon)
-            if uid is None:
+            if recon.latest(uid) is None:
                 summary["stop_reason"] = ("reconstruction unavailable: the live callback has "
                                           "not seen this run (is it subscribed to this "
                                           "RunEngine?)")
@@ -236,7 +248,7 @@ def ptycho_scan_with_feedback(
         else:
             summary["stop_reason"] = "max_decisions"
 
-    summary["uid"] = yield from inner()  # run_decorator returns the run uid
+    summary["uid"] = yield from run()
     return summary
 
 
@@ -273,17 +285,6 @@ def _best_view(state, sign: int = 1) -> ReconstructionView:
         estimate, frames = "refined", refined.n_frames
     return ReconstructionView(obj, snap.weight, snap.uncertainty, snap.origin_px,
                               state.pixel_size_m, sign=sign, estimate=estimate, frames=frames)
-
-
-def _current_uid(recon) -> str | None:
-    """The raw uid of the run this plan opened, as the callback knows it: its latest run,
-    if that run is still open (the RunEngine hands the start document to its subscribers
-    before the plan goes on). A finished latest run is an earlier scan: steering from it
-    would measure where another sample had structure."""
-    state = recon.latest()
-    if state is None or (state.finished.is_set() and not state.failed):
-        return None  # (a failed one may be this run's: the loop then stops with its reason)
-    return state.raw_uid
 
 
 def _relative_change(previous, snap) -> float:
