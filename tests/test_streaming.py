@@ -236,6 +236,30 @@ def test_exact_revisits_keep_the_index_and_the_frames_bounded():
     assert sizes[-1][0] == 4 * len(small)
 
 
+def test_exact_revisits_in_small_adds_keep_the_eviction_record_bounded():
+    """The record of which frames each add() brought (what evict_oldest walks) forgets an add()
+    once all its frames are retired: on a grid revisited in adds of 4 positions it stopped
+    growing (it held 1,500 records after 30 passes for 400 live frames), and evict_oldest
+    counts only the frames still live, so it frees what it is asked for and not more."""
+    grid = physics.raster_scan((45.0, 45.0), 5.0) + 100  # 10 x 10
+    index = QuadrantIndex(RADIUS)
+    records = []
+    for _ in range(30):
+        for lo in range(0, len(grid), 4):
+            index.add(grid[lo : lo + 4])
+        records.append(len(index._added))
+    live = 4 * len(grid)  # the newest 4 copies of each position
+    assert index.n_retired == 30 * len(grid) - live
+    assert max(records[5:]) <= 2 * live // 4 + 1  # bounded by the area, not the passes
+    assert records[-1] <= records[10]
+    before = index.n_evicted
+    freed = index.evict_oldest(40)
+    # whole adds of 4 live frames each: exactly 40 live frames, not 40 stream indices of
+    # which most were retired long ago
+    assert index.n_evicted - before == 40
+    assert len(freed) >= 40
+
+
 def test_the_search_per_batch_does_not_grow_with_the_scan():
     """Work per add() is (anchor, entry) pairs from the cells around each anchor: the same at
     the end of a long raster as near its start, and a small fraction of all frames."""

@@ -51,7 +51,9 @@ bounds the frames in any case: the oldest frames become ghosts (their entries st
 towards ``d_cap``, their frames are freed), so a later group differs from the exact one only if
 it would have drawn on a frame that old, i.e. where the scan comes back to a spot it left more
 than a budget's worth of frames ago; a scan that moves on (a raster's rows, a spiral) never does.
-The entries themselves (40 bytes a frame) stay.
+The entries themselves (40 bytes a frame) stay. The record of which frames each ``add()``
+brought (what eviction walks, oldest first) is dropped once none of its frames is live, so on
+exact revisits it too stays bounded by the area, whatever the number of passes.
 """
 
 from __future__ import annotations
@@ -301,9 +303,15 @@ class QuadrantIndex:
         self.cap = int(cap)
         self.keep = int(keep)
         self._cells: dict[int, _Cell] = {}  # by _code(cell)
-        #: (first stream index, end, cells touched) of every add() whose frames may be live,
-        #: oldest first: what evict_oldest() turns into ghosts
-        self._added: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        #: [first stream index, end, cells touched, frames still live] of every add() that
+        #: still has live frames, oldest first: what evict_oldest() turns into ghosts. A
+        #: record whose frames have all been retired is dropped (on exact revisits one add()
+        #: after another would otherwise stay here for ever, ~260 bytes each).
+        self._added: collections.deque[list] = collections.deque()
+        #: stream indices retired since the records' live counts were last brought up to date
+        #: (done in bulk, once there are as many as records, so it costs O(1) a frame)
+        self._retired_unresolved: list[np.ndarray] = []
+        self._n_unresolved = 0
         self.n_points = 0
         self.n_retired = 0
         self.n_evicted = 0
@@ -345,12 +353,35 @@ class QuadrantIndex:
         cells = self._cell_of(pos)
         codes = _code(cells)
         self._insert(ids, pos, codes)
-        self._added.append((int(ids[0]), int(ids[-1]) + 1, np.unique(codes)))
+        self._added.append([int(ids[0]), int(ids[-1]) + 1, np.unique(codes), len(pos)])
         members, member_pos, repeated = self._group(ids, pos, cells)
         # Retire only after grouping: an anchor earlier in this call may still use a copy
         # that a later copy in the same call supersedes.
         retired = self._retire(np.unique(codes[repeated]))
+        if len(retired):
+            self._retired_unresolved.append(retired)
+            self._n_unresolved += len(retired)
+            if self._n_unresolved >= len(self._added):
+                self._resolve_retired()
         return GroupBatch(members, member_pos, retired)
+
+    def _resolve_retired(self) -> None:
+        """Take the frames retired since the last call off their add() records' live counts
+        and drop the records left with none."""
+        if not self._retired_unresolved:
+            return
+        retired = np.concatenate(self._retired_unresolved)
+        self._retired_unresolved, self._n_unresolved = [], 0
+        starts = np.fromiter((r[0] for r in self._added), dtype=np.int64,
+                             count=len(self._added))
+        # Records are contiguous, increasing ranges of stream indices: the record of index i
+        # is the last one starting at or before i.
+        which = np.searchsorted(starts, retired, side="right") - 1
+        record, counts = np.unique(which[which >= 0], return_counts=True)
+        records = list(self._added)  # (a deque's middle is O(n) to index)
+        for r, c in zip(record.tolist(), counts.tolist(), strict=True):
+            records[r][3] -= c
+        self._added = collections.deque(r for r in records if r[3] > 0)
 
     # -- insertion and retirement ----------------------------------------------------------
     def _insert(self, ids: np.ndarray, pos: np.ndarray, codes: np.ndarray) -> None:
@@ -401,11 +432,13 @@ class QuadrantIndex:
     def evict_oldest(self, count: int) -> np.ndarray:
         """Make ghosts of the oldest frames still live, ``count`` at least (whole add() calls
         at a time), so their frames can be freed; returns their stream indices (some may have
-        been retired already). Later groups never draw on them; ``d_cap`` is unchanged."""
+        been retired already: only live ones count towards ``count``). Later groups never
+        draw on them; ``d_cap`` is unchanged."""
+        self._resolve_retired()
         evicted, n = [], 0
-        while self._added and n < count:  # (retired frames among them count too)
-            lo, hi, codes = self._added.popleft()
-            n += hi - lo
+        while self._added and n < count:
+            lo, hi, codes, live = self._added.popleft()
+            n += live
             for key in codes.tolist():
                 cell = self._cells[key]
                 data = cell.data[: cell.n]
@@ -414,7 +447,7 @@ class QuadrantIndex:
         if not evicted:
             return np.zeros(0, dtype=np.int64)
         out = np.concatenate(evicted)
-        self.n_evicted += len(out)
+        self.n_evicted += n
         return out
 
     # -- the query ------------------------------------------------------------------------
