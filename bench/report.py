@@ -355,7 +355,9 @@ def quality_section() -> str:
                 f"{targets['rpie_flat_repeat_margin']:+.3f} behind itself at worst (its slices "
                 "end at slightly different times, and on a steep part of the curve two images "
                 "0.02 s apart differ by that much). Within it, and never behind (a): "
-                f"**{'yes' if within else 'no'}**.")
+                f"**{'yes' if within else 'no'}** (" + ", ".join(
+                    scan["name"] + (" yes" if scan.get(f"hybrid{suffix}_within_repeat_noise")
+                                    else " no") for scan in q["scans"]) + ").")
     ok = targets["speedup_vs_lsqml_ge_20"]
     verdict = "met" if ok else "not met"
     lines.append(f"- Time to FRC-AUC {level} (complex) at least 20x shorter for the hybrid (c) "
