@@ -404,33 +404,19 @@ def _initial_probe(frames: np.ndarray, probe_guess: Any, n_modes: int) -> np.nda
 
 
 def _valid_frames(frames: np.ndarray, mask: Any) -> np.ndarray:
-    """The frames with masked pixels set to 0, once valid pixels are known to be finite.
-
-    Masked pixels may hold detector flags (NaN, 2**32 - 1): they must neither block the default
-    probe guess (the mean pattern) nor enter it, and the reconstruction ignores them anyway.
+    """The frames with masked pixels set to 0, once valid pixels are known to hold finite,
+    non-negative counts (the refiner's own check: masked pixels may hold detector flags, NaN
+    or 2**32 - 1, and must neither block the default probe guess nor enter it).
 
     Raises
     ------
     InvalidInputError
-        A mask of the wrong shape, non-finite values on valid pixels, or no photons at all.
+        A mask of the wrong shape or without valid pixels, non-finite or negative values on
+        valid pixels, or no photons at all.
     """
-    size = frames.shape[-1]
-    if mask is not None:
-        valid = np.asarray(mask, dtype=bool)
-        if valid.shape != (size, size):
-            raise InvalidInputError(f"mask: expected shape {(size, size)} like the frames, got "
-                                    f"{valid.shape}")
-        frames = np.where(valid, frames, np.zeros((), frames.dtype))
-    finite = np.isfinite(frames)
-    if not finite.all():
-        first = np.argwhere(~finite)[0]
-        raise InvalidInputError(
-            f"frames: {int((~finite).sum())} non-finite value(s) (NaN or inf) on valid pixels "
-            f"(first: frame {first[0]}, pixel ({first[1]}, {first[2]})); mask those pixels "
-            "(mask=, False = invalid) or fix the data")
-    if not float(frames.sum(dtype=np.float64)) > 0:
-        raise InvalidInputError("frames: no photons on valid pixels (all zero)")
-    return frames
+    from .recon._pie import _check_frames
+
+    return _check_frames(frames, mask)[0].numpy()
 
 
 #: Largest object canvas :func:`calibrate_probe` accepts, in units of the frames' own area

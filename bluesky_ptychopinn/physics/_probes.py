@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ._geometry import wavelength_m
+from ._tensors import check_size
 
 __all__ = [
     "zone_plate_probe",
@@ -223,9 +224,7 @@ def mixed_state_probe(
         complex64 (n_modes, N, N); modes are orthogonal: sum(P_i conj(P_j)) = 0 for i != j.
     """
     base = normalize_probe(probe)[0].astype(np.complex128)
-    if isinstance(n_modes, bool) or not (isinstance(n_modes, (int, np.integer)) and n_modes >= 1):
-        raise InvalidInputError(f"n_modes: expected an integer >= 1, got {n_modes!r}")
-    n_modes = int(n_modes)
+    n_modes = check_size(n_modes, "n_modes")
     if not 0 < decay <= 1:
         raise InvalidInputError(f"decay: expected in (0, 1], got {decay}")
     n = base.shape[-1]

@@ -94,8 +94,14 @@ def _check_frames(frames, mask) -> tuple[torch.Tensor, torch.Tensor]:
             raise InvalidInputError("mask: no valid pixel (True = valid)")
     mask_t = mask_t.to(frames_t.device)
     # Masked pixels may hold detector flags (negative, NaN): they never enter the update.
+    broken = ~torch.isfinite(frames_t) & mask_t
+    if bool(broken.any()):
+        first = torch.nonzero(broken)[0].tolist()
+        raise InvalidInputError(
+            f"frames: {int(broken.sum())} non-finite value(s) (NaN or inf) on valid pixels "
+            f"(first: frame {first[0]}, pixel ({first[1]}, {first[2]})); mask those pixels "
+            "(mask=, False = invalid) or fix the data")
     valid = frames_t[:, mask_t]
-    _check_finite(valid, "frames")
     if bool((valid < 0).any()):
         raise InvalidInputError(
             f"frames: expected photon counts >= 0 on valid pixels, got {int((valid < 0).sum())} "

@@ -6,6 +6,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from ..errors import InvalidInputError
+from ..physics._tensors import check_size
 
 __all__ = ["group_quadrants", "group_random", "group_offsets", "default_max_distance"]
 
@@ -105,10 +106,7 @@ def group_random(
     InvalidInputError
         ``channels`` not an integer >= 1, bad positions, or no anchor with enough neighbours.
     """
-    if isinstance(channels, bool) or not (isinstance(channels, (int, np.integer))
-                                          and channels >= 1):
-        raise InvalidInputError(f"channels: expected an integer >= 1 (frames per group), got "
-                                f"{channels!r}")
+    check_size(channels, "channels")
     pos = _check(positions)
     rng = np.random.default_rng(seed)
     if channels == 1:

@@ -117,32 +117,41 @@ def _lr_factor(epoch: int, config: TrainConfig, total: int) -> float:
 BEST_WEIGHTS = "best.safetensors"
 
 
+def _replace_atomically(target: Path, write) -> None:
+    """``write(tmp)`` a sibling temporary file, then rename it onto ``target``: a crash
+    leaves the previous file, never half of one."""
+    tmp = target.with_name(target.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def _cpu_tensors(state: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{k}": torch.as_tensor(v).detach().cpu().contiguous()
+            for k, v in state.items()}
+
+
 def _save_state(path: Path, model, optimizer, epoch: int, history, best_val,
                 best_state: dict | None = None) -> None:
     """Resumable state in safetensors (tensors) + JSON (scalars): no pickle.
 
     ``epoch`` is the next epoch to run. The best validation weights go to their own file so
-    that a resumed run can still return them; every file is replaced atomically (written to a
-    temporary file, then ``os.replace``), the JSON last, so a crash leaves the previous JSON.
+    that a resumed run can still return them; every file is replaced atomically, the JSON
+    last, so a crash leaves the previous JSON.
     """
     path.mkdir(parents=True, exist_ok=True)
     if best_state is not None:
-        tmp = path / (BEST_WEIGHTS + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in best_state.items()}, str(tmp))
-        os.replace(tmp, path / BEST_WEIGHTS)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        best = _cpu_tensors(best_state)
+        _replace_atomically(path / BEST_WEIGHTS, lambda tmp: save_file(best, str(tmp)))
+    tensors = _cpu_tensors(model.state_dict(), "model.")
     opt = optimizer.state_dict()
     for pid, state in opt["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tmp = path / "trainer_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path / "trainer_state.safetensors")
+        tensors.update(_cpu_tensors(state, f"optim.{pid}."))
+    _replace_atomically(path / "trainer_state.safetensors",
+                        lambda tmp: save_file(tensors, str(tmp)))
     meta = {"epoch": epoch, "history": history, "best_val": best_val,
             "param_groups": opt["param_groups"]}
-    tmp = path / "trainer_state.json.tmp"
-    tmp.write_text(json.dumps(meta, default=float))
-    os.replace(tmp, path / "trainer_state.json")
+    _replace_atomically(path / "trainer_state.json",
+                        lambda tmp: tmp.write_text(json.dumps(meta, default=float)))
 
 
 def _load_state(path: Path, model, optimizer) -> tuple[int, list, float, dict | None]:
