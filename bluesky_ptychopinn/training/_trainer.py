@@ -21,6 +21,7 @@ from ..errors import InvalidInputError
 from ..models import PhysicsDecoder, PtychoPINN, poisson_nll
 from ._data import GroupedSamples
 from ._progress import TrainingProgress
+from ._resume import check_resume, resume_key
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -131,7 +132,7 @@ def _cpu_tensors(state: dict, prefix: str = "") -> dict:
 
 
 def _save_state(path: Path, model, optimizer, epoch: int, history, best_val,
-                best_state: dict | None = None) -> None:
+                best_state: dict | None = None, key: dict | None = None) -> None:
     """Resumable state in safetensors (tensors) + JSON (scalars): no pickle.
 
     ``epoch`` is the next epoch to run. The best validation weights go to their own file so
@@ -149,14 +150,18 @@ def _save_state(path: Path, model, optimizer, epoch: int, history, best_val,
     _replace_atomically(path / "trainer_state.safetensors",
                         lambda tmp: save_file(tensors, str(tmp)))
     meta = {"epoch": epoch, "history": history, "best_val": best_val,
-            "param_groups": opt["param_groups"]}
+            "param_groups": opt["param_groups"], "resume_key": key}
     _replace_atomically(path / "trainer_state.json",
                         lambda tmp: tmp.write_text(json.dumps(meta, default=float)))
 
 
-def _load_state(path: Path, model, optimizer) -> tuple[int, list, float, dict | None]:
-    tensors = load_file(str(path / "trainer_state.safetensors"))
+def _load_state(path: Path, model, optimizer,
+                training_key: dict) -> tuple[int, list, float, dict | None]:
     meta = json.loads((path / "trainer_state.json").read_text())
+    # Before any weight is loaded: another network would fail in load_state_dict with a
+    # torch error, other data would resume silently.
+    check_resume(meta.get("resume_key"), training_key, path)
+    tensors = load_file(str(path / "trainer_state.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict = {}
     for key, value in tensors.items():
@@ -232,8 +237,10 @@ def train(
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     start_epoch, history, best_val = 0, [], math.inf
     best_state = None
+    training_key = resume_key(model, data, config) if ckpt is not None else None
     if ckpt is not None and (ckpt / "trainer_state.json").is_file():
-        start_epoch, history, best_val, best_state = _load_state(ckpt, model, optimizer)
+        start_epoch, history, best_val, best_state = _load_state(ckpt, model, optimizer,
+                                                                    training_key)
         logger.info("resumed from %s at epoch %d", ckpt, start_epoch)
 
     total_epochs = config.epochs + config.finetune_epochs
@@ -332,7 +339,7 @@ def train(
             if ckpt is not None and rank == 0:
                 # The best weights are written only when they change (a file per improvement).
                 _save_state(ckpt, model, optimizer, next_epoch, history, best_val,
-                            best_state if improved else None)
+                            best_state if improved else None, training_key)
             epoch = next_epoch
     if best_state is not None and n_val:
         model.load_state_dict(best_state)
