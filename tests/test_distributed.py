@@ -157,18 +157,17 @@ def test_two_workers_share_three_runs_each_reconstructed_once_whole(pool, bus, t
         _assert_one_whole_derived_run(client, uid, 36)
 
 
-def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, tiled):
-    RE, handle = _engine(tiled, bus.url, BEAMLINE)
-    # 0.15 s exposures: the scan lasts ~6 s, the worker that takes it is killed mid-run.
-    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=12, exposure_s=0.15)
-    client = tiled.client()
-    before = [set(w.runs("took")) for w in pool]
+def _kill_the_taker(workers, client) -> tuple[threading.Thread, dict]:
+    """A thread that SIGKILLs whichever of ``workers`` takes a new run, once that run's partial
+    derived run is in Tiled; ``killed`` then says which worker, which run, when, and the
+    derived run's stop document at that moment."""
+    before = [set(w.runs("took")) for w in workers]
     killed: dict = {}
 
     def kill_when_mid_run():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not killed:
-            for k, w in enumerate(pool):
+            for k, w in enumerate(workers):
                 new = set(w.runs("took")) - before[k]
                 if new:
                     uid = new.pop()
@@ -183,7 +182,15 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, 
                         return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_when_mid_run)
+    return threading.Thread(target=kill_when_mid_run), killed
+
+
+def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, tiled):
+    RE, handle = _engine(tiled, bus.url, BEAMLINE)
+    # 0.15 s exposures: the scan lasts ~6 s, the worker that takes it is killed mid-run.
+    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=12, exposure_s=0.15)
+    client = tiled.client()
+    killer, killed = _kill_the_taker(pool, client)
     killer.start()
     uid = _scan(RE, bl)
     t_stop = time.monotonic()
@@ -197,6 +204,64 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, 
     assert uid not in pool[killed["index"]].runs("finished")
     assert re.search(rf"finished run {uid} .*replaced a partial one", other.text())
     _assert_one_whole_derived_run(tiled.client(), uid, 36)
+
+
+async def _consumer_with_max_deliver(url: str, beamline: str, max_deliver: int) -> None:
+    import nats
+
+    from bluesky_ptychopinn.distributed._streams import ensure_streams, ensure_workers_consumer
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await ensure_streams(js, beamline)
+    await ensure_workers_consumer(js, beamline, ack_wait_s=ACK_WAIT_S, max_deliver=max_deliver)
+    await nc.close()
+
+
+async def _announcements_left(url: str, beamline: str) -> int:
+    import nats
+
+    from bluesky_ptychopinn.distributed import runs_stream
+
+    nc = await nats.connect(url)
+    try:
+        return (await nc.jetstream().stream_info(runs_stream(beamline))).state.messages
+    finally:
+        await nc.close()
+
+
+def test_a_run_given_up_after_its_last_delivery_ends_fail_not_open(bus, tiled, tmp_path):
+    """The bus stops redelivering a run after ``max_deliver`` (here 1) deliveries. Its last
+    worker was killed, so nobody used to close the partial derived run: it stayed open for
+    ever, neither done nor failed. The other worker hears the bus's advisory and closes it."""
+    beamline = "given_up"
+    asyncio.run(_consumer_with_max_deliver(bus.url, beamline, 1))
+    workers = [WorkerProcess(tmp_path / f"w{k}.log", bus.url, tiled, beamline) for k in range(2)]
+    try:
+        for w in workers:
+            w.wait_for("ready on", timeout=120)
+        RE, handle = _engine(tiled, bus.url, beamline)
+        bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=14, exposure_s=0.15)
+        client = tiled.client()
+        killer, killed = _kill_the_taker(workers, client)
+        killer.start()
+        uid = _scan(RE, bl)
+        killer.join()
+        assert killed.get("uid") == uid and killed["stop"] is None
+        other = workers[1 - killed["index"]]
+        _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
+        handle.close()
+        log = other.text()
+        assert re.search(rf"run {uid} given up after 1 deliveries.*replay {uid}", log), log
+        assert not re.search(rf"took run {uid} \(delivery", log)  # closed, not redone
+        derived = _derived(tiled.client(), uid)
+        assert len(derived) == 1, derived
+        stop = tiled.client()[derived[0]].stop
+        assert stop["exit_status"] == "fail" and "given up after 1 deliveries" in stop["reason"]
+        assert asyncio.run(_announcements_left(bus.url, beamline)) == 0
+    finally:
+        for w in workers:
+            w.stop()
 
 
 def test_a_late_worker_takes_the_backlog_and_rides_out_a_bus_restart(

@@ -8,15 +8,17 @@ Subjects follow bluesky-nats' ``events.<...>`` prefix (without depending on that
 - ``ptycho.<beamline>.runs``: one announcement per run (at its start document), in the work-queue
   stream ``PTYCHO_RUNS_<BEAMLINE>``; the durable pull consumer ``ptychopinn-workers`` hands each
   announcement to one worker, and again to another one if the first does not acknowledge it
-  within the ack deadline.
+  within the ack deadline. An announcement delivered ``max_deliver`` times without being
+  acknowledged is not delivered again; the server then publishes an advisory on
+  :func:`max_deliveries_subject` (core NATS, to whoever listens at that moment).
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["beamline_token", "docs_stream", "docs_subject", "run_filter", "runs_stream",
-           "runs_subject", "WORKERS_DURABLE"]
+__all__ = ["beamline_token", "docs_stream", "docs_subject", "max_deliveries_subject",
+           "run_filter", "runs_stream", "runs_subject", "WORKERS_DURABLE"]
 
 #: Durable consumer name shared by all reconstruction workers of a beamline.
 WORKERS_DURABLE = "ptychopinn-workers"
@@ -49,3 +51,8 @@ def run_filter(beamline: str, run_uid: str) -> str:
 
 def runs_subject(beamline: str) -> str:
     return f"ptycho.{beamline_token(beamline)}.runs"
+
+
+def max_deliveries_subject(beamline: str) -> str:
+    """JetStream's advisory for an announcement the workers' consumer gave up redelivering."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{runs_stream(beamline)}.{WORKERS_DURABLE}"

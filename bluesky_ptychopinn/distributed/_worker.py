@@ -13,6 +13,9 @@ Transports only decide which run to take and when it counts as done:
   stop document is written. While it works it sends in-progress heartbeats, so the ack deadline
   only has to cover a dead worker's silence, not a long scan: a killed worker's run goes to
   another worker when the deadline passes, and is reconstructed again from its first document.
+  A run whose every delivery ended that way (it kills its workers, say by memory) is not
+  delivered again after ``max_deliver``; a worker that hears the bus's advisory closes its
+  derived run as ``"fail"``, saying so, instead of leaving it open for ever.
 - :class:`~._kafka.KafkaWorker`, Kafka: a consumer group member that takes the runs of the
   partitions it is assigned and commits offsets at the runs' ends (``--bus kafka://...``).
 
@@ -39,7 +42,13 @@ from ._frames import PathMap, TiledFrames, parse_path_map
 from ._guard import DerivedRunGuard
 from ._server import probe_bus
 from ._streams import ensure_streams, ensure_workers_consumer
-from ._subjects import docs_stream, run_filter
+from ._subjects import (
+    WORKERS_DURABLE,
+    docs_stream,
+    max_deliveries_subject,
+    run_filter,
+    runs_stream,
+)
 
 __all__ = ["RunLost", "RunWorker", "WorkerOptions", "Worker", "make_worker", "run_worker"]
 
@@ -428,7 +437,9 @@ class Worker(RunWorker):
     A bus that goes away (restarts, blips, comes back without its streams) never ends
     :meth:`serve`: fetches, subscriptions and acknowledgements are retried, and the streams
     and the consumer are made again when the bus lost them. A message on the work queue that
-    is not a run announcement is logged and terminated (never redelivered).
+    is not a run announcement is logged and terminated (never redelivered). A run the bus gave
+    up redelivering (its ``max_deliver`` workers all stopped before finishing it) gets a
+    derived run that ends ``"fail"`` with the reason (:meth:`_give_up`).
 
     Examples
     --------
@@ -451,6 +462,8 @@ class Worker(RunWorker):
         #: The shared consumer's ack deadline (it is the first worker's, not this one's).
         self.ack_wait_s = float(options.ack_wait_s)
         self._max_deliver: int | None = None
+        #: (stream sequence, deliveries) of announcements the bus gave up redelivering.
+        self._given_up: asyncio.Queue[tuple[int, int]] | None = None
 
     def probe_bus(self) -> None:
         """Raise :class:`BusUnavailableError` unless one of the bus's servers answers now."""
@@ -519,6 +532,7 @@ class Worker(RunWorker):
         o = self.options
         await self._bind(js)
         self._rebind = False
+        await self._listen_for_given_up(nc)
         self._ready_line()
 
         async def waiting() -> int:
@@ -540,6 +554,8 @@ class Worker(RunWorker):
                         self._rebind, errors = False, 0
                     except Exception as exc:
                         logger.debug("streams and consumer not made yet: %s", exc)
+                while not self._given_up.empty():  # between runs: one run at a time
+                    await self._give_up(js, *self._given_up.get_nowait())
                 try:
                     msgs = await self._sub.fetch(1, timeout=1.0)
                 except asyncio.TimeoutError:
@@ -627,6 +643,73 @@ class Worker(RunWorker):
                 await self._give_back(msg, raw_uid, delivery)
         finally:
             heartbeat.cancel()
+
+    async def _listen_for_given_up(self, nc) -> None:
+        """Hear the bus give up on an announcement (core NATS: only while subscribed). One
+        worker of the queue group gets each advisory; it acts between two runs."""
+        import json
+
+        self._given_up = asyncio.Queue()
+
+        async def on_advisory(msg) -> None:
+            try:
+                advisory = json.loads(msg.data)
+                item = (int(advisory["stream_seq"]), int(advisory.get("deliveries", 0)))
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("%s: unreadable max-deliveries advisory (%s): %r",
+                               self.options.name, exc, msg.data[:200])
+                return
+            self._given_up.put_nowait(item)
+
+        await nc.subscribe(max_deliveries_subject(self.options.beamline),
+                           queue=f"{WORKERS_DURABLE}-given-up", cb=on_advisory)
+
+    async def _give_up(self, js, seq: int, deliveries: int) -> None:
+        """Close the derived run of the announcement at ``seq``, given up after ``deliveries``:
+        its start document and a ``"fail"`` stop with the reason go through the live callback
+        and the guard, which replaces the partial run the last worker left. The announcement
+        is then deleted from the work queue (it would never be delivered again)."""
+        from nats.js.api import DeliverPolicy
+
+        o = self.options
+        try:
+            stored = await js.get_msg(runs_stream(o.beamline), seq)
+            raw_uid = decode(stored.data)[1]["uid"]
+        except Exception as exc:
+            logger.warning("%s: the bus gave up on announcement %d after %d deliveries, but "
+                           "it cannot be read (%s)", o.name, seq, deliveries, exc)
+            return
+        reason = (f"given up after {deliveries} deliveries: every worker that took this run "
+                  "stopped before finishing it (killed, out of memory?)")
+        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
+                     "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
+                     raw_uid)
+        try:
+            sub = await js.subscribe(run_filter(o.beamline, raw_uid),
+                                     stream=docs_stream(o.beamline), ordered_consumer=True,
+                                     deliver_policy=DeliverPolicy.ALL)
+            try:
+                name, start = decode((await sub.next_msg(timeout=10.0)).data)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        except Exception as exc:
+            logger.warning("%s: run %s: its start document cannot be read from the bus (%s); "
+                           "its derived run is left as the last worker left it", o.name,
+                           raw_uid, exc)
+            return
+        if name != "start":
+            logger.warning("%s: run %s: the bus's first document is a %r, not its start; its "
+                           "derived run is left as it is", o.name, raw_uid, name)
+            return
+        docs = iter([("start", start), ("stop", _abandoned_stop(raw_uid, "fail", reason))])
+
+        async def next_doc(timeout: float):
+            return next(docs, None)
+
+        if await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
+            with contextlib.suppress(Exception):
+                await js.delete_msg(runs_stream(o.beamline), seq)
 
     async def _ack(self, msg, raw_uid: str) -> None:
         """Acknowledge a finished run, retrying while the bus is away (heartbeats go on)."""
