@@ -254,3 +254,28 @@ def test_the_polling_watcher_misses_no_run_behind_ten_newer_ones(tmp_path):
         if watcher is not None:
             watcher.close()
         server.stop()
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used:DeprecationWarning")
+def test_a_watch_finds_a_derived_run_under_way_behind_more_raw_runs_than_its_lookback(
+        tmp_path, monkeypatch):
+    """The look for derived runs under way went through the newest RUNNING_LOOKBACK runs of any
+    kind: a busy beamline's raw runs pushed a long reconstruction out of it (here 3 for 200)."""
+    from bluesky_ptychopinn.catalog import _watch
+    from bluesky_ptychopinn.catalog._watch import RECONSTRUCTION_PLAN_NAME, DerivedRunWatcher
+
+    monkeypatch.setattr(_watch, "RUNNING_LOOKBACK", 3)
+    server = EmbeddedTiled(tmp_path / "data").start()
+    watcher = None
+    try:
+        client = server.client()
+        running = _write_run(client, RECONSTRUCTION_PLAN_NAME, stop=False)  # under way
+        done = _write_run(client, RECONSTRUCTION_PLAN_NAME)  # finished: not followed
+        for _ in range(5):
+            _write_run(client, "count")
+        watcher = DerivedRunWatcher(client, mode="polling", poll_interval_s=3600).start()
+        assert set(watcher._runs) == {running}, (done, set(watcher._runs))
+    finally:
+        if watcher is not None:
+            watcher.close()
+        server.stop()

@@ -64,8 +64,9 @@ logger = logging.getLogger(__name__)
 #: The plan name of derived runs (as in :mod:`bluesky_ptychopinn.callbacks._settings`; not
 #: imported from there so that watching does not load torch).
 RECONSTRUCTION_PLAN_NAME = "ptychopinn_reconstruction"
-#: How many of the newest runs a watch that begins looks through for derived runs under way
-#: (one paged listing; a busy beamline adds raw runs between a derived run's start and stop)
+#: How many of the newest *derived* runs a watch that begins looks through for ones under way
+#: (one paged listing of a search on the plan name, so raw runs, however many a busy beamline
+#: adds between a derived run's start and stop, never push one out of it)
 RUNNING_LOOKBACK = 200
 
 #: Streams of a derived run and the keys (arrays or table columns) the watcher delivers.
@@ -554,9 +555,12 @@ class DerivedRunWatcher:
 
     def _attach_running(self) -> None:
         """Derived runs already under way when the watch began (among the newest
-        ``RUNNING_LOOKBACK`` runs, listed with their metadata in one paged request)."""
+        ``RUNNING_LOOKBACK`` derived runs, listed with their metadata in one paged request)."""
+        from tiled.queries import Key
+
         try:
-            items = list(self.client.items().tail(RUNNING_LOOKBACK))
+            derived = self.client.search(Key("start.plan_name") == RECONSTRUCTION_PLAN_NAME)
+            items = list(derived.items().tail(RUNNING_LOOKBACK))
         except Exception as exc:
             logger.debug("listing runs failed: %s", exc)
             return
