@@ -140,3 +140,29 @@ def test_a_file_declaring_more_than_memory_is_refused_before_reading(tmp_path, c
     assert path.stat().st_size < 1e6  # nothing written: a few kB declaring GiBs
     with pytest.raises(FileFormatError, match="more than this machine can hold"):
         read_cxi(path)
+
+
+@pytest.mark.parametrize("layout", ["(n, 3)", "(3, n)"])
+def test_three_frames_translation_layout_is_told_by_the_constant_z(tmp_path, layout):
+    """With 3 frames the (n, 3) CXI layout and PyNX's (3, n) have the same shape; a (3, n)
+    file was read as (n, 3), its positions scrambled. z is the component a scan keeps fixed."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:N, :N] - N // 2
+    frames = rng.poisson(300 * np.exp(-(yy**2 + xx**2) / 20.0) + 1,
+                         size=(3, N, N)).astype(np.float32)
+    probe = np.exp(-(yy**2 + xx**2) / 30.0).astype(np.complex64)
+    positions = np.array([[20.0, 21.0], [23.0, 27.0], [29.0, 24.0]])
+    ds = PtychoDataset(frames, positions, probe, energy_ev=8_000.0,
+                       detector_distance_m=1.2, detector_pixel_size_m=75e-6)
+    path = tmp_path / "three.cxi"
+    write_cxi(ds, path)
+    ours = read_cxi(path)
+    with h5py.File(path, "r") as f:
+        stored = f[TRANSLATION][()]
+    assert stored.shape == (3, 3) and np.ptp(stored[:, 2]) == 0 and np.ptp(stored[2]) != 0
+    if layout == "(3, n)":
+        _edit(path, TRANSLATION, data=stored.T)
+    back = read_cxi(path)
+    np.testing.assert_allclose(back.positions_px, ours.positions_px, atol=1e-9)
+    said = [c for c in back.metadata["conversions"] if c.startswith("translation (3, 3)")]
+    assert len(said) == 1 and ("transposed" in said[0]) == (layout == "(3, n)"), said

@@ -276,9 +276,19 @@ def _translation_yx_m(f: h5py.File, path: Path, n: int, conversions: list[str]) 
                           what="(n, 3) x, y, z in metres").astype(np.float64)
     translation *= _length_factor(f, TRANSLATION, path, conversions)
     if translation.shape == (3, 3):
-        # Three frames: (n, 3) and PyNX's (3, n) look alike; the CXI layout is (n, 3).
-        conversions.append("translation (3, 3): read as (n, 3) x, y, z per the CXI layout "
-                           "(a (3, n) file of 3 frames would need transposing)")
+        # Three frames: (n, 3) and PyNX's (3, n) look alike. A scan keeps the sample in one
+        # plane, so z is the component that does not change from frame to frame: the last
+        # column in the CXI layout (n, 3), the last row in (3, n). The data decides when
+        # exactly one of them is constant; otherwise the CXI layout.
+        column_z = np.ptp(translation[:, 2]) == 0
+        row_z = np.ptp(translation[2, :]) == 0
+        if row_z and not column_z:
+            translation = translation.T
+            conversions.append("translation (3, 3): its last row is constant (z), its last "
+                               "column is not: read as (3, n) and transposed")
+        else:
+            conversions.append("translation (3, 3): read as (n, 3) x, y, z per the CXI layout"
+                               + ("" if column_z else " (neither layout has a constant z)"))
     elif translation.shape[1] != 3 and translation.shape[0] == 3:
         translation = translation.T
         conversions.append("translation stored (3, n): transposed to (n, 3)")
