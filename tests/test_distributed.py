@@ -185,19 +185,24 @@ def _kill_the_taker(workers, client) -> tuple[threading.Thread, dict]:
     return threading.Thread(target=kill_when_mid_run), killed
 
 
+def _scan_killing_the_taker(RE, bl, workers, client) -> tuple[str, dict]:
+    """One scan, the worker that takes it SIGKILLed mid-run; its uid and ``killed``."""
+    killer, killed = _kill_the_taker(workers, client)
+    killer.start()
+    uid = _scan(RE, bl)
+    killed["t_stop"] = time.monotonic()
+    killer.join()
+    assert killed.get("uid") == uid, "the worker was not killed during the scan"
+    assert killed["t"] < killed["t_stop"]  # mid-run: before the raw run's stop document
+    assert killed["stop"] is None  # the killed worker left a partial run, never "success"
+    return uid, killed
+
+
 def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, tiled):
     RE, handle = _engine(tiled, bus.url, BEAMLINE)
     # 0.15 s exposures: the scan lasts ~6 s, the worker that takes it is killed mid-run.
     bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=12, exposure_s=0.15)
-    client = tiled.client()
-    killer, killed = _kill_the_taker(pool, client)
-    killer.start()
-    uid = _scan(RE, bl)
-    t_stop = time.monotonic()
-    killer.join()
-    assert killed.get("uid") == uid, "the worker was not killed during the scan"
-    assert killed["t"] < t_stop  # mid-run: before the raw run's stop document
-    assert killed["stop"] is None  # the killed worker left a partial run, never "success"
+    uid, killed = _scan_killing_the_taker(RE, bl, pool, tiled.client())
     other = pool[1 - killed["index"]]
     _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
     handle.close()
@@ -242,12 +247,7 @@ def test_a_run_given_up_after_its_last_delivery_ends_fail_not_open(bus, tiled, t
             w.wait_for("ready on", timeout=120)
         RE, handle = _engine(tiled, bus.url, beamline)
         bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=14, exposure_s=0.15)
-        client = tiled.client()
-        killer, killed = _kill_the_taker(workers, client)
-        killer.start()
-        uid = _scan(RE, bl)
-        killer.join()
-        assert killed.get("uid") == uid and killed["stop"] is None
+        uid, killed = _scan_killing_the_taker(RE, bl, workers, tiled.client())
         other = workers[1 - killed["index"]]
         _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
         handle.close()
