@@ -589,9 +589,15 @@ class Worker(RunWorker):
             except Exception as exc:  # bus away: the ack deadline may pass; then it is redone
                 logger.debug("in-progress heartbeat failed: %s", exc)
 
-    async def _take(self, js, msg) -> None:
+    async def _run_documents(self, js, raw_uid: str):
+        """An ordered subscription to one run's documents on the bus, from its first one."""
         from nats.js.api import DeliverPolicy
 
+        o = self.options
+        return await js.subscribe(run_filter(o.beamline, raw_uid), stream=docs_stream(o.beamline),
+                                  ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+
+    async def _take(self, js, msg) -> None:
         o = self.options
         try:
             _, announcement = decode(msg.data)
@@ -609,9 +615,7 @@ class Worker(RunWorker):
         heartbeat = asyncio.ensure_future(self._heartbeat(msg))
         try:
             try:
-                sub = await js.subscribe(run_filter(o.beamline, raw_uid),
-                                         stream=docs_stream(o.beamline), ordered_consumer=True,
-                                         deliver_policy=DeliverPolicy.ALL)
+                sub = await self._run_documents(js, raw_uid)
             except Exception as exc:
                 logger.warning("%s: cannot read run %s's documents from the bus (%s); put "
                                "back", o.name, raw_uid, exc)
@@ -669,8 +673,6 @@ class Worker(RunWorker):
         its start document and a ``"fail"`` stop with the reason go through the live callback
         and the guard, which replaces the partial run the last worker left. The announcement
         is then deleted from the work queue (it would never be delivered again)."""
-        from nats.js.api import DeliverPolicy
-
         o = self.options
         try:
             stored = await js.get_msg(runs_stream(o.beamline), seq)
@@ -681,27 +683,26 @@ class Worker(RunWorker):
             return
         reason = (f"given up after {deliveries} deliveries: every worker that took this run "
                   "stopped before finishing it (killed, out of memory?)")
-        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
-                     "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
-                     raw_uid)
         try:
-            sub = await js.subscribe(run_filter(o.beamline, raw_uid),
-                                     stream=docs_stream(o.beamline), ordered_consumer=True,
-                                     deliver_policy=DeliverPolicy.ALL)
+            sub = await self._run_documents(js, raw_uid)
             try:
                 name, start = decode((await sub.next_msg(timeout=10.0)).data)
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
         except Exception as exc:
-            logger.warning("%s: run %s: its start document cannot be read from the bus (%s); "
-                           "its derived run is left as the last worker left it", o.name,
-                           raw_uid, exc)
+            logger.error("%s: run %s %s, and its start document cannot be read from the bus "
+                         "(%s): its derived run is left as the last worker left it", o.name,
+                         raw_uid, reason, exc)
             return
         if name != "start":
-            logger.warning("%s: run %s: the bus's first document is a %r, not its start; its "
-                           "derived run is left as it is", o.name, raw_uid, name)
+            logger.error("%s: run %s %s, and the bus's first document of it is a %r, not its "
+                         "start: its derived run is left as it is", o.name, raw_uid, reason,
+                         name)
             return
+        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
+                     "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
+                     raw_uid)
         docs = iter([("start", start), ("stop", _abandoned_stop(raw_uid, "fail", reason))])
 
         async def next_doc(timeout: float):
