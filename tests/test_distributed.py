@@ -185,27 +185,28 @@ def _kill_the_taker(workers, client) -> tuple[threading.Thread, dict]:
     return threading.Thread(target=kill_when_mid_run), killed
 
 
-def _scan_killing_the_taker(RE, bl, workers, client) -> tuple[str, dict]:
-    """One scan, the worker that takes it SIGKILLed mid-run; its uid and ``killed``."""
-    killer, killed = _kill_the_taker(workers, client)
+def _scan_killing_the_taker(tiled, bus, beamline: str, workers, seed: int):
+    """One scan on ``beamline``, the worker that takes it SIGKILLed mid-run; returns its uid,
+    ``killed`` and the other worker, once that one has finished the run (redone or closed)."""
+    RE, handle = _engine(tiled, bus.url, beamline)
+    # 0.15 s exposures: the scan lasts ~6 s, the worker that takes it is killed mid-run.
+    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=seed, exposure_s=0.15)
+    killer, killed = _kill_the_taker(workers, tiled.client())
     killer.start()
     uid = _scan(RE, bl)
-    killed["t_stop"] = time.monotonic()
+    t_stop = time.monotonic()
     killer.join()
     assert killed.get("uid") == uid, "the worker was not killed during the scan"
-    assert killed["t"] < killed["t_stop"]  # mid-run: before the raw run's stop document
+    assert killed["t"] < t_stop  # mid-run: before the raw run's stop document
     assert killed["stop"] is None  # the killed worker left a partial run, never "success"
-    return uid, killed
+    other = workers[1 - killed["index"]]
+    _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
+    handle.close()
+    return uid, killed, other
 
 
 def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, tiled):
-    RE, handle = _engine(tiled, bus.url, BEAMLINE)
-    # 0.15 s exposures: the scan lasts ~6 s, the worker that takes it is killed mid-run.
-    bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=12, exposure_s=0.15)
-    uid, killed = _scan_killing_the_taker(RE, bl, pool, tiled.client())
-    other = pool[1 - killed["index"]]
-    _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
-    handle.close()
+    uid, killed, other = _scan_killing_the_taker(tiled, bus, BEAMLINE, pool, seed=12)
     assert uid not in pool[killed["index"]].runs("finished")
     assert re.search(rf"finished run {uid} .*replaced a partial one", other.text())
     _assert_one_whole_derived_run(tiled.client(), uid, 36)
@@ -245,12 +246,7 @@ def test_a_run_given_up_after_its_last_delivery_ends_fail_not_open(bus, tiled, t
     try:
         for w in workers:
             w.wait_for("ready on", timeout=120)
-        RE, handle = _engine(tiled, bus.url, beamline)
-        bl = sim_beamline("test_chip", write_path=tiled.detector_dir, seed=14, exposure_s=0.15)
-        uid, killed = _scan_killing_the_taker(RE, bl, workers, tiled.client())
-        other = workers[1 - killed["index"]]
-        _wait_finished([other], [uid], timeout=60 + ACK_WAIT_S)
-        handle.close()
+        uid, killed, other = _scan_killing_the_taker(tiled, bus, beamline, workers, seed=14)
         log = other.text()
         assert re.search(rf"run {uid} given up after 1 deliveries.*replay {uid}", log), log
         assert not re.search(rf"took run {uid} \(delivery", log)  # closed, not redone
