@@ -802,6 +802,11 @@ def worker(
                                      "takes a run (NATS: set by the first worker of a beamline; "
                                      "Kafka: the consumer's session timeout)."),
     report_every_s: float = typer.Option(5.0, "--report-every-s", help="Health log interval."),
+    max_attempts: int = typer.Option(None, "--max-attempts", min=1,
+                                     help="Attempts at one run, by any worker, before it is "
+                                     "given up and its derived run ends 'fail' (default: "
+                                     "NATS 10, set by the first worker of a beamline; Kafka "
+                                     "5)."),
     max_runs: int = typer.Option(None, help="Exit after this many runs."),
     bus_creds: Path = typer.Option(None, "--bus-creds", exists=True, dir_okay=False,
                                    help="NATS credentials file (JWT + NKey seed)."),
@@ -832,7 +837,7 @@ def worker(
                             path_map=list(path_map),
                             ack_wait_s=ack_wait_s, report_every_s=report_every_s,
                             batch_size=batch_size, torch_threads=torch_threads,
-                            connect_options=connect_options)
+                            max_attempts=max_attempts, connect_options=connect_options)
     try:
         from ._workflows import check_device
 

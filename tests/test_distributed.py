@@ -212,18 +212,6 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, bus, 
     _assert_one_whole_derived_run(tiled.client(), uid, 36)
 
 
-async def _consumer_with_max_deliver(url: str, beamline: str, max_deliver: int) -> None:
-    import nats
-
-    from bluesky_ptychopinn.distributed._streams import ensure_streams, ensure_workers_consumer
-
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    await ensure_streams(js, beamline)
-    await ensure_workers_consumer(js, beamline, ack_wait_s=ACK_WAIT_S, max_deliver=max_deliver)
-    await nc.close()
-
-
 async def _announcements_left(url: str, beamline: str) -> int:
     import nats
 
@@ -237,12 +225,13 @@ async def _announcements_left(url: str, beamline: str) -> int:
 
 
 def test_a_run_given_up_after_its_last_delivery_ends_fail_not_open(bus, tiled, tmp_path):
-    """The bus stops redelivering a run after ``max_deliver`` (here 1) deliveries. Its last
-    worker was killed, so nobody used to close the partial derived run: it stayed open for
-    ever, neither done nor failed. The other worker hears the bus's advisory and closes it."""
+    """The bus stops redelivering a run after ``max_deliver`` (here 1, the first worker's
+    ``--max-attempts``) deliveries. Its last worker was killed, so nobody used to close the
+    partial derived run: it stayed open for ever, neither done nor failed. The other worker
+    hears the bus's advisory and closes it."""
     beamline = "given_up"
-    asyncio.run(_consumer_with_max_deliver(bus.url, beamline, 1))
-    workers = [WorkerProcess(tmp_path / f"w{k}.log", bus.url, tiled, beamline) for k in range(2)]
+    workers = [WorkerProcess(tmp_path / f"w{k}.log", bus.url, tiled, beamline,
+                             "--max-attempts", "1") for k in range(2)]
     try:
         for w in workers:
             w.wait_for("ready on", timeout=120)

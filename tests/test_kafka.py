@@ -34,6 +34,7 @@ from test_distributed import (  # noqa: E402
     _derived,
     _engine,
     _scan,
+    _scan_killing_the_taker,
     _wait_finished,
 )
 from typer.testing import CliRunner  # noqa: E402
@@ -269,6 +270,36 @@ def test_a_killed_workers_run_is_redone_by_the_other_one_derived_run(pool, kafka
     _assert_one_whole_derived_run(tiled.client(), uid, 36)
     # The dead worker's finished runs were committed: the other one did not redo them.
     assert set(other.runs("took")) - before[1 - killed["index"]] == {uid}
+
+
+def test_a_run_that_kills_its_workers_is_given_up_after_max_attempts(tiled, tmp_path):
+    """The attempts at a run are counted on the brokers (the metadata of the committed
+    offset), not in a worker's memory: a run whose every taker dies used to be redone for
+    ever, each new owner of its partition starting from attempt 1. With ``--max-attempts 1``
+    the worker that inherits the killed worker's partitions closes the run ``fail``."""
+    beamline = "kgiveup"
+    cluster = MockKafka(kafka_topic(beamline))
+    workers = [WorkerProcess(tmp_path / f"w{k}.log", cluster.url, tiled, beamline,
+                             "--max-attempts", "1") for k in range(2)]
+    try:
+        for w in workers:
+            w.wait_for("ready on", timeout=120)
+        for w in workers:
+            w.wait_for(r"assigned partitions \[\d", timeout=60)
+        uid, killed, other = _scan_killing_the_taker(tiled, cluster, beamline, workers,
+                                                     seed=26)
+        log = other.text()
+        assert re.search(rf"run {uid} given up after 1 attempts.*replay {uid}", log), log
+        assert re.search(rf"took run {uid} \(to close it", log)  # closed, not redone
+        assert not re.search(rf"took run {uid} \(partition", log)
+        derived = _derived(tiled.client(), uid)
+        assert len(derived) == 1, derived
+        stop = tiled.client()[derived[0]].stop
+        assert stop["exit_status"] == "fail" and "given up after 1 attempts" in stop["reason"]
+    finally:
+        for w in workers:
+            w.stop()
+        cluster.stop()
 
 
 def test_a_late_worker_takes_the_backlog_of_all_partitions_once(pool, kafka, tiled, tmp_path):

@@ -18,6 +18,12 @@ partitions to another worker, which reads them from the committed offset, so the
 run again from its start document. The derived uid is deterministic and
 :class:`~._guard.DerivedRunGuard` replaces the partial derived run, so Tiled never holds two.
 
+Attempts: before it reconstructs a run, a worker commits the run's start offset with the
+attempt's number in the commit's metadata (``{"run": uid, "offset": n, "attempts": k}``). The
+count is on the brokers, not in a worker's memory, so it survives the worker: a run that
+kills every worker that takes it (out of memory, a crash in a library) is given up after
+``max_attempts`` like a run that fails with an error, its derived run closed ``"fail"``.
+
 Beamline side (:class:`KafkaPublisher`, made by ``publish_documents(RE, "kafka://...")``): an
 idempotent producer (a retried produce is stored once, in order); librdkafka's own bounded
 queue is the local buffer: the RunEngine never waits, documents queue while the brokers are
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -42,7 +49,7 @@ from ._codec import decode, encode
 from ._errors import BusUnavailableError
 from ._publisher import PublisherHandle, PublisherStats, _RunSubjects
 from ._subjects import beamline_token
-from ._worker import RunLost, RunWorker, WorkerOptions
+from ._worker import RunLost, RunWorker, WorkerOptions, _abandoned_stop
 
 __all__ = ["KafkaPublisher", "KafkaWorker", "ensure_topic", "kafka_config", "kafka_group",
            "kafka_topic", "parse_kafka_url", "probe_kafka"]
@@ -53,8 +60,9 @@ logger = logging.getLogger(__name__)
 #: can share the beamline's runs (a facility creates its topics itself, with its own number).
 DEFAULT_PARTITIONS = 8
 
-#: Attempts at a run on one worker before it is given up (logged as an error, committed
-#: past): a run that always fails must not block the runs after it in its partition.
+#: Attempts at a run, by any worker, before it is given up (its derived run ends ``"fail"``,
+#: it is committed past): a run that always fails, or kills every worker that takes it, must
+#: not block the runs after it in its partition. ``--max-attempts`` overrides it.
 MAX_ATTEMPTS = 5
 
 
@@ -362,9 +370,10 @@ class KafkaWorker(RunWorker):
     partition is rewound to the earliest of them once the run is finished, and its offset is
     committed no further than that.
 
-    A run that fails is redone from its start, after a pause, up to :data:`MAX_ATTEMPTS`
-    times; then it is given up (an error is logged) and committed past, like a start document
-    this codec cannot read, so that the runs after it in its partition go on.
+    A run that fails is redone from its start, after a pause, up to ``max_attempts`` times
+    (:data:`MAX_ATTEMPTS` by default) by whichever worker holds its partition; then it is
+    given up (an error is logged, its derived run ends ``"fail"``) and committed past, like a
+    start document this codec cannot read, so that the runs after it in its partition go on.
     """
 
     waiting_unit = "documents"
@@ -381,6 +390,7 @@ class KafkaWorker(RunWorker):
         self._current: tuple[str, int] | None = None  # (raw uid, partition)
         self._lost_current: str | None = None
         self._ever_assigned = False
+        self.max_attempts = int(options.max_attempts or MAX_ATTEMPTS)
 
     def probe_bus(self) -> None:
         probe_kafka(self.options.bus, timeout=3.0, config=self.options.connect_options)
@@ -566,8 +576,18 @@ class KafkaWorker(RunWorker):
                         continue
                     if not await self._wait_for_tiled():
                         break
-                    attempt = failures.get(raw_uid, 0) + 1
-                    if await self._take(msg, raw_uid, first, last=attempt >= MAX_ATTEMPTS):
+                    # This worker's own count too: the bus's is lost if its commit fails.
+                    before = max(await self._attempts_before(msg, raw_uid),
+                                 failures.get(raw_uid, 0))
+                    if before >= self.max_attempts:
+                        if await self._give_up(msg, raw_uid, first, before):
+                            failures.pop(raw_uid, None)
+                        msg = None
+                        continue
+                    attempt = before + 1
+                    await self._record_attempt(msg, raw_uid, attempt)
+                    if await self._take(msg, raw_uid, first,
+                                        last=attempt >= self.max_attempts):
                         failures.pop(raw_uid, None)
                     else:
                         failures[raw_uid] = attempt
@@ -634,7 +654,7 @@ class KafkaWorker(RunWorker):
         lost = self._lost_current == raw_uid
         if not done and not lost and last:
             logger.error("%s: run %s failed %d times; given up (not reconstructed)",
-                         self.options.name, raw_uid, MAX_ATTEMPTS)
+                         self.options.name, raw_uid, self.max_attempts)
             done = True
         if done:
             self._finished(raw_uid)
@@ -647,6 +667,69 @@ class KafkaWorker(RunWorker):
         else:
             self._rewind({p: off for p, off in rewind.items() if p != partition})
         return done or lost  # a lost run is not this worker's to retry
+
+    # -- attempts, counted on the brokers -------------------------------------------------
+    async def _attempts_before(self, first, raw_uid: str) -> int:
+        """Attempts at the run that starts at ``first`` so far, by any worker: the metadata
+        of its partition's committed offset, when that offset is this start (0 otherwise,
+        or when the brokers do not answer)."""
+        ck = _require()
+        tp = ck.TopicPartition(self.topic, first.partition())
+        try:
+            [committed] = await asyncio.to_thread(self._consumer.committed, [tp], 5.0)
+            record = json.loads(committed.metadata or "{}")
+            if (committed.offset == first.offset() and record.get("run") == raw_uid
+                    and record.get("offset") == first.offset()):
+                return max(0, int(record.get("attempts", 0)))
+        except (ck.KafkaException, ValueError, TypeError, AttributeError) as exc:
+            logger.debug("%s: run %s: attempts so far not read (%s)", self.options.name,
+                         raw_uid, exc)
+        return 0
+
+    async def _record_attempt(self, first, raw_uid: str, attempt: int) -> None:
+        """Commit the run's start offset with ``attempt`` in the metadata before the run is
+        reconstructed: a worker that takes it after this one (which may die in it) reads
+        it there. Everything before the start is finished, so committing it loses
+        nothing."""
+        ck = _require()
+        p, offset = first.partition(), first.offset()
+        record = json.dumps({"run": raw_uid, "offset": offset, "attempts": attempt})
+        try:
+            await asyncio.to_thread(
+                self._consumer.commit, asynchronous=False,
+                offsets=[ck.TopicPartition(self.topic, p, offset, metadata=record)])
+        except ck.KafkaException as exc:
+            logger.warning("%s: run %s: attempt %d not recorded on the bus (%s); only this "
+                           "worker counts it", self.options.name, raw_uid, attempt,
+                           exc.args[0])
+            return
+        self._committed[p] = offset
+
+    async def _give_up(self, first, raw_uid: str, start: tuple[str, dict],
+                       attempts: int) -> bool:
+        """Close the run that starts at ``first`` without reconstructing it: its start and a
+        ``"fail"`` stop with the reason go through the live callback and the guard, which
+        replaces the partial derived run the last attempt left; then it is committed past.
+        False: Tiled refused the write (the run is read again, after a pause)."""
+        o = self.options
+        reason = (f"given up after {attempts} attempts: each worker that took this run "
+                  "failed or stopped before finishing it (killed, out of memory?)")
+        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
+                     "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
+                     raw_uid)
+        docs = iter([start, ("stop", _abandoned_stop(raw_uid, "fail", reason))])
+
+        async def next_doc(timeout: float):
+            return next(docs, None)
+
+        if await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
+            self._finished(raw_uid)
+            await self._commit({})
+            return True
+        self._rewind({first.partition(): first.offset()})
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), self._retry_delay(attempts))
+        return False
 
     async def _lag(self) -> int:
         """Documents in this worker's partitions not read yet (-1: unknown now)."""

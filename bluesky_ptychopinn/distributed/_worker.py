@@ -106,6 +106,12 @@ class WorkerOptions:
     retry_delay_s : float
         A run that failed here is offered again after this many seconds times its attempts
         so far (at most 60 s).
+    max_attempts : int, optional
+        Attempts at one run, by any worker, before it is given up: its derived run ends
+        ``"fail"`` with the reason, and the runs after it go on. Counted on the bus, so a run
+        that kills every worker that takes it is bounded too. Default: NATS 10 (the work
+        queue's ``max_deliver``, set by the first worker of a beamline), Kafka
+        :data:`~._kafka.MAX_ATTEMPTS`.
     max_queue : int, optional
         Documents (frames inline) queued for the reconstruction; when full, reading the bus
         waits (a backlog stays on the bus, not in memory). Default: 4 batches, at least 64.
@@ -133,6 +139,7 @@ class WorkerOptions:
     frames_timeout_s: float = 120.0
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     retry_delay_s: float = 5.0
+    max_attempts: int | None = None
     max_queue: int | None = None
     connect_options: dict = field(default_factory=dict)
 
@@ -502,7 +509,9 @@ class Worker(RunWorker):
         ack deadline, on which the heartbeats are paced."""
         o = self.options
         await ensure_streams(js, o.beamline)
-        sub = await ensure_workers_consumer(js, o.beamline, ack_wait_s=o.ack_wait_s)
+        sub = await ensure_workers_consumer(
+            js, o.beamline, ack_wait_s=o.ack_wait_s,
+            **({"max_deliver": o.max_attempts} if o.max_attempts else {}))
         old, self._sub = self._sub, sub
         if old is not None:
             with contextlib.suppress(Exception):
@@ -520,6 +529,10 @@ class Worker(RunWorker):
                            min(actual, o.ack_wait_s))
         self.ack_wait_s = min(actual, o.ack_wait_s) if actual else o.ack_wait_s
         self._max_deliver = config.max_deliver if (config.max_deliver or 0) > 0 else None
+        if o.max_attempts and self._max_deliver != o.max_attempts:
+            logger.warning("%s: the work queue's consumer gives a run up after %s deliveries "
+                           "(made by the first worker), not this worker's --max-attempts %d",
+                           o.name, self._max_deliver or "unlimited", o.max_attempts)
         return sub
 
     async def serve(self, max_runs: int | None = None) -> int:
