@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ from bluesky_ptychopinn.distributed import (
 )
 from bluesky_ptychopinn.distributed._codec import decode, encode
 from bluesky_ptychopinn.distributed._streams import ensure_streams, ensure_workers_consumer
-from bluesky_ptychopinn.distributed._subjects import WORKERS_DURABLE, docs_stream
+from bluesky_ptychopinn.distributed._subjects import WORKERS_DURABLE, docs_stream, docs_subject
 from bluesky_ptychopinn.plans import ptycho_scan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,12 +66,13 @@ class FakeLive:
 
 def nats_worker(url: str, beamline: str, name: str, *, ack_wait_s: float = 1.0,
                 duration_s: float = 0.0, result: bool = True, log: list | None = None,
-                on_run=None) -> Worker:
+                on_run=None, max_attempts: int | None = None) -> Worker:
     """A NATS worker whose reconstruction is a pause of ``duration_s``; ``log`` gets
-    ``(name, raw uid, how)`` for every run it takes; ``on_run`` is awaited inside the run."""
+    ``(name, raw uid, how)`` for every run it takes; ``on_run`` is awaited inside the run.
+    A run it is asked to close (given up) is closed whatever ``result`` is."""
     worker = Worker(WorkerOptions(bus=url, tiled="http://unused", beamline=beamline,
                                   ack_wait_s=ack_wait_s, report_every_s=1000, name=name,
-                                  retry_delay_s=0.1))
+                                  retry_delay_s=0.1, max_attempts=max_attempts))
     worker.client, worker.live = FakeTiled(), FakeLive()
 
     async def run_once(raw_uid: str, next_doc, how: str = "") -> bool:
@@ -79,9 +81,10 @@ def nats_worker(url: str, beamline: str, name: str, *, ack_wait_s: float = 1.0,
         if on_run is not None:
             await on_run()
         await asyncio.sleep(duration_s)
-        if result:
+        if result or how.startswith("to close it"):
             worker.progress.runs_done += 1
-        return result
+            return True
+        return False
 
     worker.run_once = run_once
     return worker
@@ -129,6 +132,35 @@ async def finish(*tasks: asyncio.Task, workers=(), timeout: float = 10.0) -> lis
     for w in workers:
         w._stop.set()
     return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout)
+
+
+def test_a_run_that_fails_on_its_last_delivery_is_closed_fail_and_deleted(bus):  # noqa: F811
+    """Before: terminated on its last delivery, with no advisory and so nobody to close a
+    derived run its last failed Tiled write had left without a stop document."""
+    beamline = "lastfail"
+
+    async def scenario() -> list:
+        log: list = []
+        worker = nats_worker(bus.url, beamline, "w", result=False, log=log, max_attempts=2)
+        await announce(bus.url, beamline, "F")
+        nc, js = await _js(bus.url)
+        await js.publish(docs_subject(beamline, "F", "start"),
+                         encode("start", {"uid": "F", "time": 0.0}))
+        await nc.close()
+        task = asyncio.ensure_future(worker.serve())
+        await until(lambda: any(how.startswith("to close it") for *_, how in log), 30,
+                    "the run closed")
+        await finish(task, workers=[worker])
+        assert await queue_state(bus.url, beamline) == (0, 0)
+        nc, js = await _js(bus.url)
+        left = (await js.stream_info(runs_stream(beamline))).state.messages
+        await nc.close()
+        assert left == 0  # deleted (closed), not only terminated
+        return log
+
+    log = asyncio.run(scenario())
+    assert [how for *_, how in log][:2] == ["delivery 1", "delivery 2"]
+    assert re.search(r"given up after 2 deliveries: it failed on each", log[2][2]), log
 
 
 # -- #1: the bus away at the end of a run, or when its documents are to be read --------------
@@ -363,7 +395,7 @@ def kafka():
 
     from bluesky_ptychopinn.distributed import kafka_topic
 
-    cluster = MockKafka(kafka_topic("kbad"), kafka_topic("kfail"))
+    cluster = MockKafka(*(kafka_topic(b) for b in ("kbad", "kfail", "kstop", "krevoke")))
     try:
         yield cluster
     finally:
@@ -389,19 +421,19 @@ def _run(uid: str) -> list[tuple[str, str, bytes]]:
                                           "time": 0.0}))]
 
 
-def _kafka_worker(kafka, beamline: str, failing: set[str], taken: list[str]):
+def _kafka_worker(kafka, beamline: str, failing: set[str], taken: list[str], **options):
     from bluesky_ptychopinn.distributed import KafkaWorker
 
     worker = KafkaWorker(WorkerOptions(bus=kafka.url, tiled="http://unused", beamline=beamline,
                                        ack_wait_s=3.0, report_every_s=1000, name="w",
-                                       retry_delay_s=0.05))
+                                       retry_delay_s=0.05, **options))
     worker.client, worker.live = FakeTiled(), FakeLive()
 
     async def run_once(raw_uid: str, next_doc, how: str = "") -> bool:
-        taken.append(raw_uid)
+        taken.append(raw_uid if not how.startswith("to close it") else f"close {raw_uid}")
         while (item := await next_doc(0.2)) is not None and item[0] != "stop":
             pass
-        if raw_uid in failing:
+        if raw_uid in failing and not how.startswith("to close it"):
             return False
         worker.progress.runs_done += 1
         return True
@@ -426,9 +458,62 @@ def test_kafka_gives_up_a_run_that_always_fails_and_goes_on(kafka):
     _produce(kafka, "kfail", [*_run("X"), *_run("Y")])
     taken: list[str] = []
     worker = _kafka_worker(kafka, "kfail", {"X"}, taken)
-    assert asyncio.run(asyncio.wait_for(worker.serve(max_runs=1), 45)) == 1
-    assert taken == ["X"] * MAX_ATTEMPTS + ["Y"]
+    # (closing X counts as a run done: its derived run is written, "fail")
+    assert asyncio.run(asyncio.wait_for(worker.serve(max_runs=2), 45)) == 2
+    # Its last failure is closed through the give-up (its derived run ends "fail").
+    assert taken == ["X"] * MAX_ATTEMPTS + ["close X", "Y"]
     assert {"X", "Y"} <= set(worker._done)  # X committed past: not redone after a restart
+
+
+def test_kafka_a_worker_stopped_while_tiled_is_away_leaves_the_run_to_the_next(kafka):
+    # Before: the start it had read while waiting for Tiled was committed past at the stop;
+    # no worker ever took the run.
+    _produce(kafka, "kstop", _run("S"))
+    first = _kafka_worker(kafka, "kstop", set(), taken := [])
+    first.client.down.set()
+
+    async def stop_once_read() -> None:
+        task = asyncio.ensure_future(first.serve())
+        await until(lambda: first._next.get(0) == 1, 30, "the start read")
+        await asyncio.sleep(0.5)  # waiting for Tiled
+        first.stop()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(stop_once_read())
+    assert taken == []
+    second = _kafka_worker(kafka, "kstop", set(), taken)
+    assert asyncio.run(asyncio.wait_for(second.serve(max_runs=1), 45)) == 1
+    assert taken == ["S"]
+
+
+def test_kafka_a_run_handed_over_mid_run_keeps_its_attempts(kafka):
+    """A partition revoked mid-run (a worker joins or leaves the group) is no failed attempt:
+    the next owner must not count it, or with ``max_attempts`` 1 give the run up unfailed."""
+    from confluent_kafka import TopicPartition
+
+    from bluesky_ptychopinn.distributed import kafka_topic
+
+    _produce(kafka, "krevoke", _run("H")[:1])  # its start; the scan goes on
+    worker = _kafka_worker(kafka, "krevoke", set(), [], max_attempts=1)
+
+    async def revoke_mid_run() -> tuple[int, int]:
+        worker._consumer = worker._make_consumer()
+        msg = None
+        deadline = time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            msg = await worker._poll(0.5)
+        assert msg is not None and msg.key() == b"H"
+        await worker._record_attempt(msg, "H", 1)
+        during = await worker._attempts_before(msg, "H")
+        worker._current = ("H", msg.partition())
+        worker._on_revoke(worker._consumer, [TopicPartition(kafka_topic("krevoke"),
+                                                            msg.partition())])
+        after = await worker._attempts_before(msg, "H")
+        await asyncio.to_thread(worker._consumer.close)
+        return during, after
+
+    during, after = asyncio.run(revoke_mid_run())
+    assert (during, after) == (1, 0)
 
 
 # -- #6 and #7: a real worker reconstructing real runs, derived runs to a real Tiled ---------

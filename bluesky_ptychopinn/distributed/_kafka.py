@@ -49,7 +49,7 @@ from ._codec import decode, encode
 from ._errors import BusUnavailableError
 from ._publisher import PublisherHandle, PublisherStats, _RunSubjects
 from ._subjects import beamline_token
-from ._worker import RunLost, RunWorker, WorkerOptions, _abandoned_stop
+from ._worker import CLOSE_TRIES, RunLost, RunWorker, WorkerOptions, _abandoned_stop
 
 __all__ = ["KafkaPublisher", "KafkaWorker", "ensure_topic", "kafka_config", "kafka_group",
            "kafka_topic", "parse_kafka_url", "probe_kafka"]
@@ -391,6 +391,12 @@ class KafkaWorker(RunWorker):
         self._lost_current: str | None = None
         self._ever_assigned = False
         self.max_attempts = int(options.max_attempts or MAX_ATTEMPTS)
+        # (raw uid, partition, start offset, attempt) recorded on the bus for the current run
+        self._attempt: tuple[str, int, int, int] | None = None
+        # Failed attempts, and failed closes of given-up runs, as this worker counts them
+        # (the bus's count is the one that matters; these cover a commit that failed).
+        self._failures: dict[str, int] = {}
+        self._close_failures: dict[str, int] = {}
 
     def probe_bus(self) -> None:
         probe_kafka(self.options.bus, timeout=3.0, config=self.options.connect_options)
@@ -444,6 +450,8 @@ class KafkaWorker(RunWorker):
                 state = self.live.runs.get(raw_uid)
                 if state is not None and state.derived_uid:
                     self.guard.abandon(state.derived_uid)
+            else:
+                self._hand_back_attempt(consumer)
             # Revoked: closed here, before the partition goes to another worker (which waits
             # for this callback), so nothing of the partial derived run comes after it.
             self.close_run_now(raw_uid, "its partition went to another worker")
@@ -502,15 +510,15 @@ class KafkaWorker(RunWorker):
     async def _commit(self, rewind: dict[int, int]) -> None:
         """Commit, per partition, the lowest offset some unfinished run still needs."""
         ck = _require()
-        # Only partitions this worker holds: the group's coordinator would also take an
-        # offset for one another member has now, over that member's.
-        held = {tp.partition for tp in await asyncio.to_thread(self._consumer.assignment)}
-        offsets = {p: rewind.get(p, nxt) for p, nxt in self._next.items() if p in held}
-        todo = [ck.TopicPartition(self.topic, p, off) for p, off in sorted(offsets.items())
-                if self._committed.get(p) != off]
-        if not todo:
-            return
         try:
+            # Only partitions this worker holds: the group's coordinator would also take an
+            # offset for one another member has now, over that member's.
+            held = {tp.partition for tp in await asyncio.to_thread(self._consumer.assignment)}
+            offsets = {p: rewind.get(p, nxt) for p, nxt in self._next.items() if p in held}
+            todo = [ck.TopicPartition(self.topic, p, off) for p, off in sorted(offsets.items())
+                    if self._committed.get(p) != off]
+            if not todo:
+                return
             await asyncio.to_thread(self._consumer.commit, offsets=todo, asynchronous=False)
         except ck.KafkaException as exc:
             # A rebalance in progress, the bus away: the next owner of the partition may
@@ -553,7 +561,6 @@ class KafkaWorker(RunWorker):
         self._ready_line()
         reporter = asyncio.ensure_future(self._report(self._lag))
         last_commit = time.monotonic()
-        failures: dict[str, int] = {}
         try:
             while not self._stop.is_set():
                 if max_runs is not None and self.progress.runs_done >= max_runs:
@@ -575,25 +582,8 @@ class KafkaWorker(RunWorker):
                         msg = None
                         continue
                     if not await self._wait_for_tiled():
-                        break
-                    # This worker's own count too: the bus's is lost if its commit fails.
-                    before = max(await self._attempts_before(msg, raw_uid),
-                                 failures.get(raw_uid, 0))
-                    if before >= self.max_attempts:
-                        if await self._give_up(msg, raw_uid, first, before):
-                            failures.pop(raw_uid, None)
-                        msg = None
-                        continue
-                    attempt = before + 1
-                    await self._record_attempt(msg, raw_uid, attempt)
-                    if await self._take(msg, raw_uid, first,
-                                        last=attempt >= self.max_attempts):
-                        failures.pop(raw_uid, None)
-                    else:
-                        failures[raw_uid] = attempt
-                        with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(self._stop.wait(),
-                                                   self._retry_delay(attempt))
+                        break  # (stopped: ``msg`` is left unhandled, see below)
+                    await self._handle_start(msg, raw_uid, first)
                 elif time.monotonic() - last_commit > 5.0:
                     # Documents of finished (or earlier) runs: skipped, and so committed.
                     await self._commit({})
@@ -601,17 +591,62 @@ class KafkaWorker(RunWorker):
                 msg = None
         finally:
             reporter.cancel()
+            if msg is not None:
+                # Read but not handled (stopped while Tiled was away, or just after the
+                # poll): not committed past, whoever holds the partition next reads it.
+                p = msg.partition()
+                self._next[p] = min(self._next.get(p, msg.offset()), msg.offset())
             with contextlib.suppress(Exception):
                 if self._current is None:
                     await self._commit({})  # what was skipped since the last commit
                 await asyncio.to_thread(self._consumer.close)
         return self.progress.runs_done
 
-    async def _take(self, first, raw_uid: str, start: tuple[str, dict],
-                    last: bool = False) -> bool:
+    async def _handle_start(self, first, raw_uid: str, start: tuple[str, dict]) -> None:
+        """The run that starts at ``first``: reconstructed; or, failed here, read again after
+        a pause; or, after ``max_attempts`` attempts by any worker, given up."""
+        before = max(await self._attempts_before(first, raw_uid),
+                     self._failures.get(raw_uid, 0))
+        if before >= self.max_attempts:
+            if await self._give_up(first, raw_uid, start, before):
+                self._failures.pop(raw_uid, None)
+                self._close_failures.pop(raw_uid, None)
+                return
+            tries = self._close_failures.get(raw_uid, 0) + 1
+            if tries >= CLOSE_TRIES:
+                logger.error("%s: run %s: its 'fail' stop could not be written either (%d "
+                             "tries); skipped, its derived run left as the last attempt left "
+                             "it", self.options.name, raw_uid, tries)
+                self._failures.pop(raw_uid, None)
+                self._close_failures.pop(raw_uid, None)
+                self._finished(raw_uid)
+                await self._commit({})
+                return
+            self._close_failures[raw_uid] = tries
+            self._rewind({first.partition(): first.offset()})
+            await self._pause(tries)
+            return
+        attempt = before + 1
+        await self._record_attempt(first, raw_uid, attempt)
+        try:
+            done = await self._take(first, raw_uid, start)
+        finally:
+            self._attempt = None
+        if done:
+            self._failures.pop(raw_uid, None)
+            return
+        # Read again from its start after the pause; after the last attempt that read gives
+        # it up (_give_up), which closes its derived run whatever this attempt left of it.
+        self._failures[raw_uid] = attempt
+        await self._pause(attempt)
+
+    async def _pause(self, attempts: int) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), self._retry_delay(attempts))
+
+    async def _take(self, first, raw_uid: str, start: tuple[str, dict]) -> bool:
         """Reconstruct the run that starts at ``first`` (decoded: ``start``); False: it
-        failed here and is to be redone (its partition is rewound to its start). On the
-        ``last`` attempt a failure gives the run up: committed past, True."""
+        failed here and is to be redone (its partition is rewound to its start)."""
         partition, start_offset = first.partition(), first.offset()
         rewind: dict[int, int] = {}
         self._current, self._lost_current = (raw_uid, partition), None
@@ -652,10 +687,6 @@ class KafkaWorker(RunWorker):
         finally:
             self._current = None
         lost = self._lost_current == raw_uid
-        if not done and not lost and last:
-            logger.error("%s: run %s failed %d times; given up (not reconstructed)",
-                         self.options.name, raw_uid, self.max_attempts)
-            done = True
         if done:
             self._finished(raw_uid)
         elif not lost:
@@ -704,13 +735,32 @@ class KafkaWorker(RunWorker):
                            exc.args[0])
             return
         self._committed[p] = offset
+        self._attempt = (raw_uid, p, offset, attempt)
+
+    def _hand_back_attempt(self, consumer) -> None:
+        """The current run's partition is revoked (a worker joins or leaves the group): the
+        attempt this worker recorded is no failure. Commit the run's start again with the
+        count before it, in the revoke callback, before the partition changes hands."""
+        if self._attempt is None:
+            return
+        raw_uid, p, offset, attempt = self._attempt
+        self._attempt = None
+        ck = _require()
+        record = json.dumps({"run": raw_uid, "offset": offset, "attempts": attempt - 1})
+        try:
+            consumer.commit(offsets=[ck.TopicPartition(self.topic, p, offset, metadata=record)],
+                            asynchronous=False)
+        except ck.KafkaException as exc:
+            logger.warning("%s: run %s: its partition was handed over, but the attempt could "
+                           "not be taken back (%s); it counts as one", self.options.name,
+                           raw_uid, exc.args[0])
 
     async def _give_up(self, first, raw_uid: str, start: tuple[str, dict],
                        attempts: int) -> bool:
         """Close the run that starts at ``first`` without reconstructing it: its start and a
         ``"fail"`` stop with the reason go through the live callback and the guard, which
         replaces the partial derived run the last attempt left; then it is committed past.
-        False: Tiled refused the write (the run is read again, after a pause)."""
+        False: Tiled refused the write."""
         o = self.options
         reason = (f"given up after {attempts} attempts: each worker that took this run "
                   "failed or stopped before finishing it (killed, out of memory?)")
@@ -722,14 +772,11 @@ class KafkaWorker(RunWorker):
         async def next_doc(timeout: float):
             return next(docs, None)
 
-        if await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
-            self._finished(raw_uid)
-            await self._commit({})
-            return True
-        self._rewind({first.partition(): first.offset()})
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), self._retry_delay(attempts))
-        return False
+        if not await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
+            return False
+        self._finished(raw_uid)
+        await self._commit({})
+        return True
 
     async def _lag(self) -> int:
         """Documents in this worker's partitions not read yet (-1: unknown now)."""

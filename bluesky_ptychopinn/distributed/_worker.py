@@ -52,6 +52,10 @@ from ._subjects import (
 
 __all__ = ["RunLost", "RunWorker", "WorkerOptions", "Worker", "make_worker", "run_worker"]
 
+#: Tries at closing a given-up run (its start and a ``"fail"`` stop written to Tiled) before
+#: it is left as it is: a Tiled that refuses even that must not hold up the runs after it.
+CLOSE_TRIES = 3
+
 #: ``await next_doc(timeout)``: a run's next ``(name, doc)``, or ``None`` after ``timeout`` s.
 NextDoc = Callable[[float], Awaitable["tuple[str, dict] | None"]]
 
@@ -567,8 +571,11 @@ class Worker(RunWorker):
                         self._rebind, errors = False, 0
                     except Exception as exc:
                         logger.debug("streams and consumer not made yet: %s", exc)
-                while not self._given_up.empty():  # between runs: one run at a time
-                    await self._give_up(js, *self._given_up.get_nowait())
+                for _ in range(self._given_up.qsize()):  # between runs: one at a time
+                    seq, deliveries, tries = self._given_up.get_nowait()
+                    closed = await self._give_up(js, seq, deliveries)
+                    if not closed and tries + 1 < CLOSE_TRIES:
+                        self._given_up.put_nowait((seq, deliveries, tries + 1))  # next round
                 try:
                     msgs = await self._sub.fetch(1, timeout=1.0)
                 except asyncio.TimeoutError:
@@ -633,7 +640,7 @@ class Worker(RunWorker):
                 logger.warning("%s: cannot read run %s's documents from the bus (%s); put "
                                "back", o.name, raw_uid, exc)
                 self._rebind = True  # the documents' stream may be gone with the bus store
-                await self._give_back(msg, raw_uid, delivery)
+                await self._give_back(js, msg, raw_uid, delivery)
                 return
 
             async def next_doc(timeout: float):
@@ -657,7 +664,7 @@ class Worker(RunWorker):
             if done:
                 await self._ack(msg, raw_uid)
             else:
-                await self._give_back(msg, raw_uid, delivery)
+                await self._give_back(js, msg, raw_uid, delivery)
         finally:
             heartbeat.cancel()
 
@@ -666,12 +673,13 @@ class Worker(RunWorker):
         worker of the queue group gets each advisory; it acts between two runs."""
         import json
 
+        # (announcement sequence, deliveries, failed tries at closing it)
         self._given_up = asyncio.Queue()
 
         async def on_advisory(msg) -> None:
             try:
                 advisory = json.loads(msg.data)
-                item = (int(advisory["stream_seq"]), int(advisory.get("deliveries", 0)))
+                item = (int(advisory["stream_seq"]), int(advisory.get("deliveries", 0)), 0)
             except (ValueError, KeyError, TypeError) as exc:
                 logger.warning("%s: unreadable max-deliveries advisory (%s): %r",
                                self.options.name, exc, msg.data[:200])
@@ -681,11 +689,13 @@ class Worker(RunWorker):
         await nc.subscribe(max_deliveries_subject(self.options.beamline),
                            queue=f"{WORKERS_DURABLE}-given-up", cb=on_advisory)
 
-    async def _give_up(self, js, seq: int, deliveries: int) -> None:
+    async def _give_up(self, js, seq: int, deliveries: int, reason: str | None = None
+                       ) -> bool:
         """Close the derived run of the announcement at ``seq``, given up after ``deliveries``:
         its start document and a ``"fail"`` stop with the reason go through the live callback
         and the guard, which replaces the partial run the last worker left. The announcement
-        is then deleted from the work queue (it would never be delivered again)."""
+        is then deleted from the work queue (it would never be delivered again). True once
+        both are done; False (logged) when the run could not be closed."""
         o = self.options
         try:
             stored = await js.get_msg(runs_stream(o.beamline), seq)
@@ -693,9 +703,9 @@ class Worker(RunWorker):
         except Exception as exc:
             logger.warning("%s: the bus gave up on announcement %d after %d deliveries, but "
                            "it cannot be read (%s)", o.name, seq, deliveries, exc)
-            return
-        reason = (f"given up after {deliveries} deliveries: every worker that took this run "
-                  "stopped before finishing it (killed, out of memory?)")
+            return False
+        reason = reason or (f"given up after {deliveries} deliveries: every worker that took "
+                            "this run stopped before finishing it (killed, out of memory?)")
         try:
             sub = await self._run_documents(js, raw_uid)
             try:
@@ -707,12 +717,12 @@ class Worker(RunWorker):
             logger.error("%s: run %s %s, and its start document cannot be read from the bus "
                          "(%s): its derived run is left as the last worker left it", o.name,
                          raw_uid, reason, exc)
-            return
+            return False
         if name != "start":
             logger.error("%s: run %s %s, and the bus's first document of it is a %r, not its "
                          "start: its derived run is left as it is", o.name, raw_uid, reason,
                          name)
-            return
+            return False
         logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
                      "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
                      raw_uid)
@@ -721,9 +731,11 @@ class Worker(RunWorker):
         async def next_doc(timeout: float):
             return next(docs, None)
 
-        if await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
-            with contextlib.suppress(Exception):
-                await js.delete_msg(runs_stream(o.beamline), seq)
+        if not await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
+            return False
+        with contextlib.suppress(Exception):
+            await js.delete_msg(runs_stream(o.beamline), seq)
+        return True
 
     async def _ack(self, msg, raw_uid: str) -> None:
         """Acknowledge a finished run, retrying while the bus is away (heartbeats go on)."""
@@ -743,14 +755,19 @@ class Worker(RunWorker):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def _give_back(self, msg, raw_uid: str, delivery: int) -> None:
-        """Back to the queue, after a pause: another worker (or this one) redoes it whole;
-        on its last delivery the run is given up, loudly."""
+    async def _give_back(self, js, msg, raw_uid: str, delivery: int) -> None:
+        """Back to the queue, after a pause: another worker (or this one) redoes it whole.
+        On its last delivery the run is given up, loudly: its derived run is closed
+        ``"fail"`` (a Tiled write that failed may have left it without a stop) and the
+        announcement deleted, or, if that fails too, terminated."""
         if self._max_deliver is not None and delivery >= self._max_deliver:
             logger.error("%s: run %s failed on its last delivery (%d of %d); given up",
                          self.options.name, raw_uid, delivery, self._max_deliver)
-            with contextlib.suppress(Exception):
-                await msg.term()
+            reason = (f"given up after {delivery} deliveries: it failed on each (the "
+                      "workers' logs say why)")
+            if not await self._give_up(js, msg.metadata.sequence.stream, delivery, reason):
+                with contextlib.suppress(Exception):
+                    await msg.term()
             return
         with contextlib.suppress(Exception):
             await msg.nak(delay=self._retry_delay(delivery))
