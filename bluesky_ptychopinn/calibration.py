@@ -419,33 +419,23 @@ def _valid_frames(frames: np.ndarray, mask: Any) -> np.ndarray:
     return _check_frames(frames, mask)[0].numpy()
 
 
-#: Largest object canvas :func:`calibrate_probe` accepts, in units of the frames' own area
-#: (frames x N^2). A scan whose frames overlap, or even just touch (a step of N), needs a
-#: canvas of a few times that at most (one frame: (N + 2 margins)^2 = 1.6 N^2 at N = 32); one
-#: this much larger has positions in the wrong units (metres or nanometres read as pixels), and
-#: would allocate gigabytes and run rPIE on an empty canvas for minutes.
-_MAX_CANVAS_FRAME_AREAS = 16
-
-
 def _working_frame(positions: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """(offset, object shape): positions + offset leave ``_MARGIN_PX`` free on every side.
 
     Raises
     ------
     InvalidInputError
-        The canvas would exceed :data:`_MAX_CANVAS_FRAME_AREAS` times the frames' total area.
+        The canvas would exceed :data:`~bluesky_ptychopinn.recon._pie.MAX_CANVAS_FRAME_AREAS`
+        times the frames' total area (positions in the wrong units).
     """
+    from .recon._pie import check_canvas_size
+
     low = positions.min(axis=0)
     offset = np.floor(size / 2 + _MARGIN_PX - low)
     high = positions.max(axis=0) + offset
     shape = tuple(int(math.ceil(h + size / 2 + _MARGIN_PX)) for h in high)
-    n_frames = len(positions)
-    if shape[0] * shape[1] > _MAX_CANVAS_FRAME_AREAS * n_frames * size**2:
-        span = positions.max(axis=0) - low
-        raise InvalidInputError(
-            f"positions span {span[0]:.0f} x {span[1]:.0f} px (a {shape[0]} x {shape[1]} px "
-            f"object canvas) for {n_frames} frames of {size} px: are they object pixels? "
-            "(positions in nm or m must be converted to object pixels first)")
+    span = positions.max(axis=0) - low
+    check_canvas_size((shape[0], shape[1]), len(positions), size, (span[0], span[1]))
     return offset, (shape[0], shape[1])
 
 

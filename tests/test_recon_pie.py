@@ -459,3 +459,20 @@ def test_the_fft_order_batch_is_the_centred_batch(scan):
     assert err_f == pytest.approx(err_c, rel=1e-5)
     assert res_f == pytest.approx(res_c, rel=1e-6)
     assert not torch.equal(start, obj_c)  # the batch did update the object
+
+
+def test_positions_in_the_wrong_units_are_refused_before_the_canvas_is_allocated():
+    # Before: positions in the wrong units sized the canvas from them alone, which was
+    # allocated and refined while empty: here 100x (4,800 px a side for 36 frames of 32 px;
+    # nanometres read as pixels would be 18 GB).
+    rng = np.random.default_rng(0)
+    frames = rng.poisson(5.0, (36, 32, 32)).astype(np.float32)
+    grid = np.stack(np.meshgrid(np.arange(6.0), np.arange(6.0), indexing="ij"), -1)
+    positions_px = grid.reshape(-1, 2) * 8 + 20
+    probe = physics.pinhole_probe(32, 10e-9, 8_000)
+    opts = PIEOptions(n_epochs=1, device="cpu", progress=False)
+    with pytest.raises(InvalidInputError, match=r"are they object pixels\?"):
+        pie_reconstruct(frames, positions_px * 100, probe, options=opts)
+    # The same scan in pixels is fine.
+    result = pie_reconstruct(frames, positions_px, probe, options=opts)
+    assert result.object.shape[0] < 120

@@ -137,6 +137,33 @@ class _HDF5Source:
             self.handle = None
 
 
+#: Frames one StreamDatum may reference at most: more is a malformed document (a detector
+#: writes a chunk of frames per document, thousands at most).
+MAX_FRAMES_PER_DATUM = 1_000_000
+
+
+def _datum_range(doc: dict, key: str) -> dict[str, int]:
+    """``doc[key]`` as ``{"start": int, "stop": int}``, checked: 0 <= start <= stop and at
+    most :data:`MAX_FRAMES_PER_DATUM` long (``ValueError`` otherwise)."""
+    value = doc[key]
+    start, stop = value["start"], value["stop"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, stop)):
+        raise TypeError(f"{key}: integer start and stop expected, got {value!r}")
+    if not 0 <= start <= stop or stop - start > MAX_FRAMES_PER_DATUM:
+        raise ValueError(f"{key}: 0 <= start <= stop, at most {MAX_FRAMES_PER_DATUM} frames "
+                         f"expected, got {value!r}")
+    return {"start": start, "stop": stop}
+
+
+def event_seq_num(doc: dict) -> int | None:
+    """An event's sequence number, or None when it has none that is an integer."""
+    try:
+        value = doc["seq_num"]
+        return int(value) if not isinstance(value, bool) and int(value) == value else None
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+
+
 @dataclass
 class FramePairer:
     """Collects (seq_num -> frame) and (seq_num -> position) and releases complete pairs.
@@ -223,8 +250,20 @@ class FramePairer:
 
     def stream_datum(self, doc: dict) -> None:
         source = doc["stream_resource"]
-        seq, idx = doc["seq_nums"], doc["indices"]
+        try:
+            seq, idx = _datum_range(doc, "seq_nums"), _datum_range(doc, "indices")
+        except (KeyError, TypeError, ValueError) as exc:
+            # Not a range of frames this run can have: nothing is built from it (a declared
+            # stop of 2**31 would make millions of entries here), and it is counted.
+            self.problems["malformed_stream_datum"] += 1
+            logger.error("stream datum %s refused: %s", doc.get("uid"), exc)
+            return
         count = seq["stop"] - seq["start"]
+        if idx["stop"] - idx["start"] != count:
+            self.problems["malformed_stream_datum"] += 1
+            logger.error("stream datum %s refused: %d sequence numbers for %d frames",
+                         doc.get("uid"), count, idx["stop"] - idx["start"])
+            return
         if source in self.refused:
             self.problems["file_refused"] += count
             self.skipped.update(range(seq["start"], seq["stop"]))
@@ -290,8 +329,16 @@ class FramePairer:
             self.other_rows += 1
             return
         self.events_seen += 1
-        data, seq = doc["data"], int(doc["seq_num"])
+        seq = event_seq_num(doc)
+        data = doc.get("data")
+        if seq is None or not isinstance(data, dict):
+            self.problems["malformed_event"] += 1
+            return
         if seq in self.skipped:  # given up already (and counted) at its StreamDatum
+            return
+        if self.y_key not in data or self.x_key not in data:
+            # One bad row is one frame lost, never the run (the next rows are good).
+            self._give_up(seq, "malformed_event")
             return
         try:
             position = (float(data[self.y_key]), float(data[self.x_key]))
@@ -310,7 +357,10 @@ class FramePairer:
             else:  # its Datum has not arrived (yet)
                 self.unresolved[value] = seq
         elif value is not None:
-            self.frames[seq] = np.asarray(value)
+            try:
+                self.frames[seq] = np.asarray(value)
+            except (TypeError, ValueError):  # e.g. a ragged nested list
+                self._give_up(seq, "malformed_event")
 
     def pop_ready(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Frames and (y, x) positions of every sequence number that has both, in order.

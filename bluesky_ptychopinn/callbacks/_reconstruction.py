@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from event_model import DocumentRouter
 
+from ..errors import InvalidInputError
 from ..metadata import PtychoMetadata
 from ..physics import crop_frames, object_pixel_size_m, stage_to_pixels
 from ..recon import PIEOptions, RefinedSnapshot, RefinerThread, StreamingRefiner
 from ..recon._crop_choice import CropChooser
 from ..recon._streaming import Snapshot, StreamingReconstructor
-from ._frames import FramePairer
+from ._frames import FramePairer, event_seq_num
 from ._paths import DataRoots
 from ._run_probe import resolve_run_probe
 from ._sanitize import FrameSanitizer
@@ -155,8 +156,9 @@ class RunReconstruction(DocumentRouter):
 
     def event(self, doc: dict) -> None:
         stream = self._image_streams.get(doc["descriptor"])
-        if stream is not None:
-            self._seen.setdefault(stream, set()).add(int(doc["seq_num"]))
+        seq = event_seq_num(doc)
+        if stream is not None and seq is not None:
+            self._seen.setdefault(stream, set()).add(seq)
         self.pairer.event(doc)
         self._drain(final=False)
 
@@ -317,10 +319,17 @@ class RunReconstruction(DocumentRouter):
     def _make_reconstructor(self) -> StreamingReconstructor:
         dx, n = self._geometry()
         scan = self.md.scan or {}
-        extent = np.asarray(scan.get("extent_m", (0.0, 0.0)), dtype=float) / dx
-        centre = np.asarray(scan.get("center_m", (0.0, 0.0)), dtype=float)
+        extent = _scan_pair(scan, "extent_m") / dx
+        centre = _scan_pair(scan, "center_m")
         centre_px = stage_to_pixels(centre[None], dx, sign=self.md.position_sign)[0]
         side = np.ceil(np.abs(extent) + n + 2 * self.settings.canvas_margin_px).astype(int)
+        limit = self.settings.max_canvas_px
+        if (side > limit).any():
+            # Checked before anything is allocated: the canvas the start document asks for
+            # would be held by every crop candidate and the refiner.
+            raise InvalidInputError(
+                f"ptycho.scan.extent_m {scan.get('extent_m')} is {side.tolist()} px of "
+                f"{dx:.3g} m, beyond max_canvas_px={limit} (an extent in other units?)")
         origin = centre_px - side / 2
         self.canvas_centre_px = centre_px
         shape = (int(side[0]), int(side[1]))
@@ -560,6 +569,19 @@ class RunReconstruction(DocumentRouter):
         if self.refiner is not None:
             self.refiner.cancel()
         self.pairer.close()
+
+
+def _scan_pair(scan: dict, key: str) -> np.ndarray:
+    """``scan[key]`` (default (0, 0)) as two finite floats, or a clear error naming it."""
+    value = scan.get(key, (0.0, 0.0))
+    try:
+        pair = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        pair = np.empty(0)
+    if pair.shape != (2,) or not np.isfinite(pair).all():
+        raise InvalidInputError(f"ptycho.scan.{key}: two finite numbers (y, x) in metres "
+                                f"expected, got {value!r}")
+    return pair
 
 
 def _centre_crop(mask: np.ndarray, n: int) -> np.ndarray:

@@ -150,6 +150,32 @@ def _check_positions(positions, n_frames: int) -> torch.Tensor:
     return pos.to(torch.float32)
 
 
+#: Largest object canvas made from the positions alone, in units of the frames' own area
+#: (frames x N^2). A scan whose frames overlap, or even just touch (a step of N), needs a
+#: canvas of a few times that at most (one frame: (N + 2 margins)^2 = 1.6 N^2 at N = 32); one
+#: this much larger has positions in the wrong units (micrometres or nanometres read as
+#: pixels), and would allocate gigabytes and run rPIE on an empty canvas for minutes.
+MAX_CANVAS_FRAME_AREAS = 16
+
+
+def check_canvas_size(shape: tuple[int, int], n_frames: int, size: int,
+                      span: tuple[float, float]) -> None:
+    """Refuse an object canvas of ``shape`` for ``n_frames`` frames of ``size`` px whose
+    positions span ``span`` px when it exceeds :data:`MAX_CANVAS_FRAME_AREAS` times the
+    frames' total area (positions in the wrong units), before anything is allocated.
+
+    Raises
+    ------
+    InvalidInputError
+        Naming the span, the canvas and the likely cause.
+    """
+    if shape[0] * shape[1] > MAX_CANVAS_FRAME_AREAS * n_frames * size**2:
+        raise InvalidInputError(
+            f"positions span {span[0]:.0f} x {span[1]:.0f} px (a {shape[0]} x {shape[1]} px "
+            f"object canvas) for {n_frames} frames of {size} px: are they object pixels? "
+            "(positions in nm, um or m must be converted to object pixels first)")
+
+
 def _initial_object(
     object_guess, object_shape, positions: torch.Tensor, size: int
 ) -> torch.Tensor:
@@ -167,6 +193,8 @@ def _initial_object(
         return obj.clone()
     if object_shape is None:
         object_shape = required_object_shape(positions, size)
+        span = (positions.max(dim=0).values - positions.min(dim=0).values).tolist()
+        check_canvas_size(object_shape, positions.shape[0], size, (span[0], span[1]))
     shape = tuple(int(v) for v in object_shape)
     if len(shape) != 2 or min(shape) < size:
         raise InvalidInputError(
