@@ -251,6 +251,28 @@ def test_run_probe_resolution_order(tmp_path):
     assert info["source"] == "probe model: pinhole"
 
 
+def test_a_run_probe_file_is_read_only_inside_the_data_roots(tmp_path):
+    # Before: any path a start document named (it may come from a bus) was read as the
+    # probe, and the probe goes into the derived run: a way to copy any .npy file out.
+    from bluesky_ptychopinn.callbacks._paths import DataRoots
+
+    size, dx, energy = 64, 44e-9, 8_800.0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    probe = physics.make_probe("zone_plate", size, dx, energy)
+    outside, inside = tmp_path / "elsewhere" / "p.npy", tmp_path / "data" / "p.npy"
+    for path in (outside, inside):
+        np.save(path, probe)
+    roots = DataRoots([tmp_path / "data"])
+    got, info = resolve_run_probe({"probe": str(outside)}, {}, size, dx, energy,
+                                  data_roots=roots)
+    assert got is None and not info["known"] and "estimated" in info["source"]
+    got, info = resolve_run_probe({"probe": str(inside)}, {}, size, dx, energy,
+                                  data_roots=roots)
+    assert info["source"] == f"file: {inside}"
+    np.testing.assert_allclose(got, probe, atol=1e-6)
+
+
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 def test_live_derived_run_carries_network_and_refined_streams(tiled, isolation):
     # The process run also corrects positions (opt-in), so the option is seen to reach the

@@ -124,7 +124,8 @@ class RunReconstruction(DocumentRouter):
         if self.settings.refine:
             dx, n = self._geometry()
             self.probe, self.probe_info = resolve_run_probe(
-                self.md.to_document(), self.model_info, n, dx, self.md.energy_ev)
+                self.md.to_document(), self.model_info, n, dx, self.md.energy_ev,
+                data_roots=self.pairer.data_roots)
             metadata["engines"].append(self.settings.refine)
             metadata["refinement"] = {
                 "engine": self.settings.refine, "probe": self.probe_info,

@@ -11,6 +11,7 @@ from ..errors import InvalidInputError
 from ..io import ProbeLibrary, read_probe
 from ..io._probe_library import probe_array_sha256
 from ..physics import PROBE_MODELS, make_probe, probe_at_sampling
+from ._paths import DataRoots, PathRefused
 
 __all__ = ["resolve_run_probe"]
 
@@ -38,8 +39,8 @@ def _sampled(probe: np.ndarray, pixel_m: float | None, size: int,
 
 
 def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float,
-                      energy_ev: float, library: ProbeLibrary | None = None
-                      ) -> tuple[np.ndarray | None, dict]:
+                      energy_ev: float, library: ProbeLibrary | None = None,
+                      data_roots: DataRoots | None = None) -> tuple[np.ndarray | None, dict]:
     """The probe the run's ``ptycho.probe`` refers to, at the reconstruction's sampling.
 
     Looked up in this order (with no reference, the training probe of a single-probe model):
@@ -47,7 +48,8 @@ def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float
     (:data:`~bluesky_ptychopinn.physics.PROBE_MODELS`, built for the run's geometry, as the
     training probes of the shipped models are); a probe file (path or ``file://`` URI). When
     none applies, ``None``: the refiner then estimates the probe from the frames and refines
-    it (blind).
+    it (blind). With ``data_roots`` (the live callback's, whose start documents may come from
+    a bus), a probe file is read only inside them, as detector files are.
 
     Returns
     -------
@@ -78,6 +80,12 @@ def resolve_run_probe(md: dict, model_info: dict, size: int, pixel_size_m: float
                                make_probe(name, size, pixel_size_m, energy_ev), pixel_size_m))
         else:
             path = Path(name.removeprefix("file://"))
+            if path.suffix and path.is_file() and data_roots is not None:
+                try:  # (a relative name is taken in the working directory, a default root)
+                    path = data_roots.resolve(str(path.resolve()))
+                except PathRefused as exc:
+                    logger.warning("probe file not read (%s); estimating the probe", exc)
+                    path = Path()
             if path.suffix and path.is_file():
                 try:
                     probe, file_info = read_probe(path)
