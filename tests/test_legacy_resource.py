@@ -201,3 +201,43 @@ def test_frame_per_point_sums_the_exposures_of_a_point_and_late_datums_resolve(t
     assert seqs == [1, 2, 3] and pairer.unpaired == 0
     np.testing.assert_array_equal(got, frames.reshape(3, 2, 8, 8).sum(axis=1))
     np.testing.assert_array_equal(positions, [[0, 0], [1, -1], [2, -2]])
+
+
+def test_events_that_arrive_before_their_datum_are_reconstructed(tmp_path, model):
+    """A transport that reorders (a replay, a bus merging two topics) can deliver an event
+    before the Datum it references. The pairing waits for the Datum; event-model's default
+    filler used to raise on such an event in the RunEngine's thread, and the derived run said
+    "the run has no frames"."""
+    raw: list[tuple[str, dict]] = []
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(lambda name, doc: raw.append((name, doc)))
+    bl = sim_beamline("cells", write_path=None, seed=12)
+    old = bl.detector
+    detector = LegacyHDF5Detector(
+        legacy_dir=tmp_path / "ad", name=old.name, stage=bl.stage, sample=bl.sample,
+        probe=bl.probe, pixel_size_m=old.pixel_size_m, photon_flux=old.photon_flux.get(),
+        seed=12)
+    uid = _scan(RE, bl, detector, n_side=4).run_start_uids[0]
+    reordered: list[tuple[str, dict]] = []
+    held: list[tuple[str, dict]] = []
+    for name, doc in raw:  # each Datum after the event that references it
+        if name == "datum":
+            held.append((name, doc))
+            continue
+        reordered.append((name, doc))
+        if name == "event":
+            reordered.extend(held)
+            held.clear()
+    assert any(n == "event" for n, _ in reordered[:reordered.index(
+        next(item for item in reordered if item[0] == "datum"))])
+    live = LiveReconstruction(model, batch_size=8, torch_threads=1, refine=None)
+    stops: list = []
+    live.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
+    try:
+        for name, doc in reordered:
+            live(name, doc)
+        state = live.wait(uid, timeout=120)
+    finally:
+        live.close()
+    assert state.failed is None and state.frames_done == 16, (state.failed, stops[-1])
+    assert stops[-1]["exit_status"] == "success"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from bluesky.callbacks.core import make_callback_safe
-from event_model import RunRouter
+from event_model import DocumentRouter, RunRouter
 
 from ..errors import InvalidInputError
 from ..metadata import InvalidMetadataError, PtychoMetadata
@@ -236,7 +236,10 @@ class LiveReconstruction:
         self._subscribers: list[Callable] = []
         self._emitter = DocumentEmitter(self._subscribers)
         self.runs: dict[str, RunState] = {}
-        self._router = RunRouter([self._factory])
+        # No filler: the frames are read by this package's own pairing (FramePairer), which
+        # takes an event before its Datum; event-model's Filler would raise on such an event
+        # in the RunEngine's thread and it would never reach the reconstruction.
+        self._router = RunRouter([self._factory], filler_class=_NoFiller)
         self._derived: dict[str, DerivedRun] = {}
         callbacks = {"deliver": self._deliver, "tick": self._tick, "lost": self._lost}
         if isolation == "process":
@@ -430,6 +433,20 @@ class LiveReconstruction:
 
 
 _EVENT_DOCS = ("event", "event_page")
+
+
+class _NoFiller(DocumentRouter):
+    """The RunRouter's filler, doing nothing: every document passes as it came (the router
+    hands each callback what the filler's method returns)."""
+
+    def __init__(self, handler_registry=None, *, root_map=None, inplace=False) -> None:
+        super().__init__()
+
+    def _same(self, doc: dict) -> dict:
+        return doc
+
+    descriptor = event = event_page = datum = datum_page = _same
+    resource = stream_resource = stream_datum = _same
 
 
 def offer(put: Callable, put_nowait: Callable, item, name: str, doc: dict, state: RunState,
