@@ -241,3 +241,37 @@ def test_events_that_arrive_before_their_datum_are_reconstructed(tmp_path, model
         live.close()
     assert state.failed is None and state.frames_done == 16, (state.failed, stops[-1])
     assert stops[-1]["exit_status"] == "success"
+
+
+def test_under_skip_the_runengine_never_waits_on_a_frames_datum(tmp_path, model):
+    """Back-pressure "skip" promises the RunEngine never waits for the reconstruction. It used
+    to wait on every Datum (one per frame here) once the queue was full; now a Datum that finds
+    it full is dropped with its event, and the frame counted once as skipped."""
+    raw: list[tuple[str, dict]] = []
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(lambda name, doc: raw.append((name, doc)))
+    bl = sim_beamline("cells", write_path=None, seed=13)
+    old = bl.detector
+    detector = LegacyHDF5Detector(
+        legacy_dir=tmp_path / "ad", name=old.name, stage=bl.stage, sample=bl.sample,
+        probe=bl.probe, pixel_size_m=old.pixel_size_m, photon_flux=old.photon_flux.get(),
+        seed=13)
+    uid = _scan(RE, bl, detector, n_side=10).run_start_uids[0]
+    live = LiveReconstruction(model, batch_size=8, torch_threads=1, refine=None, max_queue=4,
+                              backpressure="skip")
+    waited: list[str] = []  # documents handed over with the waiting put
+    put = live._transport.put
+    live._transport.put = lambda item: (waited.append(item[2]), put(item))[1]
+    stops: list = []
+    live.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
+    try:
+        for name, doc in raw:
+            live(name, doc)
+        state = live.wait(uid, timeout=120)
+    finally:
+        live.close()
+    summary = stops[-1]["ptychopinn"]
+    assert not {"datum", "datum_page", "event", "event_page"} & set(waited), sorted(set(waited))
+    assert state.frames_skipped > 0  # the queue was full: the check above meant something
+    assert state.frames_done + state.frames_skipped == 100, (state.frames_done, summary)
+    assert summary["frames_unpaired"] == 0, summary  # no event left waiting for its Datum

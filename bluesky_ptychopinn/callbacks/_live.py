@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..errors import InvalidInputError
 from ..metadata import InvalidMetadataError, PtychoMetadata
 from ..models import DEFAULT_MODEL, ModelRegistry, load_verified_model, verify_model
 from ..models._checkpoint import read_model_card
+from ._backpressure import RunFeed
 from ._derived import DerivedRun, RunState
 from ._emitter import DocumentEmitter
 from ._model_choice import AUTO, choose_model
@@ -67,8 +67,10 @@ class LiveReconstruction:
         Override the start document's ``ptycho`` metadata (for scans that lack it).
     max_queue : int
         Raw documents buffered for the reconstruction. When it is full, ``backpressure``
-        decides: ``"skip"`` drops event documents for reconstruction (counted in
-        ``frames_skipped``; the raw run is untouched), ``"block"`` makes the RunEngine wait.
+        decides: ``"skip"`` drops event documents, and the Datum / StreamDatum documents of
+        frames in files, for reconstruction (each frame counted once in ``frames_skipped``;
+        the raw run is untouched), so the RunEngine never waits for a frame; ``"block"``
+        makes the RunEngine wait.
     canvas_margin_px : int
         Extra object pixels around the scanned region.
     torch_threads : int, optional
@@ -306,11 +308,11 @@ class LiveReconstruction:
             return [], []
         self._derived[uid] = self._new_derived_run(start, md, state, model_info)
         self._transport.open(uid, md, model_path, model_info)
-        transport, backpressure = self._transport, self.backpressure
+        feed = RunFeed(self._transport.put, self._transport.put_nowait, state,
+                       self.backpressure)
 
         def enqueue(name: str, doc: dict) -> None:
-            offer(transport.put, transport.put_nowait, ("doc", uid, name, doc), name, doc,
-                  state, backpressure)
+            feed(("doc", uid, name, doc), name, doc)
 
         return [enqueue], []
 
@@ -432,9 +434,6 @@ class LiveReconstruction:
         self.close()
 
 
-_EVENT_DOCS = ("event", "event_page")
-
-
 class _NoFiller(DocumentRouter):
     """The RunRouter's filler, doing nothing: every document passes as it came (the router
     hands each callback what the filler's method returns)."""
@@ -447,24 +446,6 @@ class _NoFiller(DocumentRouter):
 
     descriptor = event = event_page = datum = datum_page = _same
     resource = stream_resource = stream_datum = _same
-
-
-def offer(put: Callable, put_nowait: Callable, item, name: str, doc: dict, state: RunState,
-          backpressure: str) -> None:
-    """Hand ``item`` to the transport from the RunEngine thread, per the back-pressure policy.
-
-    Non-event documents, and everything under ``"block"``, go through ``put`` (which may wait).
-    Under ``"skip"`` an event document that finds the queue full is dropped for
-    reconstruction only and its rows are counted in ``state.frames_skipped``.
-    """
-    if backpressure == "block" or name not in _EVENT_DOCS:
-        put(item)
-        return
-    try:
-        put_nowait(item)
-    except queue.Full:
-        with state.lock:
-            state.frames_skipped += 1 if name == "event" else len(doc["seq_num"])
 
 
 def _model_info(name: str, path: Path, card: dict, identity) -> dict:
