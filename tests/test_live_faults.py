@@ -169,3 +169,30 @@ def test_close_says_whether_the_derived_documents_were_delivered():
     assert stuck.close(timeout=2) is False  # the stop is stuck with a subscriber: said so
     assert time.monotonic() - t0 < 6  # one timeout for all of it, not one per stage
     release.set()
+
+
+def test_a_dropped_baseline_reading_is_no_skipped_frame():
+    # Before: under "skip" every dropped event counted as a skipped frame, a baseline or
+    # monitor reading too, and the stop's not-received accounting subtracted them.
+    from event_model import compose_run
+
+    live, stops = _live(max_queue=2)
+    bundle = compose_run(metadata={"ptycho": MD})
+    keys = {"img": {"source": "sim", "dtype": "array", "shape": [64, 64]},
+            "sy": {"source": "sim", "dtype": "number", "shape": []},
+            "sx": {"source": "sim", "dtype": "number", "shape": []}}
+    primary = bundle.compose_descriptor(name="primary", data_keys=keys)
+    monitor = bundle.compose_descriptor(
+        name="ring_current", data_keys={"I": {"source": "sim", "dtype": "number", "shape": []}})
+    try:
+        live("start", bundle.start_doc)
+        live("descriptor", primary.descriptor_doc)
+        live("descriptor", monitor.descriptor_doc)
+        for k in range(400):  # far more than the queue holds: most are dropped
+            live("event", monitor.compose_event(data={"I": 400.0}, seq_num=k + 1,
+                                                timestamps={"I": 0.0}))
+        live("stop", bundle.compose_stop())
+        state = live.wait(bundle.start_doc["uid"], timeout=60)
+    finally:
+        live.close()
+    assert state.frames_skipped == 0, stops[-1]

@@ -39,18 +39,27 @@ class RunFeed:
         The run's state; ``frames_skipped`` counts the frames dropped here.
     backpressure : str
         ``"block"`` or ``"skip"``.
+    image_key : str, optional
+        The detector's data key: only a dropped event of a stream that carries it is a
+        skipped frame (a baseline or monitor reading is not).
     """
 
     put: Callable
     put_nowait: Callable
     state: RunState
     backpressure: str
+    image_key: str | None = None
+    #: descriptors whose events carry no frame (baseline, monitors)
+    other_descriptors: set[str] = field(default_factory=set)
     #: legacy datum ids dropped under "skip": their events are dropped too
     dropped_datums: set[str] = field(default_factory=set)
     #: StreamDatum (start, stop) sequence ranges dropped under "skip"
     dropped_ranges: list[tuple[int, int]] = field(default_factory=list)
 
     def __call__(self, item, name: str, doc: dict) -> None:
+        if name == "descriptor" and self.image_key is not None and (
+                self.image_key not in (doc.get("data_keys") or {})):
+            self.other_descriptors.add(doc.get("uid"))
         if self.backpressure == "block" or name not in (*_EVENT_DOCS, *_FRAME_REFERENCES):
             self.put(item)
             return
@@ -63,7 +72,8 @@ class RunFeed:
         try:
             self.put_nowait(item)
         except queue.Full:
-            self._count(1 if name == "event" else len(doc["seq_num"]))
+            if doc.get("descriptor") not in self.other_descriptors:
+                self._count(1 if name == "event" else len(doc["seq_num"]))
 
     def _offer_reference(self, item, name: str, doc: dict) -> None:
         try:

@@ -309,7 +309,7 @@ class LiveReconstruction:
         self._derived[uid] = self._new_derived_run(start, md, state, model_info)
         self._transport.open(uid, md, model_path, model_info)
         feed = RunFeed(self._transport.put, self._transport.put_nowait, state,
-                       self.backpressure)
+                       self.backpressure, image_key=md.detector_key)
 
         def enqueue(name: str, doc: dict) -> None:
             feed(("doc", uid, name, doc), name, doc)
