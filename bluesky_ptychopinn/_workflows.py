@@ -250,10 +250,13 @@ def apply_geometry(ds, *, energy_ev: float | None = None, pixel_m: float | None 
     ``energy_ev`` replaces the file's energy (the object pixel follows when the file gives
     distance and detector pixel). ``pixel_m`` (the object pixel) is for files without a full
     geometry; one that contradicts a full geometry is refused rather than silently winning.
+    Positions the reader converted from metres (CXI) follow a changed object pixel, so that
+    they keep their place in metres; positions stored in pixels (NPZ) are kept as they are.
     """
     from .physics import object_pixel_size_m
 
     conversions = ds.metadata.setdefault("conversions", [])
+    pixel_before = ds.object_pixel_size_m
     if energy_ev is not None:
         if not energy_ev > 0:
             raise InvalidInputError(f"--energy-ev must be positive, got {energy_ev:g}")
@@ -273,7 +276,31 @@ def apply_geometry(ds, *, energy_ev: float | None = None, pixel_m: float | None 
         conversions.append(f"object pixel {ds.object_pixel_size_m} m -> {pixel_m:g} m "
                            "(--pixel-m)")
         ds.object_pixel_size_m = float(pixel_m)
+    if ds.object_pixel_size_m != pixel_before:
+        _positions_follow_pixel(ds, conversions)
     return ds
+
+
+def _positions_follow_pixel(ds, conversions: list[str]) -> None:
+    """Re-express positions converted from metres at the dataset's new object pixel.
+
+    A CXI reader divided the file's translations (metres) by the object pixel of the file's
+    geometry; with a corrected pixel the same pixels would be other metres, so the scan would
+    shrink or grow by the ratio. The reader's record says which pixel it used and which point
+    stays put (:data:`~bluesky_ptychopinn.io._checks.POSITIONS_FROM_M`); without one the
+    positions were given in pixels and stay.
+    """
+    from .io._checks import POSITIONS_FROM_M
+
+    record = ds.metadata.get(POSITIONS_FROM_M)
+    if not isinstance(record, dict) or record.get("pixel_size_m") is None:
+        return
+    ratio = float(record["pixel_size_m"]) / ds.object_pixel_size_m
+    anchor = np.asarray(record["anchor_px"], dtype=np.float64)
+    ds.positions_px = anchor + (np.asarray(ds.positions_px, dtype=np.float64) - anchor) * ratio
+    record["pixel_size_m"] = ds.object_pixel_size_m
+    conversions.append(f"positions converted from metres: rescaled by {ratio:.6g} to the new "
+                       f"object pixel {ds.object_pixel_size_m:.6e} m (the same metres)")
 
 
 def use_probe(ds, reference: str) -> None:

@@ -136,10 +136,12 @@ def simulate(
     distance_m: float = typer.Option(1.5, help="Sample-detector distance (m)."),
     pixel_m: float = typer.Option(75e-6, help="Detector pixel size (m)."),
     seed: int = typer.Option(0, help="Random seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUTPUT."),
 ) -> None:
     """Simulate a ptychography experiment with known truth and write it to a file (its
-    directory is created)."""
+    directory is created; an existing file is kept unless --overwrite)."""
     from ._workflows import prepare_output
+    from .errors import OutputExistsError
     from .io import ProbeLibrary, write_dataset
     from .physics import PROBE_MODELS, ExperimentGeometry
     from .synthetic import simulate_experiment
@@ -148,6 +150,9 @@ def simulate(
         if output.suffix.lower() not in (".npz", ".cxi", ".h5", ".hdf5", ".nxs"):
             raise InvalidInputError(f"OUTPUT {output}: expected a .cxi, .h5 or .npz file")
         prepare_output(output, flag="OUTPUT")  # as reconstruct: parents made, checked first
+        if output.exists() and not overwrite:  # it may be a measurement: never replaced silently
+            raise OutputExistsError(f"{output} exists; choose another OUTPUT or pass "
+                                    "--overwrite")
         geometry = ExperimentGeometry(energy_ev, distance_m, pixel_m, frame_size)
         probe_arg = probe
         if probe not in PROBE_MODELS:
@@ -327,6 +332,10 @@ def probes_add(
     from .physics import PROBE_MODELS, ExperimentGeometry, make_probe, probe_at_sampling
 
     try:
+        if frame_size is not None and frame_size < 1:
+            # 0 would divide by zero in the resampling, or silently become the default 64
+            raise InvalidInputError(f"--frame-size {frame_size}: expected a positive number "
+                                    "of pixels")
         library = ProbeLibrary(root)
         if source in PROBE_MODELS:
             geometry = ExperimentGeometry(energy_ev or 8_800.0, frame_size=frame_size or 64)
@@ -356,6 +365,8 @@ def probes_add(
                                provenance=provenance)
     except PtychoError as exc:
         _fail(exc)
+    except OSError as exc:  # writing the library (full disk, permissions)
+        _fail(_os_error(exc))
     console.print(f"added {meta['name']} ({'x'.join(map(str, meta['shape']))}, pixel "
                   f"{meta['pixel_size_m']:.3g} m) to {library.root}", highlight=False)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +63,9 @@ def memory_bytes() -> int:
         return 0
 
 
-def _check_size(item: Any, key: str, path: Path) -> None:
-    """Refuse, before reading, a dataset that declares more bytes than the machine has: a
+def _check_declared(shape: tuple, dtype: np.dtype, key: str, path: Path) -> None:
+    """Refuse, before reading, an array that declares more bytes than the machine has: a
     27 kB file may declare a 195 GiB array (compressed, or never written)."""
-    shape = getattr(item, "shape", None)
-    dtype = getattr(item, "dtype", None)
-    if shape is None or dtype is None:
-        return
     declared = int(np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize)
     limit = memory_bytes()
     if limit and declared > 0.8 * limit:
@@ -74,6 +73,58 @@ def _check_size(item: Any, key: str, path: Path) -> None:
                               f"{declared / 2**30:.1f} GiB, more than this machine can hold "
                               f"({limit / 2**30:.1f} GiB of memory); read a subset of the "
                               "frames, or use a machine with more memory")
+
+
+def _check_size(item: Any, key: str, path: Path) -> None:
+    """:func:`_check_declared` for an HDF5 dataset (anything with a shape and a dtype)."""
+    shape = getattr(item, "shape", None)
+    dtype = getattr(item, "dtype", None)
+    if shape is None or dtype is None:
+        return
+    _check_declared(shape, dtype, key, path)
+
+
+def _npz_member(data: np.lib.npyio.NpzFile, key: str) -> str | None:
+    """The archive member ``data[key]`` reads (``key`` itself, else ``key.npy``), or None."""
+    names = data.zip.namelist()
+    return next((name for name in (key, f"{key}.npy") if name in names), None)
+
+
+def npz_header(data: np.lib.npyio.NpzFile, key: str, path: Path) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of an NPZ member from its ``.npy`` header, without reading the array.
+
+    ``np.load`` only opens the archive; ``data[key]`` then inflates the whole member, so the
+    header is the one place to see how big an array is before memory is spent on it.
+    """
+    member = _npz_member(data, key)
+    if member is None:
+        raise KeyError(key)
+    try:
+        with data.zip.open(member) as handle:
+            version = np.lib.format.read_magic(handle)
+            # 2.0 and 3.0 headers differ only in their length field's width and encoding
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _fortran, dtype = read(handle)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        raise FileFormatError(path, key, f"not a readable .npy array ({exc})") from exc
+    return shape, dtype
+
+
+def _load_npz(data: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    """An NPZ member, its declared size checked first (as HDF5 datasets' are)."""
+    shape, dtype = npz_header(data, key, path)
+    if dtype.hasobject:
+        raise FileFormatError(path, key, f"holds Python objects (dtype {dtype}), not a numeric "
+                              "array")
+    _check_declared(shape, dtype, key, path)
+    try:
+        return _native(data[key])
+    except MemoryError as exc:
+        raise FileFormatError(path, key, f"does not fit in memory ({exc})") from exc
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+        # a truncated or corrupt member (the header was readable)
+        raise FileFormatError(path, key, f"cannot be read ({exc})") from exc
 
 
 def _native(value: np.ndarray) -> np.ndarray:
@@ -85,12 +136,10 @@ def _native(value: np.ndarray) -> np.ndarray:
 
 def _load(container: Any, key: str, path: Path) -> np.ndarray:
     """The value stored under ``key`` as a numpy array (NPZ member or HDF5 dataset), in
-    native byte order."""
-    try:
-        item = container[key]
-    except ValueError as exc:  # an NPZ member that needs pickle (object array)
-        raise FileFormatError(path, key, f"holds Python objects, not a numeric array ({exc})"
-                              ) from exc
+    native byte order; a missing ``key`` is a ``KeyError``."""
+    if isinstance(container, np.lib.npyio.NpzFile):
+        return _load_npz(container, key, path)
+    item = container[key]
     if isinstance(item, np.ndarray):
         return _native(item)
     if not hasattr(item, "shape"):  # an HDF5 group where a dataset is expected
@@ -102,6 +151,22 @@ def _load(container: Any, key: str, path: Path) -> np.ndarray:
         raise FileFormatError(path, key, f"does not fit in memory ({exc})") from exc
     except (OSError, TypeError, ValueError) as exc:  # unreadable / corrupt chunk
         raise FileFormatError(path, key, f"cannot be read ({exc})") from exc
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block
+    succeeds, removed when it fails.
+
+    A failed write (full disk, quota, an error half-way) then leaves the previous file as it
+    was and no truncated one: the rename is atomic within a directory.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def finite_range(values: np.ndarray) -> tuple[float, float]:
@@ -190,6 +255,14 @@ def check(
     return value
 
 
+def nonempty(value: np.ndarray, key: str, path: Path, what: str) -> np.ndarray:
+    """``value`` unless an axis has length 0 (a declared but empty dataset): taking its first
+    mode or layer would be an ``IndexError``."""
+    if 0 in value.shape:
+        raise FileFormatError(path, key, f"empty: shape {value.shape} holds no {what}")
+    return value
+
+
 def scalar(container: Any, key: str, path: Path, *, required: bool = True) -> float | None:
     """A positive finite number stored as a 0-d or 1-element dataset (None if optional)."""
     if not has(container, key):
@@ -240,13 +313,23 @@ def metadata_from_json(raw: Any, path: Path, key: str) -> dict:
     return loaded
 
 
+#: Metadata key of a reader that converted positions from metres to object pixels:
+#: ``{"pixel_size_m": dx, "anchor_px": [y, x]}``, the pixel size used and the point (pixels)
+#: that stays put when that pixel size changes (the origin (0, 0) when the file or the caller
+#: fixed it in metres, the lowest position when the reader chose the origin from the scan).
+#: A corrected pixel size (``reconstruct --energy-ev``) rescales such positions about it.
+POSITIONS_FROM_M = "positions_from_m"
+
+
 def merge_metadata(stored: dict, path: Path, fmt: str, conversions: list[str]) -> dict:
     """Metadata of a dataset just read: what the file stored plus this read's provenance.
 
-    The writer's own ``source``/``format``/``conversions`` (if any) move to ``written_from``
-    so that this read's conversions are never confused with those of an earlier read.
+    The writer's own ``source``/``format``/``conversions``/:data:`POSITIONS_FROM_M` (if any)
+    move to ``written_from`` so that this read's conversions are never confused with those of
+    an earlier read (positions an earlier read converted from metres are pixels in this file).
     """
-    earlier = {k: stored.pop(k) for k in ("source", "format", "conversions") if k in stored}
+    earlier = {k: stored.pop(k) for k in ("source", "format", "conversions", POSITIONS_FROM_M)
+               if k in stored}
     merged = dict(stored)
     if earlier:
         merged["written_from"] = earlier

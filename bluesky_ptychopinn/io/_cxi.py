@@ -25,7 +25,6 @@ Layout (what we write, and what we read):
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,13 +43,16 @@ from ..geometry import (
 )
 from ._checks import (
     COMPLEX,
+    POSITIONS_FROM_M,
     REAL,
     has,
     merge_metadata,
     metadata_from_json,
     metadata_to_json,
+    nonempty,
     open_hdf5,
     optional,
+    replacing,
     require,
     scalar,
     text,
@@ -191,10 +193,14 @@ def _dc_mode(f: h5py.File, path: Path, dc_position: str, conversions: list[str],
     return mode
 
 
-def _mask(f: h5py.File, path: Path, mask_bits: int, conversions: list[str]) -> np.ndarray | None:
+def _mask(f: h5py.File, path: Path, mask_bits: int, conversions: list[str],
+          frame_shape: tuple[int, int]) -> np.ndarray | None:
     bits = optional(f, MASK, path, ndim=2, kinds="iu")
     if bits is None:
         return None
+    if bits.shape != tuple(frame_shape):  # checked here: the mask indexes the frames next
+        raise FileFormatError(path, MASK, f"expected shape {tuple(frame_shape)} like a frame, "
+                              f"got {bits.shape}")
     valid = (bits.astype(np.int64) & int(mask_bits)) == 0
     if not valid.all():
         conversions.append(f"mask: {int((~valid).sum())} pixel(s) flagged with bits "
@@ -243,6 +249,7 @@ def _probe(f: h5py.File, path: Path, conversions: list[str]) -> tuple[np.ndarray
         probe = optional(f, key, path, ndim=(2, 3, 4), kinds=COMPLEX + REAL)
         if probe is None:
             continue
+        nonempty(probe, key, path, "probe modes")
         if probe.ndim == 4:  # coherent:incoherent:y:x
             if probe.shape[0] > 1:
                 conversions.append(f"probe: kept coherent mode 0 of {probe.shape[0]}")
@@ -253,6 +260,8 @@ def _probe(f: h5py.File, path: Path, conversions: list[str]) -> tuple[np.ndarray
 
 def _object(f: h5py.File, path: Path, conversions: list[str]) -> np.ndarray | None:
     obj = optional(f, OBJECT, path, ndim=(2, 3), kinds=COMPLEX + REAL)
+    if obj is not None:
+        nonempty(obj, OBJECT, path, "object layer")
     if obj is not None and obj.ndim == 3:  # layer:y:x
         if obj.shape[0] > 1:
             conversions.append(f"object: kept layer 0 of {obj.shape[0]}")
@@ -360,7 +369,9 @@ def read_cxi(
     -------
     PtychoDataset
         Frames with DC at the centre, positions in object pixels, probe, geometry (energy in
-        eV), mask, object; ``metadata["conversions"]`` lists every conversion applied.
+        eV), mask, object; ``metadata["conversions"]`` lists every conversion applied and
+        ``metadata["positions_from_m"]`` the object pixel size the translations were
+        converted with (a later pixel size correction rescales the positions from it).
 
     Raises
     ------
@@ -382,7 +393,7 @@ def read_cxi(
         if data != DATA:
             conversions.append(f"frames read from {DATA_LINK} (no {DATA})")
         frames = require(f, data, path, ndim=3, kinds=REAL, what="(n, N, N) intensities")
-        mask = _mask(f, path, mask_bits, conversions)
+        mask = _mask(f, path, mask_bits, conversions, frames.shape[-2:])
         marks = _saturation_marks(frames, conversions)
         if marks is not None:
             mask = ~marks if mask is None else mask & ~marks
@@ -417,6 +428,9 @@ def read_cxi(
                  f"origin chosen: lowest position {n / 2 + margin_px:g} px inside")
         conversions.append(f"translation (x, y) m -> positions_px (y, x) with dx = {dx:.6e} m, "
                            f"sign {sign:+d}, {where}")
+        # What stays put if dx is corrected later: pixel (0, 0) sits at a fixed stage position,
+        # a chosen origin keeps the lowest position N/2 + margin inside.
+        anchor = [0.0, 0.0] if origin is not None else [n / 2 + margin_px] * 2
         stored = {}
         if METADATA_ATTR in f["entry_1"].attrs:
             stored = metadata_from_json(f["entry_1"].attrs[METADATA_ATTR], path,
@@ -429,7 +443,8 @@ def read_cxi(
         probe=file_probe if file_probe is not None else probe,
         energy_ev=energy_ev, detector_distance_m=distance, detector_pixel_size_m=pixel,
         object_pixel_size_m=dx, mask=mask, object=obj,
-        metadata=merge_metadata(stored, path, FORMAT, conversions),
+        metadata={**merge_metadata(stored, path, FORMAT, conversions),
+                  POSITIONS_FROM_M: {"pixel_size_m": dx, "anchor_px": anchor}},
     )
     fields = {"diffraction": DATA, "positions_px": TRANSLATION, "probe": probe_key,
               "mask": MASK, "object": OBJECT, "energy_ev": ENERGY, "detector_distance_m": DISTANCE,
@@ -501,14 +516,9 @@ def write_cxi(
     path = Path(path)
     dataset.validate()
     dataset.require_geometry("writing CXI")
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with h5py.File(partial, "w") as f:
-            _write_layout(f, dataset, dc_position, compression)
-            _write_process(f, program, command)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(path) as partial, h5py.File(partial, "w") as f:
+        _write_layout(f, dataset, dc_position, compression)
+        _write_process(f, program, command)
     return path
 
 

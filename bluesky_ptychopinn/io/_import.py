@@ -11,32 +11,38 @@ import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
 from ..geometry import object_pixel_size_m
-from ._checks import finite_range
+from ._checks import _load, finite_range, npz_header, open_hdf5
 from ._dataset import PtychoDataset
+from ._npz import open_npz
 
 __all__ = ["import_arrays", "list_arrays"]
 
 
 def list_arrays(path: str | Path) -> dict[str, tuple]:
-    """Every array in an HDF5 or NPZ file: key -> shape (to find the keys to import)."""
+    """Every array in an HDF5 or NPZ file: key -> shape (to find the keys to import).
+
+    Shapes come from the HDF5 metadata or the ``.npy`` headers: no array is read.
+    """
     path = Path(path)
     if h5py.is_hdf5(path):
         found: dict[str, tuple] = {}
-        with h5py.File(path, "r") as f:
+        with open_hdf5(path) as f:
             f.visititems(lambda name, obj: found.__setitem__(name, obj.shape)
                          if isinstance(obj, h5py.Dataset) else None)
         return found
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k].shape for k in data.files}
+    with open_npz(path) as data:
+        return {k: npz_header(data, k, path)[0] for k in data.files}
 
 
 def _read(path: Path, key: str) -> np.ndarray:
+    """One array, through the readers' checks: a text file, a group where an array is
+    expected, an array larger than memory or a corrupt one is a :class:`FileFormatError`."""
     try:
         if h5py.is_hdf5(path):
-            with h5py.File(path, "r") as f:
-                return np.asarray(f[key])
-        with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data[key])
+            with open_hdf5(path) as f:
+                return _load(f, key, path)
+        with open_npz(path) as data:
+            return _load(data, key, path)
     except KeyError:
         keys = ", ".join(f"{k} {v}" for k, v in list_arrays(path).items())
         raise FileFormatError(path, key, f"no such array (the file has: {keys})") from None
@@ -97,6 +103,9 @@ def import_arrays(
         raise FileFormatError(src, frames, f"expected real counts or amplitudes, got {what}")
     if raw.ndim != 3 or raw.shape[1] != raw.shape[2]:
         raise FileFormatError(src, frames, f"expected (n, N, N) frames, got {raw.shape}")
+    if 0 in raw.shape:  # nothing to reconstruct, and the positions' minimum would fail
+        raise FileFormatError(src, frames, f"no frames: shape {raw.shape} (expected n >= 1 "
+                              "frames of N >= 1 pixels)")
     counts = raw.astype(np.float32)  # float32 throughout: the dataset's dtype, half the memory
     del raw
     n = counts.shape[-1]

@@ -25,12 +25,14 @@ from ..errors import FileFormatError
 from ._checks import (
     COMPLEX,
     REAL,
+    _load,
     finite_range,
     has,
     merge_metadata,
     metadata_from_json,
     metadata_to_json,
     optional,
+    replacing,
     require,
     scalar,
 )
@@ -187,7 +189,8 @@ def read_npz(path: str | Path) -> PtychoDataset:
         geometry = {key: scalar(data, key, path, required=False) for key in _GEOMETRY}
         stored = {}
         if has(data, "metadata_json"):
-            stored = metadata_from_json(data["metadata_json"], path, "metadata_json")
+            stored = metadata_from_json(_load(data, "metadata_json", path), path,
+                                        "metadata_json")
         scan_index = optional(data, "scan_index", path, ndim=1, kinds="iu")
         if scan_index is not None:
             stored["scan_index"] = scan_index.tolist()
@@ -214,7 +217,8 @@ def write_npz(
     dataset : PtychoDataset
         Validated before writing.
     path : str or pathlib.Path
-        Output file (written as given; no suffix is appended).
+        Output file (written as given; no suffix is appended); written to a temporary name
+        first, so a failure leaves the previous file, and no half file.
     amplitude : bool
         True (the contract): ``diffraction`` = sqrt(counts) as float32. False: ``diff3d`` =
         counts in their own dtype.
@@ -261,7 +265,9 @@ def write_npz(
         arrays["scan_index"] = np.asarray(scan_index, dtype=np.int64)
     arrays["metadata_json"] = np.array(metadata_to_json(metadata))
     save = np.savez_compressed if compress else np.savez
-    with open(path, "wb") as handle:  # a handle: numpy would append ".npz" to a bare name
+    # A handle: numpy would append ".npz" to a bare name. Written beside the target and
+    # renamed onto it, so a failed write (full disk, quota) leaves the previous file intact.
+    with replacing(path) as partial, open(partial, "wb") as handle:
         save(handle, **arrays)
     return path
 

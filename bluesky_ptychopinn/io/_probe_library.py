@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
 from ..geometry import object_pixel_size_m
-from ._checks import has, open_hdf5, scalar
+from ._checks import _load, has, open_hdf5, replacing, scalar
 from ._cxi import read_cxi_probe
 from ._npz import open_npz
 from ._product import read_product
@@ -100,7 +100,7 @@ def _from_npz(path: Path) -> tuple[Any, dict, str]:
         key = next((k for k in ("probe", "probeGuess") if has(data, k)), None)
         if key is None:
             raise FileFormatError(path, "probe", "missing (looked for 'probe' and 'probeGuess')")
-        probe = data[key]
+        probe = _load(data, key, path)  # an object array or an absurd size: a clear error
         pixel = next((scalar(data, k, path) for k in ("pixel_size_m", "object_pixel_size_m")
                       if has(data, k)), None)
         geometry = [scalar(data, k, path, required=False)
@@ -188,13 +188,8 @@ def _utc_now() -> str:
 
 def _replace_atomically(target: Path, write) -> None:
     """Write through ``write(handle)`` to a temporary file, then rename it onto ``target``."""
-    partial = target.with_name(f".{target.name}.partial")
-    try:
-        with open(partial, "wb") as handle:
-            write(handle)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(target) as partial, open(partial, "wb") as handle:
+        write(handle)
 
 
 class ProbeLibrary:
@@ -280,6 +275,7 @@ class ProbeLibrary:
             The metadata written to ``<name>.json``.
         """
         data_path, meta_path = self._paths(name)
+        self._check_root()
         if (data_path.exists() or meta_path.exists()) and not overwrite:
             raise InvalidInputError(f"probe {name!r} already exists in {self.root}; replace it "
                                     "with overwrite=True (--overwrite)")
@@ -316,6 +312,17 @@ class ProbeLibrary:
             h, probe=array, pixel_size_m=np.float64(pixel_size_m)))
         _replace_atomically(meta_path, lambda h: h.write(json.dumps(meta, indent=2).encode()))
         return meta
+
+    def _check_root(self) -> None:
+        """Refuse a library directory that is a file, or lies below one, before any work
+        (``mkdir`` would fail only after the probe is read, with a bare ``FileExistsError``)."""
+        blocking = next((p for p in (self.root, *self.root.parents)
+                         if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            where = ("is a file" if blocking == self.root
+                     else f"is inside {blocking}, which is a file")
+            raise InvalidInputError(f"probe library {self.root} {where}, not a directory; "
+                                    "choose another library directory (--root)")
 
     def _meta(self, meta_path: Path) -> dict:
         try:

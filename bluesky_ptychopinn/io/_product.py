@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import FileFormatError, InvalidInputError
 from ..geometry import positions_m_to_px
-from ._checks import COMPLEX, REAL, open_hdf5, optional, require
+from ._checks import COMPLEX, REAL, nonempty, open_hdf5, optional, require
 
 __all__ = ["Reconstruction", "read_product"]
 
@@ -108,6 +108,7 @@ def _required_attr(node: h5py.HLObject, key: str, path: Path, where: str,
 def _probe(f: h5py.File, path: Path, conversions: list[str]) -> np.ndarray:
     probe = require(f, "probe", path, ndim=(2, 3, 4), kinds=COMPLEX + REAL,
                     what="(opr, modes, h, w) complex")
+    nonempty(probe, "probe", path, "probe modes")
     if probe.ndim == 4:
         if probe.shape[0] > 1:
             conversions.append(f"probe: kept OPR mode 0 of {probe.shape[0]}")
@@ -123,6 +124,7 @@ def _probe(f: h5py.File, path: Path, conversions: list[str]) -> np.ndarray:
 def _object(f: h5py.File, path: Path, conversions: list[str]) -> np.ndarray:
     obj = require(f, "object", path, ndim=(2, 3), kinds=COMPLEX + REAL,
                   what="(layers, H, W) complex")
+    nonempty(obj, "object", path, "object layer")
     if obj.ndim == 3:
         if obj.shape[0] > 1:
             conversions.append(f"object: kept layer 0 of {obj.shape[0]}")
