@@ -303,6 +303,18 @@ def _positions_follow_pixel(ds, conversions: list[str]) -> None:
                        f"object pixel {ds.object_pixel_size_m:.6e} m (the same metres)")
 
 
+def check_is_a_scan(positions_px: np.ndarray) -> None:
+    """Refuse to reconstruct frames whose positions all lie within 1 px of each other: that is
+    no scan, but positions in metres (or another unit) read as object pixels, and every frame
+    would be stitched onto one spot without a word."""
+    positions = np.asarray(positions_px, dtype=np.float64)
+    if len(positions) > 1 and (np.ptp(positions, axis=0) < 1.0).all():
+        span = float(np.ptp(positions, axis=0).max())
+        raise InvalidInputError(
+            f"positions: all {len(positions)} lie within {span:.3g} px of each other; object "
+            "pixels expected (positions in metres? divide them by the object pixel size)")
+
+
 def use_probe(ds, reference: str) -> None:
     """Replace ``ds.probe`` by a library probe (by name) or a probe file, at the dataset's
     sampling; the change is recorded in ``ds.metadata["conversions"]``."""
@@ -395,6 +407,7 @@ def run_reconstruction(
         raise OutputExistsError(f"{existing[0]} exists; choose another output with --output "
                                 "or replace it with --overwrite")
     ds = apply_geometry(read_dataset(file), energy_ev=energy_ev, pixel_m=pixel_m)
+    check_is_a_scan(ds.positions_px)
     if probe is not None:
         use_probe(ds, probe)
     if output.suffix.lower() != ".npz" and not ds.has_geometry:

@@ -262,3 +262,18 @@ def test_probes_add_refuses_a_root_that_is_a_file(tmp_path):
     _one_line_error(_cli("probes", "add", "p4", tmp_path / "probe.npy", "--root", afile,
                          "--pixel-m", "1e-8"), str(afile), "is a file", "--root")
     assert afile.read_text() == "x"
+
+
+def test_an_npz_whose_positions_are_in_metres_is_refused(tmp_path):
+    # Before: every frame sat on one spot (metres read as pixels) and reconstruct exited 0
+    # with a "reconstruction" of one probe footprint.
+    ds = _dataset()
+    path = tmp_path / "metres.npz"
+    write_npz(ds, path)
+    with np.load(path) as stored:  # as another program would write it: metres in xcoords
+        arrays = dict(stored)
+    for key in ("xcoords", "ycoords"):
+        arrays[key] = (arrays[key] - N / 2 - 2) * 44e-9 + 20.0  # 6-px steps as metres
+    np.savez(path, **arrays)
+    _one_line_error(_cli("reconstruct", path, "-o", tmp_path / "o.npz", "--epochs", "1"),
+                    "object pixels expected")
