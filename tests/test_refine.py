@@ -219,8 +219,10 @@ def test_refiner_thread_refines_during_and_after_the_stream(scan):
     thread.start()
     for lo in range(0, len(pos), 64):
         thread.add(counts[lo : lo + 64], pos[lo : lo + 64])
-    thread.finish(time_s=3.0, tol=None, max_epochs=3)
-    assert thread.done.wait(30)
+    # The epochs rule ends it; the time limit is only a backstop (a loaded CI machine did
+    # 2.6 epochs in 3 s).
+    thread.finish(time_s=60.0, tol=None, max_epochs=3)
+    assert thread.done.wait(90)
     assert thread.failed is None and thread.final is not None
     assert thread.final.n_frames == len(pos) and thread.final.epochs >= 3
     assert np.isfinite(thread.final.residual)
