@@ -203,21 +203,39 @@ def test_frame_per_point_sums_the_exposures_of_a_point_and_late_datums_resolve(t
     np.testing.assert_array_equal(positions, [[0, 0], [1, -1], [2, -2]])
 
 
+def _legacy_run(tmp_path: Path, *, seed: int, n_side: int) -> tuple[str, list]:
+    """A raster scan by the legacy detector through a real RunEngine: its uid and every
+    document it emitted, in order."""
+    raw: list[tuple[str, dict]] = []
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(lambda name, doc: raw.append((name, doc)))
+    bl = sim_beamline("cells", write_path=None, seed=seed)
+    old = bl.detector
+    detector = LegacyHDF5Detector(
+        legacy_dir=tmp_path / "ad", name=old.name, stage=bl.stage, sample=bl.sample,
+        probe=bl.probe, pixel_size_m=old.pixel_size_m, photon_flux=old.photon_flux.get(),
+        seed=seed)
+    return _scan(RE, bl, detector, n_side=n_side).run_start_uids[0], raw
+
+
+def _replay(live: LiveReconstruction, docs: list, uid: str) -> tuple:
+    """``docs`` through ``live``: the run's state and the derived stop documents."""
+    stops: list = []
+    live.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
+    try:
+        for name, doc in docs:
+            live(name, doc)
+        return live.wait(uid, timeout=120), stops
+    finally:
+        live.close()
+
+
 def test_events_that_arrive_before_their_datum_are_reconstructed(tmp_path, model):
     """A transport that reorders (a replay, a bus merging two topics) can deliver an event
     before the Datum it references. The pairing waits for the Datum; event-model's default
     filler used to raise on such an event in the RunEngine's thread, and the derived run said
     "the run has no frames"."""
-    raw: list[tuple[str, dict]] = []
-    RE = RunEngine(call_returns_result=True)
-    RE.subscribe(lambda name, doc: raw.append((name, doc)))
-    bl = sim_beamline("cells", write_path=None, seed=12)
-    old = bl.detector
-    detector = LegacyHDF5Detector(
-        legacy_dir=tmp_path / "ad", name=old.name, stage=bl.stage, sample=bl.sample,
-        probe=bl.probe, pixel_size_m=old.pixel_size_m, photon_flux=old.photon_flux.get(),
-        seed=12)
-    uid = _scan(RE, bl, detector, n_side=4).run_start_uids[0]
+    uid, raw = _legacy_run(tmp_path, seed=12, n_side=4)
     reordered: list[tuple[str, dict]] = []
     held: list[tuple[str, dict]] = []
     for name, doc in raw:  # each Datum after the event that references it
@@ -231,14 +249,7 @@ def test_events_that_arrive_before_their_datum_are_reconstructed(tmp_path, model
     assert any(n == "event" for n, _ in reordered[:reordered.index(
         next(item for item in reordered if item[0] == "datum"))])
     live = LiveReconstruction(model, batch_size=8, torch_threads=1, refine=None)
-    stops: list = []
-    live.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
-    try:
-        for name, doc in reordered:
-            live(name, doc)
-        state = live.wait(uid, timeout=120)
-    finally:
-        live.close()
+    state, stops = _replay(live, reordered, uid)
     assert state.failed is None and state.frames_done == 16, (state.failed, stops[-1])
     assert stops[-1]["exit_status"] == "success"
 
@@ -247,29 +258,13 @@ def test_under_skip_the_runengine_never_waits_on_a_frames_datum(tmp_path, model)
     """Back-pressure "skip" promises the RunEngine never waits for the reconstruction. It used
     to wait on every Datum (one per frame here) once the queue was full; now a Datum that finds
     it full is dropped with its event, and the frame counted once as skipped."""
-    raw: list[tuple[str, dict]] = []
-    RE = RunEngine(call_returns_result=True)
-    RE.subscribe(lambda name, doc: raw.append((name, doc)))
-    bl = sim_beamline("cells", write_path=None, seed=13)
-    old = bl.detector
-    detector = LegacyHDF5Detector(
-        legacy_dir=tmp_path / "ad", name=old.name, stage=bl.stage, sample=bl.sample,
-        probe=bl.probe, pixel_size_m=old.pixel_size_m, photon_flux=old.photon_flux.get(),
-        seed=13)
-    uid = _scan(RE, bl, detector, n_side=10).run_start_uids[0]
+    uid, raw = _legacy_run(tmp_path, seed=13, n_side=10)
     live = LiveReconstruction(model, batch_size=8, torch_threads=1, refine=None, max_queue=4,
                               backpressure="skip")
     waited: list[str] = []  # documents handed over with the waiting put
     put = live._transport.put
     live._transport.put = lambda item: (waited.append(item[2]), put(item))[1]
-    stops: list = []
-    live.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
-    try:
-        for name, doc in raw:
-            live(name, doc)
-        state = live.wait(uid, timeout=120)
-    finally:
-        live.close()
+    state, stops = _replay(live, raw, uid)
     summary = stops[-1]["ptychopinn"]
     assert not {"datum", "datum_page", "event", "event_page"} & set(waited), sorted(set(waited))
     assert state.frames_skipped > 0  # the queue was full: the check above meant something
