@@ -400,6 +400,11 @@ def run_reconstruction(
     if output.suffix.lower() not in (".npz", ".cxi", ".h5", ".hdf5", ".nxs"):
         raise InvalidInputError(f"--output {output}: expected a .cxi, .h5 or .npz file")
     sidecars = (".png", ".json")  # all three are written: all three are guarded
+    written = (output, *(output.with_suffix(x) for x in sidecars))
+    if any(p.resolve() == Path(file).resolve() for p in written):
+        # --overwrite is for earlier results, never for the measurement itself
+        raise InvalidInputError(f"--output {output} would replace the input {file}; choose "
+                                "another output")
     # A directory in the way is refused first: --overwrite would not help there.
     prepare_output(output, sidecars=sidecars)
     existing = [p for p in (output, *(output.with_suffix(x) for x in sidecars)) if p.exists()]

@@ -277,3 +277,12 @@ def test_an_npz_whose_positions_are_in_metres_is_refused(tmp_path):
     np.savez(path, **arrays)
     _one_line_error(_cli("reconstruct", path, "-o", tmp_path / "o.npz", "--epochs", "1"),
                     "object pixels expected")
+
+
+def test_reconstruct_never_writes_over_its_own_input(tmp_path):
+    # Before: with --overwrite the result (or its PNG / JSON) replaced the measurement.
+    path = write_cxi(_dataset(), tmp_path / "scan.cxi")
+    before = path.read_bytes()
+    _one_line_error(_cli("reconstruct", path, "-o", path, "--epochs", "1", "--overwrite"),
+                    "would replace the input")
+    assert path.read_bytes() == before
