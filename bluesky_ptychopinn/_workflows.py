@@ -308,11 +308,12 @@ def check_is_a_scan(positions_px: np.ndarray) -> None:
     no scan, but positions in metres (or another unit) read as object pixels, and every frame
     would be stitched onto one spot without a word."""
     positions = np.asarray(positions_px, dtype=np.float64)
-    if len(positions) > 1 and (np.ptp(positions, axis=0) < 1.0).all():
-        span = float(np.ptp(positions, axis=0).max())
+    span = np.ptp(positions, axis=0) if len(positions) > 1 else None
+    if span is not None and (span < 1.0).all():
         raise InvalidInputError(
-            f"positions: all {len(positions)} lie within {span:.3g} px of each other; object "
-            "pixels expected (positions in metres? divide them by the object pixel size)")
+            f"positions: all {len(positions)} lie within {float(span.max()):.3g} px of each "
+            "other; object pixels expected (positions in metres? divide them by the object "
+            "pixel size)")
 
 
 def use_probe(ds, reference: str) -> None:
@@ -407,7 +408,7 @@ def run_reconstruction(
                                 "another output")
     # A directory in the way is refused first: --overwrite would not help there.
     prepare_output(output, sidecars=sidecars)
-    existing = [p for p in (output, *(output.with_suffix(x) for x in sidecars)) if p.exists()]
+    existing = [p for p in written if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} exists; choose another output with --output "
                                 "or replace it with --overwrite")

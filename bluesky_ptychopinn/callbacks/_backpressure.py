@@ -66,9 +66,11 @@ class RunFeed:
         if name in _FRAME_REFERENCES:
             self._offer_reference(item, name, doc)
             return
-        if self._references_dropped(name, doc):
-            self._offer_events_of_page(item, name, doc)
-            return
+        if self.dropped_datums or self.dropped_ranges:
+            events = [doc] if name == "event" else list(unpack_event_page(doc))
+            if any(self._dropped(e) for e in events):
+                self._offer_events(item[1], events)
+                return
         try:
             self.put_nowait(item)
         except queue.Full:
@@ -95,21 +97,14 @@ class RunFeed:
         seq = event.get("seq_num")
         return isinstance(seq, int) and any(lo <= seq < hi for lo, hi in self.dropped_ranges)
 
-    def _references_dropped(self, name: str, doc: dict) -> bool:
-        if not (self.dropped_datums or self.dropped_ranges):
-            return False
-        events = [doc] if name == "event" else unpack_event_page(doc)
-        return any(self._dropped(e) for e in events)
-
-    def _offer_events_of_page(self, item, name: str, doc: dict) -> None:
+    def _offer_events(self, raw_uid: str, events: list[dict]) -> None:
         """Drop (and count) the events whose reference was dropped; offer the others."""
-        events = [doc] if name == "event" else list(unpack_event_page(doc))
         for event in events:
             if self._dropped(event):
                 self._count(1)
                 continue
             try:
-                self.put_nowait(("doc", item[1], "event", event))
+                self.put_nowait(("doc", raw_uid, "event", event))
             except queue.Full:
                 self._count(1)
 

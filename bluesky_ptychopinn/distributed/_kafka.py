@@ -49,7 +49,7 @@ from ._codec import decode, encode
 from ._errors import BusUnavailableError
 from ._publisher import PublisherHandle, PublisherStats, _RunSubjects
 from ._subjects import beamline_token
-from ._worker import CLOSE_TRIES, RunLost, RunWorker, WorkerOptions, _abandoned_stop
+from ._worker import CLOSE_TRIES, RunLost, RunWorker, WorkerOptions
 
 __all__ = ["KafkaPublisher", "KafkaWorker", "ensure_topic", "kafka_config", "kafka_group",
            "kafka_topic", "parse_kafka_url", "probe_kafka"]
@@ -608,17 +608,15 @@ class KafkaWorker(RunWorker):
         before = max(await self._attempts_before(first, raw_uid),
                      self._failures.get(raw_uid, 0))
         if before >= self.max_attempts:
-            if await self._give_up(first, raw_uid, start, before):
-                self._failures.pop(raw_uid, None)
-                self._close_failures.pop(raw_uid, None)
+            if await self._give_up(raw_uid, start, before):
+                self._forget_failures(raw_uid)
                 return
             tries = self._close_failures.get(raw_uid, 0) + 1
             if tries >= CLOSE_TRIES:
                 logger.error("%s: run %s: its 'fail' stop could not be written either (%d "
                              "tries); skipped, its derived run left as the last attempt left "
                              "it", self.options.name, raw_uid, tries)
-                self._failures.pop(raw_uid, None)
-                self._close_failures.pop(raw_uid, None)
+                self._forget_failures(raw_uid)
                 self._finished(raw_uid)
                 await self._commit({})
                 return
@@ -639,6 +637,10 @@ class KafkaWorker(RunWorker):
         # it up (_give_up), which closes its derived run whatever this attempt left of it.
         self._failures[raw_uid] = attempt
         await self._pause(attempt)
+
+    def _forget_failures(self, raw_uid: str) -> None:
+        self._failures.pop(raw_uid, None)
+        self._close_failures.pop(raw_uid, None)
 
     async def _pause(self, attempts: int) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -724,11 +726,9 @@ class KafkaWorker(RunWorker):
         nothing."""
         ck = _require()
         p, offset = first.partition(), first.offset()
-        record = json.dumps({"run": raw_uid, "offset": offset, "attempts": attempt})
         try:
-            await asyncio.to_thread(
-                self._consumer.commit, asynchronous=False,
-                offsets=[ck.TopicPartition(self.topic, p, offset, metadata=record)])
+            await asyncio.to_thread(self._consumer.commit, asynchronous=False,
+                                    offsets=[self._attempt_offset(raw_uid, p, offset, attempt)])
         except ck.KafkaException as exc:
             logger.warning("%s: run %s: attempt %d not recorded on the bus (%s); only this "
                            "worker counts it", self.options.name, raw_uid, attempt,
@@ -736,6 +736,12 @@ class KafkaWorker(RunWorker):
             return
         self._committed[p] = offset
         self._attempt = (raw_uid, p, offset, attempt)
+
+    def _attempt_offset(self, raw_uid: str, partition: int, offset: int, attempts: int):
+        """The run's start offset with the attempts so far in its commit metadata (what
+        :meth:`_attempts_before` reads)."""
+        record = json.dumps({"run": raw_uid, "offset": offset, "attempts": attempts})
+        return _require().TopicPartition(self.topic, partition, offset, metadata=record)
 
     def _hand_back_attempt(self, consumer) -> None:
         """The current run's partition is revoked (a worker joins or leaves the group): the
@@ -746,33 +752,20 @@ class KafkaWorker(RunWorker):
         raw_uid, p, offset, attempt = self._attempt
         self._attempt = None
         ck = _require()
-        record = json.dumps({"run": raw_uid, "offset": offset, "attempts": attempt - 1})
         try:
-            consumer.commit(offsets=[ck.TopicPartition(self.topic, p, offset, metadata=record)],
+            consumer.commit(offsets=[self._attempt_offset(raw_uid, p, offset, attempt - 1)],
                             asynchronous=False)
         except ck.KafkaException as exc:
             logger.warning("%s: run %s: its partition was handed over, but the attempt could "
                            "not be taken back (%s); it counts as one", self.options.name,
                            raw_uid, exc.args[0])
 
-    async def _give_up(self, first, raw_uid: str, start: tuple[str, dict],
-                       attempts: int) -> bool:
-        """Close the run that starts at ``first`` without reconstructing it: its start and a
-        ``"fail"`` stop with the reason go through the live callback and the guard, which
-        replaces the partial derived run the last attempt left; then it is committed past.
-        False: Tiled refused the write."""
-        o = self.options
+    async def _give_up(self, raw_uid: str, start: tuple[str, dict], attempts: int) -> bool:
+        """Close the run whose start document is ``start`` without reconstructing it
+        (:meth:`close_given_up`), then commit past it. False: Tiled refused the write."""
         reason = (f"given up after {attempts} attempts: each worker that took this run "
                   "failed or stopped before finishing it (killed, out of memory?)")
-        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
-                     "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
-                     raw_uid)
-        docs = iter([start, ("stop", _abandoned_stop(raw_uid, "fail", reason))])
-
-        async def next_doc(timeout: float):
-            return next(docs, None)
-
-        if not await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
+        if not await self.close_given_up(raw_uid, start[1], reason):
             return False
         self._finished(raw_uid)
         await self._commit({})

@@ -373,6 +373,21 @@ class RunWorker:
     async def _close_open_run(self, raw_uid: str, reason: str = "worker error") -> None:
         await asyncio.to_thread(self.close_run_now, raw_uid, reason)
 
+    async def close_given_up(self, raw_uid: str, start: dict, reason: str) -> bool:
+        """Close a run the bus gave up on, without reconstructing it: its ``start`` document
+        and a ``"fail"`` stop with ``reason`` go through the live callback and the guard,
+        which replaces the partial derived run the last attempt left. Logs the error with
+        the ``replay`` hint; False when Tiled refused the write."""
+        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
+                     "ptychopinn replay %s` once the cause is fixed", self.options.name,
+                     raw_uid, reason, raw_uid)
+        docs = iter([("start", start), ("stop", _abandoned_stop(raw_uid, "fail", reason))])
+
+        async def next_doc(timeout: float):
+            return next(docs, None)
+
+        return await self.run_once(raw_uid, next_doc, f"to close it: {reason}")
+
     def close_run_now(self, raw_uid: str, reason: str) -> None:
         """Close a run the live callback still has open, so that its next delivery (maybe to
         this worker) starts from a clean state; its derived run ends ``"fail"`` (unless the
@@ -723,15 +738,7 @@ class Worker(RunWorker):
                          "start: its derived run is left as it is", o.name, raw_uid, reason,
                          name)
             return False
-        logger.error("%s: run %s %s; its derived run ends 'fail'. Redo it with `bluesky-"
-                     "ptychopinn replay %s` once the cause is fixed", o.name, raw_uid, reason,
-                     raw_uid)
-        docs = iter([("start", start), ("stop", _abandoned_stop(raw_uid, "fail", reason))])
-
-        async def next_doc(timeout: float):
-            return next(docs, None)
-
-        if not await self.run_once(raw_uid, next_doc, f"to close it: {reason}"):
+        if not await self.close_given_up(raw_uid, start, reason):
             return False
         with contextlib.suppress(Exception):
             await js.delete_msg(runs_stream(o.beamline), seq)
