@@ -196,3 +196,80 @@ def test_a_dropped_baseline_reading_is_no_skipped_frame():
     finally:
         live.close()
     assert state.frames_skipped == 0, stops[-1]
+
+
+def _large_frame_run(n: int, side: int = 64):
+    """A raw run of n float64 frames (side x side, 32 KB at 64 px) inline in its events."""
+    bundle = compose_run(metadata={"ptycho": MD})
+    keys = {"img": {"source": "sim", "dtype": "array", "shape": [side, side]},
+            "sy": {"source": "sim", "dtype": "number", "shape": []},
+            "sx": {"source": "sim", "dtype": "number", "shape": []}}
+    desc = bundle.compose_descriptor(name="primary", data_keys=keys)
+    rng = np.random.default_rng(1)
+    docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
+    for k in range(n):
+        data = {"img": rng.poisson(5.0, (side, side)).astype(np.float64),
+                "sy": 1e-9 * (k % 10), "sx": 1e-9 * (k // 10)}
+        docs.append(("event", desc.compose_event(data=data, seq_num=k + 1,
+                                                 timestamps=dict.fromkeys(data, 0.0))))
+    docs.append(("stop", bundle.compose_stop()))
+    return bundle.start_doc["uid"], docs
+
+
+def test_the_queue_is_bounded_in_bytes_under_skip():
+    # Before: only documents were counted (100,000 by default), so a fast scan of large
+    # inline frames queued without bound in bytes. 8 frames' worth of bytes now fill it.
+    live, stops = _live(max_queue_bytes=8 * 32 * 1024)
+    try:
+        uid, docs = _large_frame_run(300)
+        for doc in docs:
+            live(*doc)
+        state = live.wait(uid, timeout=60)
+    finally:
+        live.close()
+    assert state.frames_skipped > 150, stops[-1]
+    assert state.frames_done + state.frames_skipped == 300
+    assert stops[-1]["ptychopinn"]["frames_skipped"] == state.frames_skipped
+
+
+def test_under_block_the_bytes_queued_never_exceed_the_budget():
+    budget = 8 * 32 * 1024
+    live, stops = _live(max_queue_bytes=budget, backpressure="block")
+    inbox = live._transport._inbox
+    peak, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], inbox.nbytes)
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        uid, docs = _large_frame_run(120)
+        for doc in docs:
+            live(*doc)
+        state = live.wait(uid, timeout=60)
+    finally:
+        done.set()
+        live.close()
+    assert state.failed is None and state.frames_done == 120, stops[-1]
+    assert state.frames_skipped == 0
+    assert budget // 2 < peak[0] <= budget  # it filled, and no further
+    assert inbox.nbytes == 0  # every byte reserved was released when taken
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_a_queue_without_room_is_refused(value):
+    with pytest.raises(InvalidInputError, match="max_queue_bytes"):
+        LiveReconstruction("default", isolation="thread", max_queue_bytes=value)
+
+
+def test_a_document_is_sized_by_its_arrays_without_copying_them():
+    from bluesky_ptychopinn.callbacks._metered_queue import document_nbytes
+
+    frame = np.zeros((64, 64))
+    event = {"data": {"img": frame, "sx": 1.0}, "seq_num": 1, "uid": "u" * 36}
+    assert 32768 <= document_nbytes(("doc", "uid", "event", event)) < 32768 + 1024
+    # a frame decoded from JSON as nested lists: at least its numbers' worth of bytes
+    assert document_nbytes({"data": {"img": frame.tolist()}}) >= 64 * 64 * 8

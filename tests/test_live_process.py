@@ -299,3 +299,35 @@ def test_the_reconstruction_process_leaves_a_core_to_the_runengine():
         assert os.sched_getaffinity(live.pid) == mine
     finally:
         live.close()
+
+
+def test_the_process_queue_is_bounded_in_bytes(model):
+    # The bytes are counted in shared memory: reserved in this process, released by the child.
+    live = LiveReconstruction(model, batch_size=1, snapshot_every=1, max_queue_bytes=4 * 32768,
+                              torch_threads=1, refine=None)
+    derived = _collect(live)
+    try:
+        import numpy as np
+        from event_model import compose_run
+
+        md = {"detector_key": "img", "positioner_keys": {"y": "sy", "x": "sx"},
+              "energy_ev": 8800.0, "detector_distance_m": 2.0, "detector_pixel_size_m": 75e-6,
+              "scan": {"extent_m": [1e-7, 1e-7], "center_m": [0.0, 0.0]}}
+        bundle = compose_run(metadata={"ptycho": md})
+        keys = {"img": {"source": "sim", "dtype": "array", "shape": [64, 64]},
+                "sy": {"source": "sim", "dtype": "number", "shape": []},
+                "sx": {"source": "sim", "dtype": "number", "shape": []}}
+        desc = bundle.compose_descriptor(name="primary", data_keys=keys)
+        live("start", bundle.start_doc)
+        live("descriptor", desc.descriptor_doc)
+        for k in range(200):
+            data = {"img": np.full((64, 64), 5.0), "sy": 1e-9 * (k % 10), "sx": 1e-9 * (k // 10)}
+            live("event", desc.compose_event(data=data, seq_num=k + 1,
+                                             timestamps=dict.fromkeys(data, 0.0)))
+        live("stop", bundle.compose_stop())
+        state = live.wait(bundle.start_doc["uid"], timeout=60)
+    finally:
+        live.close()
+    assert state.frames_skipped > 100
+    assert state.frames_done + state.frames_skipped == 200
+    assert derived[-1][1]["ptychopinn"]["frames_skipped"] == state.frames_skipped

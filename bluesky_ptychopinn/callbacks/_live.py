@@ -31,6 +31,7 @@ from ..models._checkpoint import read_model_card
 from ._backpressure import RunFeed
 from ._derived import DerivedRun, RunState
 from ._emitter import DocumentEmitter
+from ._metered_queue import DEFAULT_MAX_QUEUE_BYTES
 from ._model_choice import AUTO, choose_model
 from ._settings import (
     DERIVED_UID_MODES,
@@ -65,8 +66,9 @@ class LiveReconstruction:
         ``"cuda"`` when available, else CPU.
     image_key, positioner_keys : optional
         Override the start document's ``ptycho`` metadata (for scans that lack it).
-    max_queue : int
-        Raw documents buffered for the reconstruction. When it is full, ``backpressure``
+    max_queue, max_queue_bytes : int
+        Raw documents, and bytes of them (inline frames; default 1 GiB), buffered for the
+        reconstruction. When either limit is reached, ``backpressure``
         decides: ``"skip"`` drops event documents, and the Datum / StreamDatum documents of
         frames in files, for reconstruction (each frame counted once in ``frames_skipped``;
         the raw run is untouched), so the RunEngine never waits for a frame; ``"block"``
@@ -170,6 +172,7 @@ class LiveReconstruction:
         image_key: str | None = None,
         positioner_keys: dict | None = None,
         max_queue: int = 100_000,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES,
         backpressure: str = "skip",
         canvas_margin_px: int = 8,
         torch_threads: int | None = None,
@@ -203,6 +206,9 @@ class LiveReconstruction:
         if derived_uid not in DERIVED_UID_MODES:
             raise InvalidInputError(
                 f"derived_uid: one of {DERIVED_UID_MODES}, got {derived_uid!r}")
+        if not (int(max_queue) >= 1 and int(max_queue_bytes) >= 1):
+            raise InvalidInputError(f"max_queue and max_queue_bytes: >= 1, got {max_queue!r} "
+                                    f"and {max_queue_bytes!r}")
         if not refine_budget_s >= 0:
             raise InvalidInputError(f"refine_budget_s: >= 0 seconds, got {refine_budget_s!r}")
         self.model_path = None
@@ -232,7 +238,7 @@ class LiveReconstruction:
             read_timeout_s=float(read_timeout_s))
         self.image_key = image_key
         self.positioner_keys = positioner_keys
-        self.max_queue = int(max_queue)
+        self.max_queue, self.max_queue_bytes = int(max_queue), int(max_queue_bytes)
         self.backpressure = backpressure
         self.isolation = isolation
         self._subscribers: list[Callable] = []
@@ -257,12 +263,14 @@ class LiveReconstruction:
             self._transport = ProcessTransport(
                 self.model_path if self.model_path is not None else self.model,
                 self.model_info, self.settings, max_queue=self.max_queue,
-                torch_threads=int(threads), nice=int(nice), cpus=cpus, **callbacks)
+                max_queue_bytes=self.max_queue_bytes, torch_threads=int(threads),
+                nice=int(nice), cpus=cpus, **callbacks)
         else:
             if torch_threads:
                 torch.set_num_threads(int(torch_threads))
             self._transport = ThreadTransport(self.model, self.model_info, self.settings,
-                                              max_queue=self.max_queue, **callbacks)
+                                              max_queue=self.max_queue,
+                                              max_queue_bytes=self.max_queue_bytes, **callbacks)
 
     # convenience views of the settings (read by benchmarks and tests)
     @property

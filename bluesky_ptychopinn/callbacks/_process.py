@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ..errors import PtychoError
 from ..metadata import PtychoMetadata
+from ._metered_queue import MeteredQueue
 from ._serve import serve
 from ._settings import WorkerSettings
 from ._transports import _ENDED, Deliver, Lost, pump
@@ -51,7 +52,7 @@ class _Child:
     """One incarnation of the reconstruction process, as the parent sees it."""
 
     process: mp.process.BaseProcess
-    inbox: object  # multiprocessing Queue: parent -> child
+    inbox: MeteredQueue  # over a multiprocessing Queue: parent -> child
     conn: object  # read end of a Pipe: child -> parent
     runs: set = field(default_factory=set)  # raw uids it holds
     dead: bool = False
@@ -90,6 +91,8 @@ class ProcessTransport:
         The RunEngine side's callbacks (:mod:`._transports`).
     max_queue : int
         Raw documents buffered for the child.
+    max_queue_bytes : int
+        Bytes of them (inline frames) buffered at most, counted until the child takes them.
     torch_threads : int
         Intra-op threads in the child.
     nice : int
@@ -106,12 +109,13 @@ class ProcessTransport:
     """
 
     def __init__(self, model_spec, model_info: dict, settings: WorkerSettings, *,
-                 deliver: Deliver, tick, lost: Lost, max_queue: int, torch_threads: int,
-                 nice: int, cpus: tuple[int, ...] | None = None,
+                 deliver: Deliver, tick, lost: Lost, max_queue: int, max_queue_bytes: int,
+                 torch_threads: int, nice: int, cpus: tuple[int, ...] | None = None,
                  start_timeout_s: float = 120.0) -> None:
         self.model_spec, self.model_info, self.settings = model_spec, model_info, settings
         self._deliver, self._tick, self._lost = deliver, tick, lost
-        self.max_queue, self.torch_threads, self.nice = max_queue, torch_threads, nice
+        self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes
+        self.torch_threads, self.nice = torch_threads, nice
         self.cpus = cpus
         self._lock = threading.Lock()
         self._child: _Child | None = None
@@ -131,8 +135,10 @@ class ProcessTransport:
 
     def _start_child(self) -> None:
         ctx = _context()
-        inbox = ctx.Queue(maxsize=self.max_queue)
-        inbox.cancel_join_thread()  # never hang interpreter exit on a dead child's pipe
+        inner = ctx.Queue(maxsize=self.max_queue)
+        inner.cancel_join_thread()  # never hang interpreter exit on a dead child's pipe
+        # The bytes queued are counted in shared memory: added here, taken off by the child.
+        inbox = MeteredQueue(inner, self.max_queue_bytes, ctx.Value("q", 0))
         reader, writer = ctx.Pipe(duplex=False)
         level = logging.getLogger("bluesky_ptychopinn").getEffectiveLevel()
         process = ctx.Process(
@@ -236,7 +242,7 @@ class ProcessTransport:
         child.ready.set()
         self._lost(runs, reason)
         child.conn.close()
-        child.inbox.close()
+        child.inbox.inner.close()
         return (_ENDED, reason)
 
     # -- lifetime ------------------------------------------------------------------------------

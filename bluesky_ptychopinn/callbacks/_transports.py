@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..metadata import PtychoMetadata
+from ._metered_queue import MeteredQueue
 from ._serve import serve
 from ._settings import WorkerSettings
 
@@ -73,13 +74,16 @@ class ThreadTransport:
         The RunEngine side's callbacks (module docstring).
     max_queue : int
         Raw documents buffered for the reconstruction.
+    max_queue_bytes : int
+        Bytes of them (inline frames) buffered at most.
     """
 
     pid = None
 
     def __init__(self, model, model_info: dict, settings: WorkerSettings, *, deliver: Deliver,
-                 tick: Callable[[], None], lost: Lost, max_queue: int) -> None:
-        self._inbox: queue.Queue = queue.Queue(maxsize=max_queue)
+                 tick: Callable[[], None], lost: Lost, max_queue: int,
+                 max_queue_bytes: int) -> None:
+        self._inbox = MeteredQueue(queue.Queue(maxsize=max_queue), max_queue_bytes)
         self._outbox: queue.Queue = queue.Queue()
         self._lost, self._open = lost, set()
         self._warned_dead = False
