@@ -331,3 +331,28 @@ def test_the_process_queue_is_bounded_in_bytes(model):
     assert state.frames_skipped > 100
     assert state.frames_done + state.frames_skipped == 200
     assert derived[-1][1]["ptychopinn"]["frames_skipped"] == state.frames_skipped
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_debugging_callbacks_a_failed_thread_is_replaced_for_the_next_run(model, monkeypatch):
+    # BLUESKY_DEBUG_CALLBACKS raises a run's error, which ends the reconstruction thread.
+    # Before: every later run of the session was silently never reconstructed.
+    monkeypatch.setenv("BLUESKY_DEBUG_CALLBACKS", "1")
+    faulty = FailingModel(model, fail_on_call=2, message="injected fault")
+    live = LiveReconstruction(faulty, batch_size=8, torch_threads=1, isolation="thread",
+                              refine=None)
+    derived = _collect(live)
+    RE = RunEngine(call_returns_result=True)
+    RE.subscribe(live)
+    try:
+        first = _scan(RE, seed=26)
+        failed = live.wait(first.run_start_uids[0], timeout=60)
+        second = _scan(RE, seed=27)
+        again = live.wait(second.run_start_uids[0], timeout=60)
+    finally:
+        live.close()
+    assert first.exit_status == second.exit_status == "success"
+    assert "injected fault" in failed.failed
+    assert again.failed is None and again.frames_done == 36
+    stops = [d for n, d in derived if n == "stop"]
+    assert [s["exit_status"] for s in stops] == ["fail", "success"]
