@@ -135,6 +135,10 @@ class MeteredQueue:
         self._release(nbytes)
         return item
 
+    def qsize(self) -> int:
+        """Items queued now (approximate across processes, as the queue's own)."""
+        return self.inner.qsize()
+
     @property
     def nbytes(self) -> int:
         """Bytes queued now."""
