@@ -7,7 +7,8 @@ Iterative baselines (ePIE, rPIE) that the neural-network reconstruction is measu
 
 from __future__ import annotations
 
-from ._options import PIE_ENGINES, PIEOptions, PIEResult
+from ._momentum import PassAcceleration, PassMomentum, probe_change
+from ._options import MOMENTUM_MODES, PIE_ENGINES, PIEOptions, PIEResult
 from ._pie import pie_reconstruct, recentre_probe
 from ._positions import position_shifts
 from ._refiner import RefinedSnapshot, StreamingRefiner, probe_from_frames
@@ -17,7 +18,11 @@ from ._schedule import StepSchedule
 from ._streaming import Snapshot, StreamingReconstructor, stitch_window
 
 __all__ = [
+    "MOMENTUM_MODES",
     "PIE_ENGINES",
+    "PassAcceleration",
+    "PassMomentum",
+    "probe_change",
     "PIEOptions",
     "PIEResult",
     "pie_reconstruct",

@@ -9,10 +9,13 @@ import numpy as np
 
 from ..errors import InvalidInputError
 
-__all__ = ["PIEOptions", "PIEResult", "PIE_ENGINES"]
+__all__ = ["MOMENTUM_MODES", "PIEOptions", "PIEResult", "PIE_ENGINES"]
 
 #: Engines understood by :func:`~bluesky_ptychopinn.recon.pie_reconstruct`.
 PIE_ENGINES = ("epie", "rpie")
+
+#: ``PIEOptions.momentum``.
+MOMENTUM_MODES = ("auto", "on", "off")
 
 # Step sizes used when an alpha is left as None: ePIE's classic unit steps; rPIE's alpha is the
 # regularisation weight of its denominator (Maiden et al. 2017 recommend 0.05 - 0.25).
@@ -66,6 +69,19 @@ class PIEOptions:
         image gets worse the longer it runs. While the probe is refined the error must stay
         flat for 5 passes in a row (a blind run often stalls while the probe finds the beam,
         then falls again). False: the classic constant step.
+    momentum : {"auto", "on", "off"}
+        mPIE's momentum (Maiden, Johnson & Li 2017), once per pass: the change of the object
+        (and of the refined probe) over the last pass joins a velocity kept from pass to pass
+        by ``momentum_friction``, and ``momentum_gain`` times that velocity is added
+        (:class:`~bluesky_ptychopinn.recon.PassMomentum`). ``"auto"`` (default): only while the
+        probe is being learnt: from a pass that changes its intensity by more than 10 % (as a
+        probe started from a disc does) to one that changes it by less than 5 % or the error
+        settling. Measured on held-out blind scans to reach a given quality in about a third
+        fewer passes, with the end score from -0.02 to +0.04; a known probe never engages it
+        (docs/momentum.md). ``"on"``: every pass (hurts a known, refined probe); ``"off"``:
+        plain rPIE.
+    momentum_friction, momentum_gain : float
+        Velocity kept per pass, in [0, 1), and the fraction of it applied, in (0, 1].
     position_correction : bool
         Refine each frame's probe centre (encoder errors, jitter) from its own exit-wave
         update (:func:`~bluesky_ptychopinn.recon.position_shifts`): the engine moves each
@@ -98,6 +114,9 @@ class PIEOptions:
     probe_update_start_epoch: int = 0
     recenter_probe: bool = True
     anneal: bool = True
+    momentum: str = "auto"
+    momentum_friction: float = 0.7
+    momentum_gain: float = 0.5
     position_correction: bool = False
     position_correction_start_epoch: int = 2
     position_gain: float = 0.5
@@ -135,6 +154,13 @@ class PIEOptions:
                 raise InvalidInputError(
                     f"{name}: expected a value in {bounds} for {self.engine}, got {value!r}"
                 )
+        if self.momentum not in MOMENTUM_MODES:
+            raise InvalidInputError(
+                f"momentum: expected one of {MOMENTUM_MODES}, got {self.momentum!r}")
+        if not (0 <= self.momentum_friction < 1 and 0 < self.momentum_gain <= 1):
+            raise InvalidInputError(
+                "momentum_friction in [0, 1) and momentum_gain in (0, 1]: got "
+                f"{self.momentum_friction!r} and {self.momentum_gain!r}")
         if not (0 < self.position_gain <= 1):
             raise InvalidInputError(
                 f"position_gain: expected a value in (0, 1], got {self.position_gain!r}")

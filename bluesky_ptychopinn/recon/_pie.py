@@ -40,6 +40,7 @@ from ..physics import (
     required_object_shape,
     scatter_patches,
 )
+from ._momentum import PassAcceleration
 from ._options import PIEOptions, PIEResult
 from ._positions import PositionCorrector, position_shifts
 from ._schedule import StepSchedule
@@ -514,6 +515,8 @@ def pie_reconstruct(
     shape = (obj.shape[0], obj.shape[1])
     total_shift = (0, 0)  # whole pixels the probe was rolled by, summed over epochs
     schedule = StepSchedule.for_options(options)
+    acceleration = PassAcceleration(options.momentum, options.momentum_friction,
+                                    options.momentum_gain)
     corrector = PositionCorrector(options.position_gain, size)
     corrector.grow(n_frames)
     setup_s = time.perf_counter() - start_time
@@ -536,16 +539,19 @@ def pie_reconstruct(
                 if shifts is not None:
                     corrector.apply(pos, batch, shifts, shape, schedule.step)
                 error += batch_error
+            history.append(float(error) / measured)
+            schedule.end_pass(history[-1], n_frames)
+            probe = acceleration.end_pass(obj, probe, probe_updating=update_probe,
+                                          settled=schedule.settled_at is not None)
             if correct:
                 pos = corrector.centre(pos, shape)
             if update_probe and options.recenter_probe:
                 probe, shift = recentre_probe(probe, positions=pos, object_shape=shape)
                 if shift != (0, 0):
+                    acceleration.rolled(shift)
                     # The object stays put: the probe centres move against the probe's roll.
                     pos = pos - torch.tensor(shift, dtype=pos.dtype, device=pos.device)
                     total_shift = (total_shift[0] + shift[0], total_shift[1] + shift[1])
-            history.append(float(error) / measured)
-            schedule.end_pass(history[-1], n_frames)
             if not math.isfinite(history[-1]):
                 raise FloatingPointError(
                     f"{options.engine} diverged in epoch {epoch}: error {history[-1]}; "

@@ -39,6 +39,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..errors import InvalidInputError
 from ._canvas import growth_pads
+from ._momentum import PassAcceleration
 from ._options import PIEOptions
 from ._pie import _check_probe, _pie_batch, _resolve_device, recentre_probe, to_fft_order
 from ._positions import PositionCorrector
@@ -306,6 +307,10 @@ class StreamingRefiner:
         self.error_history: list[float] = []
         #: Shrinks the update step once the error has settled (noise, not signal, is left).
         self.schedule = StepSchedule.for_options(self.options)
+        #: Momentum across passes while the probe is being learnt (``options.momentum``).
+        self.acceleration = PassAcceleration(self.options.momentum,
+                                             self.options.momentum_friction,
+                                             self.options.momentum_gain)
         self._corrector = PositionCorrector(self.options.position_gain, self.frame_size,
                                             self.device)
         self._roll = np.zeros(2)  # whole pixels the probe was rolled by (re-centring), summed
@@ -564,6 +569,7 @@ class StreamingRefiner:
             self.start, self.obj = best, candidates[best]
             self.start_residuals = residuals
             self.schedule.restart()  # a new estimate: its errors are not noise yet
+            self.acceleration.reset()
             # The pass under way measured the discarded estimate: start a new one, so that
             # the error and its history describe only the estimate continued.
             self._visited, self._pass_error, self._pass_measured = 0, 0.0, 0.0
@@ -617,6 +623,14 @@ class StreamingRefiner:
             self.error_history.append(self.error)
             self.schedule.end_pass(self.error, self._store.n)
         self._pass_error = self._pass_measured = 0.0
+        if self.probe is not None and self.photon_scale:
+            # On the photon-scaled probe, the quantity the updates move.
+            scaled = self.probe * math.sqrt(self.photon_scale)
+            moved = self.acceleration.end_pass(self.obj, scaled,
+                                               probe_updating=self._probe_updating,
+                                               settled=self.schedule.settled_at is not None)
+            if moved is not scaled:
+                self._keep_probe(moved)
         if self._correcting_positions:
             self._pos_t = self._corrector.centre(self._pos_t, tuple(self.obj.shape))
         if self._probe_updating and self.options.recenter_probe:
@@ -638,6 +652,7 @@ class StreamingRefiner:
         self.probe, shift = recentre_probe(self.probe, positions=self._pos_t,
                                            object_shape=tuple(self.obj.shape))
         if shift != (0, 0):
+            self.acceleration.rolled(shift)
             self._pos_t = self._pos_t - torch.tensor(shift, dtype=torch.float32,
                                                      device=self.device)
             self._positions = self._positions - np.asarray(shift, dtype=np.float64)
