@@ -132,6 +132,8 @@ from bluesky_ptychopinn.recon import (  # noqa: E402
 from bluesky_ptychopinn.synthetic import make_object  # noqa: E402
 
 TARGET_AUC = 0.8
+SLICE_S = 0.1  # longest refinement slice between two recorded images
+CHOOSE_EVERY_S = 0.5  # (c): how often the shown estimate is chosen again (both residuals)
 TAPER_PX = 8
 METRIC = "frc_auc_0.5_complex"
 B_PROBE = "mixed"
@@ -327,11 +329,12 @@ def refiner_options(scan: Scan, correct_positions: bool = False) -> PIEOptions:
 
 
 def slices():
-    """Refinement between two images: growing from 0.04 s (early images), then 0.5 s (the live
-    engine's publish interval)."""
+    """Refinement between two recorded images: 0.04 s, 0.064 s, then 0.1 s, so that a time to a
+    quality level is resolved to 0.1 s (until 2026-12-03 the slices grew to 0.5 s, the live
+    engine's publish interval, and a crossing was only known to within that)."""
     k = 0
     while True:
-        yield min(0.5, 0.04 * 1.6**k)
+        yield min(SLICE_S, 0.04 * 1.6**k)
         k += 1
 
 
@@ -403,13 +406,18 @@ def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128,
                            "network_frames": net.n_frames if net is not None else 0,
                            **score(obj, scan)})
 
+    own, other, chosen_at = math.nan, math.inf, -math.inf
     for piece in slices():
         with clock:
             refiner.step(piece)
-            # Residuals only once there is a network image to compare with: before, the
-            # refined image is the only one and they would be a tax on every slice.
-            own, other = ((refiner.own_residual(), refiner.residual_of(net.object, net.origin_px))
-                          if net is not None else (math.nan, math.inf))
+            # Residuals only once there is a network image to compare with (before, the
+            # refined image is the only one and they would be a tax on every slice), and at
+            # most every CHOOSE_EVERY_S, as the live engine chooses at its publish interval:
+            # in between, the last choice holds (the refined image shown is the current one).
+            if net is not None and clock.total - chosen_at >= CHOOSE_EVERY_S:
+                own, other = refiner.own_residual(), refiner.residual_of(net.object,
+                                                                         net.origin_px)
+                chosen_at = clock.total
         show(own, other)  # the refined image as it stands, before the network's next chunk
         if clock.total >= budget_s:
             break
@@ -435,6 +443,7 @@ def run_hybrid(model, scan: Scan, budget_s: float, chunk: int = 128,
                 other = refiner.residual_of(net.object, net.origin_px)
                 if math.isnan(own):  # the first network image: the refined one's residual too
                     own = refiner.own_residual()
+                chosen_at = clock.total
                 if done < n:  # both estimates on the frames the network has been through
                     own_k = refiner.own_residual(max_frames=64, first=done)
                     net_k = refiner.residual_of(net.object, net.origin_px, max_frames=64,

@@ -115,6 +115,10 @@ class PassAcceleration:
         self.passes_engaged = 0  # passes that ended with a momentum step (reported)
         self._probe_before: torch.Tensor | None = None
 
+    def begin(self, probe: torch.Tensor) -> None:
+        """The probe the first pass starts from, so that the first pass's change counts too."""
+        self._probe_before = probe.detach().clone()
+
     def end_pass(self, obj: torch.Tensor, probe: torch.Tensor, *, probe_updating: bool,
                  settled: bool) -> torch.Tensor:
         """Apply the pass's momentum: ``obj`` in place, the probe returned (the same tensor

@@ -517,6 +517,7 @@ def pie_reconstruct(
     schedule = StepSchedule.for_options(options)
     acceleration = PassAcceleration(options.momentum, options.momentum_friction,
                                     options.momentum_gain)
+    acceleration.begin(probe)
     corrector = PositionCorrector(options.position_gain, size)
     corrector.grow(n_frames)
     setup_s = time.perf_counter() - start_time

@@ -668,6 +668,7 @@ class StreamingRefiner:
             return self.error
         if self.start is None:
             self._choose_start()
+            self.acceleration.begin(self.probe)
         elif self._should_reconsider():
             self._reconsider()
         probe = self.probe * math.sqrt(self.photon_scale)
