@@ -516,6 +516,50 @@ def test_kafka_a_run_handed_over_mid_run_keeps_its_attempts(kafka):
     assert (during, after) == (1, 0)
 
 
+class _CommittedTimesOut:
+    """The worker's real consumer, whose first ``failures`` ``committed()`` reads time out as a
+    slow broker's do (the consumer type itself cannot be patched)."""
+
+    def __init__(self, consumer, failures: int) -> None:
+        self._consumer, self.failures = consumer, failures
+
+    def committed(self, partitions, timeout=None):
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.failures > 0:
+            self.failures -= 1
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+        return self._consumer.committed(partitions, timeout)
+
+    def __getattr__(self, name):
+        return getattr(self._consumer, name)
+
+
+def test_kafka_a_slow_broker_does_not_make_a_run_look_fresh(kafka):
+    # Before: one committed() timeout read as "0 attempts so far", so a run that kills every
+    # worker taking it could start again at attempt 1 on each new owner.
+    _produce(kafka, "kslow", _run("K")[:1])
+    worker = _kafka_worker(kafka, "kslow", set(), [])
+
+    async def read_through_timeouts() -> tuple[int, int]:
+        worker._consumer = worker._make_consumer()
+        msg = None
+        deadline = time.monotonic() + 30
+        while msg is None and time.monotonic() < deadline:
+            msg = await worker._poll(0.5)
+        assert msg is not None and msg.key() == b"K"
+        await worker._record_attempt(msg, "K", 3)
+        real = worker._consumer
+        worker._consumer = _CommittedTimesOut(real, failures=2)
+        after_two = await worker._attempts_before(msg, "K")
+        worker._consumer = _CommittedTimesOut(real, failures=5)
+        after_all = await worker._attempts_before(msg, "K")  # falls back, and says so
+        await asyncio.to_thread(real.close)
+        return after_two, after_all
+
+    assert asyncio.run(read_through_timeouts()) == (3, 0)
+
+
 # -- #6 and #7: a real worker reconstructing real runs, derived runs to a real Tiled ---------
 @pytest.fixture(scope="module")
 def recon_worker(tiled):

@@ -65,6 +65,10 @@ DEFAULT_PARTITIONS = 8
 #: not block the runs after it in its partition. ``--max-attempts`` overrides it.
 MAX_ATTEMPTS = 5
 
+#: Reads of a run's committed attempts before a worker falls back on its own count: a broker
+#: that times out once must not make a run that kills its workers look fresh.
+COMMITTED_TRIES = 3
+
 
 def _require():
     try:
@@ -708,13 +712,23 @@ class KafkaWorker(RunWorker):
         or when the brokers do not answer)."""
         ck = _require()
         tp = ck.TopicPartition(self.topic, first.partition())
+        for attempt in range(1, COMMITTED_TRIES + 1):
+            try:
+                [committed] = await asyncio.to_thread(self._consumer.committed, [tp], 5.0)
+                break
+            except ck.KafkaException as exc:  # brokers slow or away: not "no attempts"
+                if attempt == COMMITTED_TRIES:
+                    logger.warning("%s: run %s: attempts so far not read from the brokers "
+                                   "(%d tries: %s); only this worker's count applies",
+                                   self.options.name, raw_uid, attempt, exc.args[0])
+                    return 0
+                await asyncio.sleep(0.5 * attempt)
         try:
-            [committed] = await asyncio.to_thread(self._consumer.committed, [tp], 5.0)
             record = json.loads(committed.metadata or "{}")
             if (committed.offset == first.offset() and record.get("run") == raw_uid
                     and record.get("offset") == first.offset()):
                 return max(0, int(record.get("attempts", 0)))
-        except (ck.KafkaException, ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:  # not our metadata
             logger.debug("%s: run %s: attempts so far not read (%s)", self.options.name,
                          raw_uid, exc)
         return 0
