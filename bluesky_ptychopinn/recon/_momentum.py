@@ -58,6 +58,14 @@ class PassMomentum:
         Fraction of the velocity kept from one pass to the next, in [0, 1).
     gain : float
         Fraction of the velocity added to the estimate, in (0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> momentum = PassMomentum(friction=0.7, gain=0.5)
+    >>> x = momentum.step(torch.tensor([0.0]))  # the first pass only marks
+    >>> momentum.step(torch.tensor([1.0]))  # moved 1 this pass: 1 + 0.5 * 1
+    tensor([1.5000])
     """
 
     def __init__(self, friction: float, gain: float) -> None:
