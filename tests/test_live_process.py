@@ -326,8 +326,15 @@ def test_the_process_queue_is_bounded_in_bytes(model):
                                              timestamps=dict.fromkeys(data, 0.0)))
         live("stop", bundle.compose_stop())
         state = live.wait(bundle.start_doc["uid"], timeout=60)
+        # the child released, in the shared totals, every byte this process reserved
+        inbox = live._transport._child.inbox
+        held = inbox.nbytes
+        # and no lock is shared with the child: one killed while holding it would leave the
+        # RunEngine waiting on every later document (review of 2026-12-03)
+        assert not any(hasattr(total, "get_lock") for total in (inbox._put, inbox._taken))
     finally:
         live.close()
+    assert held == 0
     assert state.frames_skipped > 100
     assert state.frames_done + state.frames_skipped == 200
     assert derived[-1][1]["ptychopinn"]["frames_skipped"] == state.frames_skipped
@@ -356,3 +363,86 @@ def test_debugging_callbacks_a_failed_thread_is_replaced_for_the_next_run(model,
     assert again.failed is None and again.frames_done == 36
     stops = [d for n, d in derived if n == "stop"]
     assert [s["exit_status"] for s in stops] == ["fail", "success"]
+
+
+def _debug_live(model, **kw):
+    faulty = FailingModel(model, fail_on_call=2, message="injected fault")
+    live = LiveReconstruction(faulty, batch_size=4, torch_threads=1, isolation="thread",
+                              flush_after_s=0.05, **kw)
+    return live, _collect(live)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_run_opened_while_the_dead_thread_prints_its_error_goes_to_a_new_one(model,
+                                                                               monkeypatch):
+    # Before: the thread looked alive while its traceback was still being written (a slow
+    # stderr), so the next run joined the dead thread's runs and was never reconstructed.
+    from test_live_faults import _run
+
+    monkeypatch.setenv("BLUESKY_DEBUG_CALLBACKS", "1")
+    printing = threading.Event()
+    original = threading.excepthook
+
+    def slow_hook(args):
+        printing.set()
+        time.sleep(1.0)
+        original(args)
+
+    monkeypatch.setattr(threading, "excepthook", slow_hook)
+    live, derived = _debug_live(model, refine=None)
+    try:
+        first, docs = _run(40)
+        for doc in docs:
+            live(*doc)
+        assert "injected fault" in live.wait(first, timeout=30).failed
+        assert printing.wait(5)
+        second, docs = _run(12)
+        for doc in docs:
+            live(*doc)
+        again = live.wait(second, timeout=20)
+    finally:
+        live.close()
+    assert again.failed is None and again.frames_done == 12
+    assert [d["exit_status"] for n, d in derived if n == "stop"] == ["fail", "success"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_run_failed_with_an_ended_thread_never_reaches_the_next_one(model, monkeypatch):
+    # Before: all threads shared one inbox, so a run queued behind the document that ended
+    # the thread was failed, then opened and reconstructed by the next thread for ever.
+    from test_live_faults import _run
+
+    import bluesky_ptychopinn.callbacks._serve as serve_module
+
+    monkeypatch.setenv("BLUESKY_DEBUG_CALLBACKS", "1")
+    opened: list[str] = []
+
+    class Recording(serve_module.RunReconstruction):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self.raw_uid)
+
+    monkeypatch.setattr(serve_module, "RunReconstruction", Recording)
+    live, derived = _debug_live(model)
+    try:
+        first, first_docs = _run(60)
+        queued, queued_docs = _run(40)
+        for doc in first_docs:
+            live(*doc)
+        for doc in queued_docs[:6]:  # its start, descriptor and 4 events, behind the first run
+            live(*doc)
+        ended = live._transport._current.thread
+        assert "injected fault" in live.wait(first, timeout=60).failed
+        ended.join(10)
+        assert live.runs[queued].failed  # failed with the thread that held it
+        for doc in queued_docs[6:]:
+            live(*doc)
+        third, docs = _run(12)
+        for doc in docs:
+            live(*doc)
+        state = live.wait(third, timeout=120)
+    finally:
+        live.close()
+    assert state.failed is None and state.frames_done == 12
+    assert queued not in opened
+    assert not [t.name for t in threading.enumerate() if queued[:8] in t.name]

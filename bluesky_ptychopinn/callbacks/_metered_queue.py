@@ -2,9 +2,9 @@
 
 A count of documents alone does not bound memory: 100,000 queued events of 1 MB inline frames
 hold 100 GB. :class:`MeteredQueue` wraps the transport's queue (a :class:`queue.Queue` or a
-:class:`multiprocessing.Queue`) and a shared counter of the bytes put and not yet taken; the
-producer reserves an item's bytes before it is queued and the consumer (in another thread or
-process) releases them when it takes the item. A full byte budget is a full queue:
+:class:`multiprocessing.Queue`) and counts the bytes put and not yet taken: the producer
+reserves an item's bytes before it is queued and the consumer (in another thread or process)
+releases them when it takes the item. A full byte budget is a full queue:
 ``put_nowait`` raises :class:`queue.Full` (``backpressure="skip"`` drops the frame) and ``put``
 waits (``"block"``).
 """
@@ -56,18 +56,19 @@ def document_nbytes(obj) -> int:
 
 
 class LocalCounter:
-    """A counter shared by threads, with the face of :func:`multiprocessing.Value`."""
+    """A number in this process, with the face of :func:`multiprocessing.RawValue`."""
 
     def __init__(self) -> None:
         self.value = 0
-        self._lock = threading.Lock()
-
-    def get_lock(self) -> threading.Lock:
-        return self._lock
 
 
 class MeteredQueue:
     """A queue of at most ``max_bytes`` of items (and ``inner``'s own count).
+
+    The bytes queued are the difference of two totals, each written by one side only: the
+    bytes ever put (by the producer, under a lock of its own process) and the bytes ever taken
+    (by the one consumer). No lock is shared between the processes, so a consumer killed at
+    any moment can never leave the producer (the RunEngine) waiting on one.
 
     Parameters
     ----------
@@ -77,28 +78,40 @@ class MeteredQueue:
     max_bytes : int
         Bytes reserved at most. One item larger than the whole budget is still let in when
         nothing else is queued (it could never be otherwise).
-    in_flight
-        The shared counter: a :class:`LocalCounter`, or ``multiprocessing.Value("q")`` when
-        the consumer is another process (this object is then pickled into it).
+    totals : (put, taken), optional
+        The two shared totals: :class:`LocalCounter` pairs (the default) when the consumer is
+        a thread, ``multiprocessing.RawValue("q")`` pairs when it is another process (this
+        object is then pickled into it). Aligned 64-bit integers, read and written whole.
     """
 
-    def __init__(self, inner, max_bytes: int, in_flight=None) -> None:
+    def __init__(self, inner, max_bytes: int, totals=None) -> None:
         self.inner = inner
         self.max_bytes = int(max_bytes)
-        self.in_flight = in_flight if in_flight is not None else LocalCounter()
+        self._put, self._taken = totals if totals is not None else (LocalCounter(),
+                                                                    LocalCounter())
+        self._producer_lock = threading.Lock()  # this process's producers (RunEngine, close)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_producer_lock"]  # the consumer's copy produces nothing
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._producer_lock = threading.Lock()
 
     # -- producer ------------------------------------------------------------------------------
     def _reserve(self, nbytes: int) -> bool:
-        with self.in_flight.get_lock():
-            held = self.in_flight.value
-            if held and held + nbytes > self.max_bytes:
+        with self._producer_lock:
+            held = self._put.value - self._taken.value
+            if held > 0 and held + nbytes > self.max_bytes:
                 return False
-            self.in_flight.value = held + nbytes
+            self._put.value += nbytes
             return True
 
-    def _release(self, nbytes: int) -> None:
-        with self.in_flight.get_lock():
-            self.in_flight.value -= nbytes
+    def _unreserve(self, nbytes: int) -> None:
+        with self._producer_lock:
+            self._put.value -= nbytes
 
     def put_nowait(self, item) -> None:
         """Queue ``item`` now, or raise :class:`queue.Full` (no room in bytes or count)."""
@@ -108,7 +121,7 @@ class MeteredQueue:
         try:
             self.inner.put_nowait((nbytes, item))
         except BaseException:
-            self._release(nbytes)
+            self._unreserve(nbytes)
             raise
 
     def put(self, item, timeout: float | None = None) -> None:
@@ -124,15 +137,15 @@ class MeteredQueue:
         try:
             self.inner.put((nbytes, item), timeout=left)
         except BaseException:
-            self._release(nbytes)
+            self._unreserve(nbytes)
             raise
 
     # -- consumer ------------------------------------------------------------------------------
     def get(self, timeout: float | None = None):
         """The next item (raises :class:`queue.Empty` after ``timeout``); its bytes are free
-        again from now on."""
+        again from now on. One consumer only (the total taken has one writer)."""
         nbytes, item = self.inner.get(timeout=timeout)
-        self._release(nbytes)
+        self._taken.value += nbytes
         return item
 
     def qsize(self) -> int:
@@ -142,4 +155,4 @@ class MeteredQueue:
     @property
     def nbytes(self) -> int:
         """Bytes queued now."""
-        return int(self.in_flight.value)
+        return int(self._put.value - self._taken.value)

@@ -137,8 +137,10 @@ class ProcessTransport:
         ctx = _context()
         inner = ctx.Queue(maxsize=self.max_queue)
         inner.cancel_join_thread()  # never hang interpreter exit on a dead child's pipe
-        # The bytes queued are counted in shared memory: added here, taken off by the child.
-        inbox = MeteredQueue(inner, self.max_queue_bytes, ctx.Value("q", 0))
+        # The bytes queued are counted in shared memory, without a shared lock: the total put
+        # written here, the total taken by the child.
+        inbox = MeteredQueue(inner, self.max_queue_bytes,
+                             (ctx.RawValue("q", 0), ctx.RawValue("q", 0)))
         reader, writer = ctx.Pipe(duplex=False)
         level = logging.getLogger("bluesky_ptychopinn").getEffectiveLevel()
         process = ctx.Process(

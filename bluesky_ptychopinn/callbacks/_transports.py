@@ -65,12 +65,15 @@ def pump(receive: Callable[[float], tuple | None], deliver: Deliver, tick: Calla
 
 @dataclass
 class _ServingThread:
-    """One incarnation of the reconstruction thread, with its way back and the runs it holds."""
+    """One incarnation of the reconstruction thread: its own inbox and way back, and the runs
+    it holds. ``ended`` is set, under the transport's lock, before its last message."""
 
-    thread: threading.Thread
-    pump: threading.Thread
+    inbox: MeteredQueue
     outbox: queue.Queue
+    thread: threading.Thread | None = None
+    pump: threading.Thread | None = None
     runs: set[str] = field(default_factory=set)
+    ended: bool = False
     reason: str = "the live reconstruction was closed before the run finished"
 
 
@@ -79,8 +82,9 @@ class ThreadTransport:
     documents in through one queue, messages out through another.
 
     With ``BLUESKY_DEBUG_CALLBACKS=1`` an error in a run is raised and ends the thread, as
-    bluesky's own callbacks do; its runs are failed and the next run starts a new thread, as
-    the process transport starts a new child.
+    bluesky's own callbacks do; its runs are failed and the next run starts a new thread (with
+    a new inbox: nothing of the failed runs reaches it), as the process transport starts a new
+    child.
 
     Parameters
     ----------
@@ -99,18 +103,23 @@ class ThreadTransport:
     def __init__(self, model, model_info: dict, settings: WorkerSettings, *, deliver: Deliver,
                  tick: Callable[[], None], lost: Lost, max_queue: int,
                  max_queue_bytes: int) -> None:
-        self._inbox = MeteredQueue(queue.Queue(maxsize=max_queue), max_queue_bytes)
+        self._limits = (int(max_queue), int(max_queue_bytes))
         self._serve_args = (model, model_info, settings)
         self._deliver, self._tick, self._lost = deliver, tick, lost
         self._warned_dead = False
         self._closed = False
         self._lock = threading.Lock()
-        self.put_nowait = self._inbox.put_nowait
         self._current = self._start()
 
+    @property
+    def _inbox(self) -> MeteredQueue:
+        """The current thread's inbox (read by tests and benchmarks)."""
+        return self._current.inbox
+
     def _start(self) -> _ServingThread:
-        outbox: queue.Queue = queue.Queue()
-        serving = _ServingThread(threading.Thread(), threading.Thread(), outbox)
+        max_queue, max_bytes = self._limits
+        serving = _ServingThread(MeteredQueue(queue.Queue(maxsize=max_queue), max_bytes),
+                                 queue.Queue())
         serving.thread = threading.Thread(target=self._serve, args=(serving,), daemon=True,
                                           name="ptychopinn-reconstruction")
         serving.pump = threading.Thread(
@@ -123,22 +132,35 @@ class ThreadTransport:
 
     def _serve(self, serving: _ServingThread) -> None:
         try:
-            serve(self._inbox, lambda kind, uid, payload: serving.outbox.put((kind, uid, payload)),
+            serve(serving.inbox,
+                  lambda kind, uid, payload: serving.outbox.put((kind, uid, payload)),
                   *self._serve_args)
         except BaseException as exc:  # BLUESKY_DEBUG_CALLBACKS: the error ends the loop
             serving.reason = f"the reconstruction thread ended: {type(exc).__name__}: {exc}"
             raise
         finally:
+            # Ended before the message that fails its runs, under the lock open() adds a run
+            # under: a run is either added before (and failed with the others) or goes to a
+            # new thread. (is_alive() stays True while the exception is still being printed.)
+            with self._lock:
+                serving.ended = True
             serving.outbox.put((_ENDED, serving.reason))
+
+    def _accepts(self, serving: _ServingThread, item) -> bool:
+        """Documents of a run only reach the thread that holds it: a run failed with an ended
+        thread sends nothing on (its derived run is closed)."""
+        return item[0] != "doc" or item[1] in serving.runs
 
     def put(self, item) -> None:
         """Queue ``item``, waiting while the queue is full, but not for a reconstruction
         thread that has ended (its runs were given up as lost when it did): the RunEngine
         must never wait for ever on a queue nobody reads."""
         serving = self._current
-        while serving.thread.is_alive():
+        if not self._accepts(serving, item):
+            return
+        while not serving.ended:
             try:
-                self._inbox.put(item, timeout=0.5)
+                serving.inbox.put(item, timeout=0.5)
                 return
             except queue.Full:
                 continue
@@ -147,13 +169,21 @@ class ThreadTransport:
             logger.warning("live reconstruction: the reconstruction thread has ended (%s); "
                            "this run's documents are not reconstructed", serving.reason)
 
+    def put_nowait(self, item) -> None:
+        """Queue ``item`` now or raise :class:`queue.Full`; dropped for a run that is not the
+        current thread's (it was failed with an ended one)."""
+        serving = self._current
+        if serving.ended or not self._accepts(serving, item):
+            return
+        serving.inbox.put_nowait(item)
+
     def _receive(self, serving: _ServingThread, timeout: float) -> tuple | None:
         try:
             msg = serving.outbox.get(timeout=timeout)
         except queue.Empty:
             return None
         if msg[0] == _ENDED:
-            with self._lock:  # against open() adding a run to a thread that has ended
+            with self._lock:  # runs added after this are the next thread's (see _serve)
                 runs = list(serving.runs)
                 serving.runs.clear()
             self._lost(runs, msg[1])
@@ -161,16 +191,12 @@ class ThreadTransport:
 
     def open(self, raw_uid: str, md: PtychoMetadata, model_path: str | None = None,
              model_info: dict | None = None) -> None:
-        if not self._current.thread.is_alive() and not self._closed:
+        if self._current.ended and not self._closed:
             # The last thread ended on an error: its pump fails its runs (let it finish, so
-            # that only one pump delivers at a time), and a new thread serves from this run
-            # on. The dead runs' documents still queued are ignored by the new thread.
+            # that only one pump delivers at a time), and a new thread serves from this run on.
             self._current.pump.join(5.0)
         with self._lock:
-            # Under the lock that the pump takes to fail an ended thread's runs: either the
-            # thread is alive here and this run is failed with the others if it ends, or a
-            # new thread takes it.
-            if not self._current.thread.is_alive() and not self._closed:
+            if self._current.ended and not self._closed:
                 logger.warning("live reconstruction: starting a new reconstruction thread "
                                "(the last one ended: %s)", self._current.reason)
                 self._warned_dead = False
@@ -185,8 +211,10 @@ class ThreadTransport:
         self.put(("shutdown",))
         serving.thread.join(timeout)
         if serving.thread.is_alive():  # a thread cannot be killed: give its runs up
-            self._lost(list(serving.runs), f"the reconstruction did not finish within "
-                                           f"{timeout} s of close()")
-            serving.runs.clear()
+            with self._lock:
+                runs = list(serving.runs)
+                serving.runs.clear()
+            self._lost(runs, f"the reconstruction did not finish within {timeout} s of "
+                             "close()")
             return
         serving.pump.join(timeout)
