@@ -609,8 +609,8 @@ class KafkaWorker(RunWorker):
     async def _handle_start(self, first, raw_uid: str, start: tuple[str, dict]) -> None:
         """The run that starts at ``first``: reconstructed; or, failed here, read again after
         a pause; or, after ``max_attempts`` attempts by any worker, given up."""
-        before = max(await self._attempts_before(first, raw_uid),
-                     self._failures.get(raw_uid, 0))
+        known = await self._attempts_before(first, raw_uid)
+        before = max(known or 0, self._failures.get(raw_uid, 0))
         if before >= self.max_attempts:
             if await self._give_up(raw_uid, start, before):
                 self._forget_failures(raw_uid)
@@ -629,7 +629,10 @@ class KafkaWorker(RunWorker):
             await self._pause(tries)
             return
         attempt = before + 1
-        await self._record_attempt(first, raw_uid, attempt)
+        if known is not None:
+            await self._record_attempt(first, raw_uid, attempt)
+        # (unknown: the count on the brokers is left as it is, never overwritten with this
+        # worker's lower one; this attempt is then counted by this worker only)
         try:
             done = await self._take(first, raw_uid, start)
         finally:
@@ -706,23 +709,28 @@ class KafkaWorker(RunWorker):
         return done or lost  # a lost run is not this worker's to retry
 
     # -- attempts, counted on the brokers -------------------------------------------------
-    async def _attempts_before(self, first, raw_uid: str) -> int:
+    async def _attempts_before(self, first, raw_uid: str) -> int | None:
         """Attempts at the run that starts at ``first`` so far, by any worker: the metadata
-        of its partition's committed offset, when that offset is this start (0 otherwise,
-        or when the brokers do not answer)."""
+        of its partition's committed offset, when that offset is this start (0 otherwise);
+        ``None`` when the brokers did not answer (:data:`COMMITTED_TRIES` reads) or the
+        worker is stopping."""
         ck = _require()
         tp = ck.TopicPartition(self.topic, first.partition())
         for attempt in range(1, COMMITTED_TRIES + 1):
             try:
                 [committed] = await asyncio.to_thread(self._consumer.committed, [tp], 5.0)
+                if committed.error is not None:  # a per-partition error, not raised
+                    raise ck.KafkaException(committed.error)
                 break
             except ck.KafkaException as exc:  # brokers slow or away: not "no attempts"
-                if attempt == COMMITTED_TRIES:
+                if attempt == COMMITTED_TRIES or self._stop.is_set():
                     logger.warning("%s: run %s: attempts so far not read from the brokers "
-                                   "(%d tries: %s); only this worker's count applies",
+                                   "(%d tries: %s); the count there is left as it is and "
+                                   "this attempt counted by this worker only",
                                    self.options.name, raw_uid, attempt, exc.args[0])
-                    return 0
-                await asyncio.sleep(0.5 * attempt)
+                    return None
+                with contextlib.suppress(asyncio.TimeoutError):  # a stop ends the wait
+                    await asyncio.wait_for(self._stop.wait(), 0.5 * attempt)
         try:
             record = json.loads(committed.metadata or "{}")
             if (committed.offset == first.offset() and record.get("run") == raw_uid
