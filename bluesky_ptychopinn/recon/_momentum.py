@@ -151,6 +151,8 @@ class PassAcceleration:
         obj.copy_(self.object.step(obj))
         if probe_updating:
             probe = self.probe.step(probe)
+            if self.mode == "auto":  # the next pass's change is rPIE's own, not this step's
+                self._probe_before = probe.detach().clone()
         else:
             self.probe.reset()
         return probe
