@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from step_study import CASES, Case, _complex_auc, _scan  # noqa: E402
+from step_study import CASES, Case, _scan, complex_auc  # noqa: E402
 
 from bluesky_ptychopinn.recon import PIEOptions, StreamingRefiner  # noqa: E402
 from bluesky_ptychopinn.recon._residual import place_on_canvas  # noqa: E402
@@ -60,7 +60,7 @@ def _curve(case: Case, batch: int, horizon_s: float, seed: int = 0) -> list[tupl
 
     def score(snap) -> float:
         obj = place_on_canvas(snap.object, snap.origin_px, truth.shape, (0.0, 0.0))
-        return _complex_auc(obj[box], truth[box])
+        return complex_auc(obj[box], truth[box])
 
     return _timed(refiner, score, horizon_s)
 

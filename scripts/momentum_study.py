@@ -31,11 +31,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from bluesky_ptychopinn import metrics, physics  # noqa: E402
+from step_study import complex_auc, raster_scan  # noqa: E402
+
+from bluesky_ptychopinn import physics  # noqa: E402
 from bluesky_ptychopinn.recon import PIEOptions, StreamingRefiner  # noqa: E402
 from bluesky_ptychopinn.recon._residual import place_on_canvas  # noqa: E402
-from bluesky_ptychopinn.synthetic import make_object  # noqa: E402
 
 MODES = ("off", "auto", "on")
 LEVEL = 0.95  # of the best score plain rPIE reaches
@@ -77,27 +79,10 @@ def _scan(case: Case, seed: int):
     probe = physics.make_probe(case.probe, case.frame, 20e-9, 8_800, n_modes=case.modes)
     if case.modes > 1 and probe.shape[0] == 1:
         probe = physics.mixed_state_probe(probe, case.modes, decay=0.5)
-    step = physics.probe_diameter_px(probe) * 0.3
-    side = int(3 * case.frame)
-    grid = np.arange(case.frame / 2 + 2, side - case.frame / 2 - 2, step)
-    positions = np.stack(np.meshgrid(grid, grid, indexing="ij"), -1).reshape(-1, 2)
-    truth = make_object(case.sample, (side, side), seed=seed)
-    counts = physics.simulate_diffraction(truth, probe, positions, photons=case.photons,
-                                          seed=seed).counts.numpy()
-    given = positions + np.random.default_rng(seed).normal(0, case.jitter_px, positions.shape)
-    margin = case.frame // 2 + 4
-    box = (slice(margin, side - margin), slice(margin, side - margin))
+    truth, given, counts, box = raster_scan(case, probe, seed)
     start = (_disc(physics.probe_diameter_px(probe), case.frame, case.modes)
              if case.start == "disc" else probe)
     return start, truth, given, counts, box
-
-
-def _complex_auc(obj: np.ndarray, truth: np.ndarray) -> float:
-    aligned = metrics.compare_objects(obj, truth, taper_px=6)
-    rec, tru = aligned["recon"], aligned["truth"]
-    window = metrics.tukey_taper(rec.shape, 6)
-    curve = metrics.frc((rec - rec.mean()) * window, (tru - tru.mean()) * window)
-    return float(metrics.frc_auc(curve, 0.5))
 
 
 def _run(case: Case, momentum: str, passes: int, seed: int = 0) -> dict:
@@ -111,7 +96,7 @@ def _run(case: Case, momentum: str, passes: int, seed: int = 0) -> dict:
         refiner.run(max_epochs=1)
         snap = refiner.snapshot()  # the canvas grows where jittered positions leave it
         obj = place_on_canvas(snap.object, snap.origin_px, truth.shape, (0.0, 0.0))
-        scores.append(_complex_auc(obj[box], truth[box]))
+        scores.append(complex_auc(obj[box], truth[box]))
     return {"scores": scores, "frames": len(positions),
             "engaged": refiner.acceleration.passes_engaged}
 

@@ -56,6 +56,13 @@ CASES = [
 
 def _scan(case: Case, seed: int):
     probe = physics.make_probe(case.probe, case.frame, 20e-9, 8_800)
+    return (probe, *raster_scan(case, probe, seed))
+
+
+def raster_scan(case, probe: np.ndarray, seed: int):
+    """``case``'s sample scanned by ``probe`` on a raster at 30 % of its diameter: the truth,
+    the positions given (with the case's jitter), the counts and the scored box. Shared with
+    scripts/momentum_study.py."""
     step = physics.probe_diameter_px(probe) * 0.3
     side = int(3 * case.frame)
     grid = np.arange(case.frame / 2 + 2, side - case.frame / 2 - 2, step)
@@ -66,10 +73,10 @@ def _scan(case: Case, seed: int):
     given = positions + np.random.default_rng(seed).normal(0, case.jitter_px, positions.shape)
     margin = case.frame // 2 + 4
     box = (slice(margin, side - margin), slice(margin, side - margin))
-    return probe, truth, given, counts, box
+    return truth, given, counts, box
 
 
-def _complex_auc(obj: np.ndarray, truth: np.ndarray) -> float:
+def complex_auc(obj: np.ndarray, truth: np.ndarray) -> float:
     """FRC-AUC (0-0.5) of the complex object after ``compare_objects``' registration and global
     phase (phase-only samples and amplitude-only ones score alike)."""
     aligned = metrics.compare_objects(obj, truth, taper_px=6)
@@ -90,7 +97,7 @@ def _run(case: Case, anneal: bool, passes: int, seed: int = 0) -> dict:
         refiner.run(max_epochs=3)
         snap = refiner.snapshot()  # the canvas grows where jittered positions leave it
         obj = place_on_canvas(snap.object, snap.origin_px, truth.shape, (0.0, 0.0))
-        scores.append(_complex_auc(obj[box], truth[box]))
+        scores.append(complex_auc(obj[box], truth[box]))
     return {"scores": scores, "seconds": time.perf_counter() - t0, "frames": len(positions),
             "settled_at": refiner.schedule.settled_at}
 
