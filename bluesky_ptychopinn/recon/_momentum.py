@@ -137,24 +137,23 @@ class PassAcceleration:
             change = (probe_change(self._probe_before, probe)
                       if probe_updating and self._probe_before is not None
                       and self._probe_before.shape == probe.shape else 0.0)
-            self._probe_before = probe.detach().clone() if probe_updating else None
             if settled or not probe_updating or (self.engaged and change < PROBE_LEARNT):
                 if self.engaged:
                     self.reset()
                 self.engaged = False
-                return probe
-            if change > PROBE_LEARNING:
+            elif change > PROBE_LEARNING:
                 self.engaged = True
-        if not self.engaged:
-            return probe
-        self.passes_engaged += 1
-        obj.copy_(self.object.step(obj))
-        if probe_updating:
-            probe = self.probe.step(probe)
-            if self.mode == "auto":  # the next pass's change is rPIE's own, not this step's
-                self._probe_before = probe.detach().clone()
-        else:
-            self.probe.reset()
+        if self.engaged:
+            self.passes_engaged += 1
+            moved = self.object.step(obj)
+            if moved is not obj:
+                obj.copy_(moved)
+            if probe_updating:
+                probe = self.probe.step(probe)
+            else:
+                self.probe.reset()
+        # The next pass's change is rPIE's own: measured from the probe as this step left it.
+        self._probe_before = probe.detach().clone() if probe_updating else None
         return probe
 
     def rolled(self, shift: tuple[int, int]) -> None:
