@@ -486,6 +486,17 @@ def test_kafka_a_worker_stopped_while_tiled_is_away_leaves_the_run_to_the_next(k
     assert taken == ["S"]
 
 
+async def _first_start(worker, key: bytes):
+    """A fresh consumer for ``worker`` and the first message it polls: the run ``key``'s start."""
+    worker._consumer = worker._make_consumer()
+    msg = None
+    deadline = time.monotonic() + 30
+    while msg is None and time.monotonic() < deadline:
+        msg = await worker._poll(0.5)
+    assert msg is not None and msg.key() == key
+    return msg
+
+
 def test_kafka_a_run_handed_over_mid_run_keeps_its_attempts(kafka):
     """A partition revoked mid-run (a worker joins or leaves the group) is no failed attempt:
     the next owner must not count it, or with ``max_attempts`` 1 give the run up unfailed."""
@@ -497,12 +508,7 @@ def test_kafka_a_run_handed_over_mid_run_keeps_its_attempts(kafka):
     worker = _kafka_worker(kafka, "krevoke", set(), [], max_attempts=1)
 
     async def revoke_mid_run() -> tuple[int, int]:
-        worker._consumer = worker._make_consumer()
-        msg = None
-        deadline = time.monotonic() + 30
-        while msg is None and time.monotonic() < deadline:
-            msg = await worker._poll(0.5)
-        assert msg is not None and msg.key() == b"H"
+        msg = await _first_start(worker, b"H")
         await worker._record_attempt(msg, "H", 1)
         during = await worker._attempts_before(msg, "H")
         worker._current = ("H", msg.partition())
@@ -541,13 +547,8 @@ def test_kafka_a_slow_broker_does_not_make_a_run_look_fresh(kafka):
     _produce(kafka, "kslow", _run("K")[:1])
     worker = _kafka_worker(kafka, "kslow", set(), [])
 
-    async def read_through_timeouts() -> tuple[int, int]:
-        worker._consumer = worker._make_consumer()
-        msg = None
-        deadline = time.monotonic() + 30
-        while msg is None and time.monotonic() < deadline:
-            msg = await worker._poll(0.5)
-        assert msg is not None and msg.key() == b"K"
+    async def read_through_timeouts() -> tuple[int, int | None, int]:
+        msg = await _first_start(worker, b"K")
         await worker._record_attempt(msg, "K", 3)
         real = worker._consumer
         worker._consumer = _CommittedTimesOut(real, failures=2)

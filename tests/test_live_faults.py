@@ -22,17 +22,18 @@ MD = {"detector_key": "img", "positioner_keys": {"y": "sy", "x": "sx"}, "energy_
       "scan": {"extent_m": [1e-7, 1e-7], "center_m": [0.0, 0.0]}}
 
 
-def _run(n: int = 12, md: dict = MD):
-    """A raw run's documents (event-model composers): n frames of Poisson counts."""
+def _run(n: int = 12, md: dict = MD, dtype=np.float32, seed: int = 0):
+    """A raw run's documents (event-model composers): n 64 x 64 frames of Poisson counts,
+    inline, as ``dtype`` (float64: 32 KB a frame)."""
     bundle = compose_run(metadata={"ptycho": md})
     keys = {"img": {"source": "sim", "dtype": "array", "shape": [64, 64]},
             "sy": {"source": "sim", "dtype": "number", "shape": []},
             "sx": {"source": "sim", "dtype": "number", "shape": []}}
     desc = bundle.compose_descriptor(name="primary", data_keys=keys)
     docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for k in range(n):
-        data = {"img": rng.poisson(5.0, (64, 64)).astype(np.float32),
+        data = {"img": rng.poisson(5.0, (64, 64)).astype(dtype),
                 "sy": 1e-9 * (k % 10), "sx": 1e-9 * (k // 10)}
         docs.append(("event", desc.compose_event(data=data, seq_num=k + 1,
                                                  timestamps=dict.fromkeys(data, 0.0))))
@@ -198,22 +199,9 @@ def test_a_dropped_baseline_reading_is_no_skipped_frame():
     assert state.frames_skipped == 0, stops[-1]
 
 
-def _large_frame_run(n: int, side: int = 64):
-    """A raw run of n float64 frames (side x side, 32 KB at 64 px) inline in its events."""
-    bundle = compose_run(metadata={"ptycho": MD})
-    keys = {"img": {"source": "sim", "dtype": "array", "shape": [side, side]},
-            "sy": {"source": "sim", "dtype": "number", "shape": []},
-            "sx": {"source": "sim", "dtype": "number", "shape": []}}
-    desc = bundle.compose_descriptor(name="primary", data_keys=keys)
-    rng = np.random.default_rng(1)
-    docs = [("start", bundle.start_doc), ("descriptor", desc.descriptor_doc)]
-    for k in range(n):
-        data = {"img": rng.poisson(5.0, (side, side)).astype(np.float64),
-                "sy": 1e-9 * (k % 10), "sx": 1e-9 * (k // 10)}
-        docs.append(("event", desc.compose_event(data=data, seq_num=k + 1,
-                                                 timestamps=dict.fromkeys(data, 0.0))))
-    docs.append(("stop", bundle.compose_stop()))
-    return bundle.start_doc["uid"], docs
+def _large_frame_run(n: int):
+    """A raw run of n float64 frames inline (32 KB each)."""
+    return _run(n, dtype=np.float64, seed=1)
 
 
 def test_the_queue_is_bounded_in_bytes_under_skip():

@@ -307,25 +307,12 @@ def test_the_process_queue_is_bounded_in_bytes(model):
                               torch_threads=1, refine=None)
     derived = _collect(live)
     try:
-        import numpy as np
-        from event_model import compose_run
+        from test_live_faults import _large_frame_run
 
-        md = {"detector_key": "img", "positioner_keys": {"y": "sy", "x": "sx"},
-              "energy_ev": 8800.0, "detector_distance_m": 2.0, "detector_pixel_size_m": 75e-6,
-              "scan": {"extent_m": [1e-7, 1e-7], "center_m": [0.0, 0.0]}}
-        bundle = compose_run(metadata={"ptycho": md})
-        keys = {"img": {"source": "sim", "dtype": "array", "shape": [64, 64]},
-                "sy": {"source": "sim", "dtype": "number", "shape": []},
-                "sx": {"source": "sim", "dtype": "number", "shape": []}}
-        desc = bundle.compose_descriptor(name="primary", data_keys=keys)
-        live("start", bundle.start_doc)
-        live("descriptor", desc.descriptor_doc)
-        for k in range(200):
-            data = {"img": np.full((64, 64), 5.0), "sy": 1e-9 * (k % 10), "sx": 1e-9 * (k // 10)}
-            live("event", desc.compose_event(data=data, seq_num=k + 1,
-                                             timestamps=dict.fromkeys(data, 0.0)))
-        live("stop", bundle.compose_stop())
-        state = live.wait(bundle.start_doc["uid"], timeout=60)
+        uid, docs = _large_frame_run(200)
+        for doc in docs:
+            live(*doc)
+        state = live.wait(uid, timeout=60)
         # the child released, in the shared totals, every byte this process reserved
         inbox = live._transport._child.inbox
         held = inbox.nbytes
