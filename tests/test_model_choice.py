@@ -70,3 +70,76 @@ def test_the_model_trained_on_the_runs_probe_is_chosen(registry, monkeypatch, tm
         assert stop["exit_status"] == "success"
     finally:
         live.close()
+
+
+def _retrained(registry, root, name="beamline7", probes=(NEW_PROBE,), shift=0.01):
+    """The registered network with every weight moved, saved again (as a retrain would)."""
+    import torch
+
+    model, _ = registry.load(name)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.add_(shift)
+    save_model(model, root / name, provenance={
+        "training_data": {"kind": "probe-centric synthetic",
+                          "probes": [{"name": p} for p in probes]}})
+    return root / name
+
+
+def test_a_model_saved_again_during_the_session_reconstructs_the_next_run(
+        registry, monkeypatch, tmp_path):
+    import shutil
+
+    from bluesky_ptychopinn.models import verify_model
+
+    root = tmp_path / "models"
+    shutil.copytree(registry.root, root)
+    monkeypatch.setenv("PTYCHOPINN_MODELS", str(root))
+    bl = sim_beamline("cells", probe="kb", write_path=tmp_path, seed=1)
+    live = LiveReconstruction(isolation="thread", refine=None, torch_threads=1)
+    try:
+        first, _ = _derived_start(live, bl, tmp_path, NEW_PROBE)
+        path = _retrained(ModelRegistry(root), root)
+        second, stop = _derived_start(live, bl, tmp_path, NEW_PROBE)
+    finally:
+        live.close()
+    assert first["model"]["name"] == second["model"]["name"] == "beamline7"
+    # The run names the model as it is now, and the reconstruction loaded that very network
+    # (it refuses one whose hashes differ from the description: the run would have failed).
+    assert second["model"]["sha256"] == verify_model(path).sha256 != first["model"]["sha256"]
+    assert stop["exit_status"] == "success"
+
+
+def test_a_model_changed_between_choice_and_load_fails_the_run_not_silently():
+    from bluesky_ptychopinn.callbacks._serve import _model
+    from bluesky_ptychopinn.errors import CheckpointError
+    from bluesky_ptychopinn.models import verify_model
+
+    path = str(ModelRegistry().path("default"))
+    models: dict = {}
+    chosen = {"sha256": verify_model(path).sha256}
+    assert _model(models, path, chosen) is _model(models, path, chosen)  # loaded once
+    with pytest.raises(CheckpointError, match="changed on disk since it was chosen"):
+        _model(models, path, {"sha256": "0" * 64})
+
+
+def test_the_choice_follows_cards_edited_on_disk(registry, tmp_path):
+    import shutil
+
+    from bluesky_ptychopinn.callbacks._model_choice import choose_model
+    from bluesky_ptychopinn.metadata import PtychoMetadata
+
+    root = tmp_path / "models"
+    shutil.copytree(registry.root, root)
+    local = ModelRegistry(root)
+    bl = sim_beamline("cells", probe="kb", seed=0)
+    md = PtychoMetadata.parse(bl.ptycho_metadata(NEW_PROBE))
+    assert choose_model(md, local).name == "beamline7"
+    # Retrained for another probe in the same directory: the next choice reads the new card.
+    _retrained(local, root, probes=("some_other_probe",))
+    assert not choose_model(md, local).matched
+    # A new model for the probe appears: chosen, without restarting anything.
+    _retrained(local, root, name="beamline7", probes=(NEW_PROBE, "some_other_probe"))
+    shutil.copytree(root / "beamline7", root / "beamline7_only")
+    _retrained(ModelRegistry(root), root, name="beamline7_only", probes=(NEW_PROBE,))
+    assert choose_model(md, local).name == "beamline7_only"  # trained on that probe alone

@@ -32,7 +32,7 @@ from ._backpressure import RunFeed
 from ._derived import DerivedRun, RunState
 from ._emitter import DocumentEmitter
 from ._metered_queue import DEFAULT_MAX_QUEUE_BYTES
-from ._model_choice import AUTO, choose_model
+from ._model_choice import AUTO, card_stamp, choose_model
 from ._settings import (
     DERIVED_UID_MODES,
     RECONSTRUCTION_PLAN_NAME,
@@ -213,19 +213,20 @@ class LiveReconstruction:
             raise InvalidInputError(f"refine_budget_s: >= 0 seconds, got {refine_budget_s!r}")
         self.model_path = None
         self.auto = isinstance(model, str) and model == AUTO
-        self._model_infos: dict[str, dict] = {}
+        self._model_infos: dict[tuple, dict] = {}  # (directory, card_stamp) -> description
         if isinstance(model, torch.nn.Module):
             self.model, self.model_info = model, {"name": "in-memory", "sha256": None}
         else:
             name = DEFAULT_MODEL if self.auto else model
             path = ModelRegistry().path(name)
+            stamp = card_stamp(path)  # before the load: a later save is seen as a change
             # Refuses weights or a card that differ from their recorded hashes; the identity
             # holds the hashes of the very bytes loaded (sha256: card + weights), so the run
             # reports what was verified, not what the card claims.
             self.model, card, identity = load_verified_model(path, device="cpu")
             self.model_path = str(path)
             self.model_info = _model_info(str(name), path, card, identity)
-            self._model_infos[str(path)] = self.model_info
+            self._model_infos[(str(path), stamp)] = self.model_info
         self.settings = WorkerSettings(
             batch_size=int(batch_size), snapshot_every=int(snapshot_every), device=device,
             canvas_margin_px=int(canvas_margin_px), flush_after_s=float(flush_after_s),
@@ -351,7 +352,10 @@ class LiveReconstruction:
         if not choice.matched:
             logger.warning("run: %s", choice.reason)
         path = str(Path(choice.path))
-        if path not in self._model_infos:  # verified once per model and session
+        # Verified once per model and version of its card: a model saved again in the same
+        # directory during the session is verified (and described) again.
+        key = (path, card_stamp(path))
+        if key not in self._model_infos:
             identity = verify_model(path)
             if not (identity.weights_sha256_verified and identity.card_sha256_verified):
                 # An edited or unsigned model never reconstructs a run silently.
@@ -362,10 +366,13 @@ class LiveReconstruction:
                         "chosen": f"{choice.name!r} failed verification; {DEFAULT_MODEL!r} used"}
                 return None, info
             card = read_model_card(Path(path))
-            self._model_infos[path] = _model_info(choice.name, Path(path), card, identity)
-        info = {**self._model_infos[path], "chosen": choice.reason,
+            self._model_infos[key] = _model_info(choice.name, Path(path), card, identity)
+        info = {**self._model_infos[key], "chosen": choice.reason,
                 "trained_on_run_probe": choice.matched}
-        return (None if path == self.model_path else path), info
+        # The network the reconstruction holds serves the run only if it is this very model
+        # (same hashes), not merely one loaded from the same directory earlier.
+        held = path == self.model_path and info["sha256"] == self.model_info["sha256"]
+        return (None if held else path), info
 
     # -- messages from the reconstruction (a transport's delivery thread) --------------------
     def _deliver(self, kind: str, raw_uid: str, payload: dict) -> None:

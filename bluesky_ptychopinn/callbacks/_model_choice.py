@@ -15,10 +15,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CheckpointError
 from ..metadata import PtychoMetadata
-from ..models import DEFAULT_MODEL, ModelRegistry
+from ..models import CONFIG_NAME, DEFAULT_MODEL, ModelRegistry, read_model_card
 
-__all__ = ["AUTO", "ModelChoice", "choose_model", "probe_reference"]
+__all__ = ["AUTO", "ModelChoice", "card_stamp", "choose_model", "probe_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,41 @@ def probe_reference(md: PtychoMetadata) -> str | None:
     return None
 
 
-def _training_probes(card: dict) -> list[str]:
+def _training_probes(card: dict) -> tuple[str, ...]:
     probes = card.get("provenance", {}).get("training_data", {}).get("probes", []) or []
-    return [p.get("name") for p in probes if isinstance(p, dict) and p.get("name")]
+    return tuple(p.get("name") for p in probes if isinstance(p, dict) and p.get("name"))
+
+
+def card_stamp(directory: str | Path) -> tuple[int, int, int] | None:
+    """(inode, mtime in ns, size) of a model's card, ``None`` if it cannot be read: what
+    changes when the model is saved again in the same directory (``os.replace`` of the card)."""
+    try:
+        stat = (Path(directory) / CONFIG_NAME).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+# Training probes by model directory, with the card stamp they were read at. A run start under
+# model="auto" looks at every registered model on the RunEngine's thread; parsing each card
+# every time cost ~0.2 ms per model, so a card is parsed again only when its file changes.
+_PROBES: dict[Path, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
+
+
+def _card_probes(directory: Path) -> tuple[str, ...]:
+    """The training probes a model's card names (none for a card that cannot be read)."""
+    stamp = card_stamp(directory)
+    if stamp is None:
+        return ()
+    cached = _PROBES.get(directory)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        probes = _training_probes(read_model_card(directory))
+    except (CheckpointError, OSError):
+        probes = ()
+    _PROBES[directory] = (stamp, probes)
+    return probes
 
 
 def choose_model(md: PtychoMetadata, registry: ModelRegistry | None = None,
@@ -73,15 +106,14 @@ def choose_model(md: PtychoMetadata, registry: ModelRegistry | None = None,
     """
     registry = registry or ModelRegistry()
     reference = probe_reference(md)
-    cards = [c for c in registry.list() if "error" not in c]
     if reference:
-        shipped = str(Path(registry.search_path[-1]).resolve())
-        matches = [c for c in cards if reference in _training_probes(c)]
+        shipped = registry.search_path[-1]
+        matches = [(len(probes), directory.parent == shipped, name, directory)
+                   for name, directory in registry.directories()
+                   if reference in (probes := _card_probes(directory))]
         if matches:
-            best = min(matches, key=lambda c: (len(_training_probes(c)),
-                                               str(Path(c["path"]).resolve()).startswith(shipped),
-                                               c["name"]))
-            return ModelChoice(best["name"], best["path"],
+            *_, name, directory = min(matches)
+            return ModelChoice(name, str(directory),
                                f"trained on the run's probe {reference!r}", True)
     path = str(registry.path(default))
     why = (f"no registered model was trained on the run's probe {reference!r}"

@@ -6,7 +6,8 @@
 
 - ``("open", raw_uid, md[, model_path, model_info])``: a new run, with its validated
   :class:`~..metadata.PtychoMetadata` and, where the run has its own model
-  (``model="auto"``), that model's directory and description (loaded once, then kept);
+  (``model="auto"``), that model's directory and description (loaded once per version of
+  the model, then kept; a network whose hashes differ from the description fails the run);
 - ``("doc", raw_uid, name, doc)``: one of its raw documents (the start document included);
 - ``("shutdown",)``: return, abandoning the runs still open (the RunEngine side fails them).
 
@@ -73,14 +74,28 @@ def _finish_deferred(runs: dict[str, RunReconstruction], flush: float) -> None:
                 _idle(run)
 
 
-def _model(models: dict, path: str) -> torch.nn.Module:
-    """The network saved in ``path``, loaded (and verified) the first time a run needs it."""
-    if path not in models:
+def _model(models: dict, path: str, info: dict) -> torch.nn.Module:
+    """The network saved in ``path``, loaded (and verified) the first time a run needs it.
+
+    ``info`` is the model as the RunEngine's side verified and described it when it chose it
+    for the run; the network loaded must have the same hashes, so the derived run never names
+    one model while another reconstructs it (a model saved again in the same directory).
+    """
+    key = (path, info.get("sha256"))
+    if key not in models:
+        from ..errors import CheckpointError
         from ..models import load_verified_model
 
-        models[path] = load_verified_model(path, device="cpu")[0]
+        network, _, identity = load_verified_model(path, device="cpu")
+        if identity.sha256 != info.get("sha256"):
+            raise CheckpointError(
+                f"{path}: the model changed on disk since it was chosen for this run (sha256 "
+                f"{identity.sha256[:16]}..., chosen {str(info.get('sha256'))[:16]}...)")
+        for older in [k for k in models if k[0] == path]:
+            del models[older]  # one network per directory: a retrained model replaces it
+        models[key] = network
         logger.info("model %s loaded for the runs that reference its probe", path)
-    return models[path]
+    return models[key]
 
 
 def _open_run(item: tuple, models: dict, send: Send, model: torch.nn.Module,
@@ -92,7 +107,7 @@ def _open_run(item: tuple, models: dict, send: Send, model: torch.nn.Module,
     try:
         run_model, run_info = model, model_info
         if len(item) > 3 and item[3] is not None:
-            run_model, run_info = _model(models, item[3]), item[4]
+            run_model, run_info = _model(models, item[3], item[4]), item[4]
         return RunReconstruction(run_model, run_info, settings, md, uid, send)
     except Exception as exc:
         logger.exception("live reconstruction: run %s could not be opened", uid)
@@ -120,7 +135,7 @@ def serve(inbox, send: Send, model: torch.nn.Module, model_info: dict,
     """
     runs: dict[str, RunReconstruction] = {}
     next_idle: dict[str, float] = {}
-    models: dict[str, torch.nn.Module] = {}  # model directory -> network, for model="auto"
+    models: dict[tuple, torch.nn.Module] = {}  # (directory, sha256) -> network, model="auto"
     flush = settings.flush_after_s
     try:
         while True:

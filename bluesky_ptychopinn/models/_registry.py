@@ -51,22 +51,29 @@ class ModelRegistry:
         raise CheckpointError(f"model {str(name)!r} not found in {self.search_path} "
                               f"(known models: {known})")
 
-    def list(self) -> list[dict]:
-        """Model cards of every model found, with ``name`` and ``path`` added."""
-        seen: dict[str, dict] = {}
+    def directories(self) -> list[tuple[str, Path]]:
+        """``(name, directory)`` of every model found, in search order, without reading a
+        card; a user model hides a shipped one of the same name."""
+        found: dict[str, Path] = {}
         for base in self.search_path:
             if not base.is_dir():
                 continue
             for directory in sorted(base.iterdir()):
-                if directory.name in seen or not (directory / CONFIG_NAME).is_file():
-                    continue
-                try:
-                    card = read_model_card(directory)
-                except (CheckpointError, OSError) as exc:
-                    # One corrupt or unreadable card must not hide every other model.
-                    card = {"error": str(exc)}
-                seen[directory.name] = {"name": directory.name, "path": str(directory), **card}
-        return list(seen.values())
+                if directory.name not in found and (directory / CONFIG_NAME).is_file():
+                    found[directory.name] = directory
+        return list(found.items())
+
+    def list(self) -> list[dict]:
+        """Model cards of every model found, with ``name`` and ``path`` added."""
+        cards = []
+        for name, directory in self.directories():
+            try:
+                card = read_model_card(directory)
+            except (CheckpointError, OSError) as exc:
+                # One corrupt or unreadable card must not hide every other model.
+                card = {"error": str(exc)}
+            cards.append({"name": name, "path": str(directory), **card})
+        return cards
 
     def load(self, name: str | Path = DEFAULT_MODEL, *, device="cpu"):
         """Load a model by name; returns ``(model, card)``."""
