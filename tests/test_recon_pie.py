@@ -235,6 +235,35 @@ def test_object_guess_and_default_shape(scan):
     assert with_guess.options.alpha_object == 0.1 and with_guess.options.alpha_probe == 0.5
 
 
+def test_inputs_in_any_memory_order_give_the_same_result_on_c_order_tensors(scan):
+    """A probe, frames or object guess stored transposed (MATLAB, many HDF5 files) give the
+    same reconstruction, and the engines hold C-order tensors: before, every product and FFT
+    inherited the input's strides and copied (rPIE ~25 % slower with a 3-mode probe)."""
+    from bluesky_ptychopinn.recon import StreamingRefiner
+
+    modes = physics.mixed_state_probe(scan.probe, 2, decay=0.5)
+    assert modes.flags.c_contiguous
+    as_stored = {"frames": np.asfortranarray(scan.counts), "probe": np.asfortranarray(modes),
+                 "guess": np.asfortranarray(np.ones(scan.truth.shape, np.complex64))}
+    assert not any(a.flags.c_contiguous for a in as_stored.values())
+    opts = PIEOptions(n_epochs=2, batch_size=16, probe_update=True, device="cpu",
+                      progress=False, seed=0)
+    c_order = pie_reconstruct(scan.counts, scan.positions, modes,
+                              object_guess=np.ones(scan.truth.shape, np.complex64), options=opts)
+    stored = pie_reconstruct(as_stored["frames"], scan.positions, as_stored["probe"],
+                             object_guess=as_stored["guess"], options=opts)
+    np.testing.assert_array_equal(stored.object, c_order.object)
+    np.testing.assert_array_equal(stored.probe, c_order.probe)
+
+    refiner = StreamingRefiner(as_stored["probe"], object_shape=scan.truth.shape,
+                               options=dataclasses.replace(opts, probe_update=False),
+                               start="flat")
+    refiner.add(as_stored["frames"], scan.positions)
+    refiner.step(budget_s=10.0, max_updates=64)
+    assert refiner.passes == 0 and refiner.epochs > 0
+    assert refiner.probe.is_contiguous() and refiner.obj.is_contiguous()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -245,7 +245,7 @@ def mixed_state_probe(
     powers = decay ** np.arange(n_modes)
     powers /= powers.sum()
     modes = q.T.reshape(n_modes, n, n) * np.sqrt(powers)[:, None, None]
-    return modes.astype(np.complex64)
+    return np.ascontiguousarray(modes, dtype=np.complex64)  # q.T is a transposed view
 
 
 def probe_diameter_px(probe: np.ndarray, fraction: float = 0.9) -> float:

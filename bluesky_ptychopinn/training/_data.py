@@ -131,7 +131,8 @@ class TrainingExperiment:
         probe = torch.as_tensor(probe)
         if not (probe.is_complex() or probe.is_floating_point()):
             raise InvalidInputError(f"probe: expected a complex array, got {probe.dtype}")
-        probe = as_probe_modes(probe.to(torch.complex64))
+        # C order: a transposed probe would make every physics-layer product stride.
+        probe = as_probe_modes(probe.to(torch.complex64)).contiguous()
         if probe.ndim != 3:
             raise InvalidInputError(
                 f"probe: expected (N, N) or (M, N, N), got {tuple(probe.shape)}")
