@@ -421,6 +421,10 @@ def test_a_run_failed_with_an_ended_thread_never_reaches_the_next_one(model, mon
         ended = live._transport._current.thread
         assert "injected fault" in live.wait(first, timeout=60).failed
         ended.join(10)
+        # Its failure comes through the delivery thread, after the first run's: poll for it.
+        deadline = time.monotonic() + 30
+        while live.runs[queued].failed is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert live.runs[queued].failed  # failed with the thread that held it
         for doc in queued_docs[6:]:
             live(*doc)
