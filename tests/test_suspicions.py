@@ -136,8 +136,8 @@ def test_server_stop_keeps_the_directory_locked_until_its_thread_ends(tmp_path):
 
 
 # -- distributed/_frames.py: a long backlog of events waiting for their frames -----------------
-def test_a_long_backlog_of_waiting_frames_is_released_in_linear_time():
-    n = 300_000  # (list.pop(0): about 9 s here; a deque: about 1 s)
+def _release_backlog(n: int) -> float:
+    """Seconds to release ``n`` waiting events at once (checked for order and content)."""
     frames = TiledFrames(client=None, max_read=64)
     frames.image_key, frames.streams = "img", {"d": "primary"}
     frames._nodes["primary"] = np.arange(n, dtype=np.float32).reshape(n, 1, 1)
@@ -151,7 +151,15 @@ def test_a_long_backlog_of_waiting_frames_is_released_in_linear_time():
     assert [doc["seq_num"] for _, doc in out[:3]] == [0, 1, 2]
     assert len(out) == n and float(out[-1][1]["data"]["img"][0, 0]) == n - 1
     assert not frames.pending()
-    assert elapsed < 3.5, f"{elapsed:.2f} s for {n} events"
+    return elapsed
+
+
+def test_a_long_backlog_of_waiting_frames_is_released_in_linear_time():
+    # A ratio measured side by side, not a wall-clock limit (which a loaded CI machine broke):
+    # 10x the backlog costs ~10x when linear, ~100x with list.pop(0) (quadratic).
+    small = min(_release_backlog(30_000) for _ in range(2))
+    large = _release_backlog(300_000)
+    assert large < 30 * small, f"{large:.2f} s for 300,000 events, {small:.3f} s for 30,000"
 
 
 # -- cli.py: an iterative engine that diverges ---------------------------------------------------
